@@ -1,0 +1,136 @@
+"""Behaviour of mdmf.backbone that the notebook does not show compactly."""
+import warnings
+
+import pytest
+import torch
+
+from mdmf.backbone import TINY_CONFIGS, Backbone, load_clip
+
+NAMES = ['brush hair', 'cartwheel', 'catch']
+
+
+def _same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize('name', list(TINY_CONFIGS))
+def test_shapes_dtype_and_seed(name):
+    m = load_clip(name, seed=5)
+    assert next(m.parameters()).dtype == torch.float32 and not m.training
+    assert _same(m, load_clip(name, seed=5)) and not _same(m, load_clip(name, seed=6))
+    bb = Backbone(m)
+    assert (bb.dim, bb.image_size) == (64, 64)
+    with torch.no_grad():
+        f = bb.encode_frames(torch.randn(2, 3, 3, 64, 64))
+    assert f.shape == (2, 3, 64) and f.dtype == torch.float32
+    assert bb.encode_prompts(NAMES).shape == (3, 64)
+
+
+def test_global_rng_untouched():
+    torch.manual_seed(123); a = torch.rand(3)
+    torch.manual_seed(123); load_clip('tiny-vit', seed=9); b = torch.rand(3)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize('name', list(TINY_CONFIGS))
+def test_state_dict_file_round_trip(name, tmp_path):
+    m = load_clip(name, seed=2)
+    path = tmp_path / 'w.pt'
+    torch.save(m.state_dict(), path)
+    m2 = load_clip(str(path))
+    assert _same(m, m2)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(m.visual(x), m2.visual(x))
+
+
+def test_offline_name_error_is_clear(tmp_path):
+    root = str(tmp_path / 'nothing_here')
+    try:
+        load_clip('ViT-B/16', download_root=root)
+    except RuntimeError as e:
+        msg = str(e)
+        assert 'internet' in msg and 'local weights file' in msg and root in msg
+    else:
+        pytest.skip('this machine can download CLIP weights')
+    with pytest.raises(ValueError, match='Unknown CLIP'):
+        load_clip('definitely-not-a-model')
+
+
+def test_prompt_cache_counts_calls():
+    bb = Backbone(load_clip('tiny-vit'))
+    calls = []
+    orig = bb.clip.encode_text
+    bb.clip.encode_text = lambda t: (calls.append(t.shape[0]), orig(t))[1]
+    a = bb.encode_prompts(NAMES)
+    b = bb.encode_prompts(NAMES[::-1] + NAMES)
+    assert calls == [3]
+    assert torch.equal(b[0], a[2]) and torch.equal(b[3], a[0])
+    assert b.requires_grad is False
+    # a cached tensor is the very same values after a further call
+    c = bb.encode_prompts(NAMES)
+    assert torch.equal(c, a) and calls == [3]
+    bb.to(torch.float32)  # .to() invalidates
+    bb.encode_prompts(NAMES[:1])
+    assert calls == [3, 1]
+    bb.load_state_dict(bb.state_dict())  # new weights invalidate
+    bb.encode_prompts(NAMES[:1])
+    assert calls == [3, 1, 1]
+
+
+def _text_grad(bb):
+    bb.zero_grad(set_to_none=True)
+    out = bb.encode_prompts(NAMES)
+    if out.requires_grad:
+        out.pow(2).sum().backward()
+    return any(p.grad is not None and p.grad.abs().sum() > 0 for p in bb._text_parameters())
+
+
+def test_train_text_switch():
+    bb = Backbone(load_clip('tiny-vit'))
+    assert not _text_grad(bb)
+    assert not any(p.requires_grad for p in bb._text_parameters())
+    bb.train_text = True
+    assert _text_grad(bb)
+    assert not bb._cache  # no caching while training the text encoder
+    bb2 = Backbone(load_clip('tiny-vit'), train_text=True)
+    assert _text_grad(bb2)
+
+
+def test_visual_trains_and_freezes():
+    x = torch.randn(1, 2, 3, 64, 64)
+    bb = Backbone(load_clip('tiny-rn'))
+    bb.encode_frames(x).sum().backward()
+    assert bb.clip.visual.conv1.weight.grad is not None
+    bb = Backbone(load_clip('tiny-rn'), freeze_visual=True)
+    assert not bb.encode_frames(x).requires_grad
+
+
+def test_autocast_float32_output():
+    bb = Backbone(load_clip('tiny-rn'))
+    x = torch.randn(2, 2, 3, 64, 64)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        f = bb.encode_frames(x)
+    assert f.dtype == torch.float32 and torch.isfinite(f).all()
+
+
+def test_batchnorm_mode():
+    bb = Backbone(load_clip('tiny-rn')).train()
+    bns = [m for m in bb.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns)
+    bb.eval().train()
+    assert not any(m.training for m in bns)
+    bb2 = Backbone(load_clip('tiny-rn'), freeze_bn=False).train()
+    assert all(m.training for m in bb2.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_import_is_quiet():
+    # a fresh interpreter: clip's pkg_resources deprecation warning must not leak out of the import
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, '-W', 'error', '-c', 'import mdmf.backbone'], cwd=root,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

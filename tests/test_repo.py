@@ -1,0 +1,27 @@
+"""Repository hygiene: README.md is made from index.ipynb; notebooks and the package agree."""
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'tools'))
+import make_readme  # noqa: E402
+
+
+def test_readme_matches_index():
+    assert (ROOT / 'README.md').read_text(encoding='utf-8') == make_readme.render(), \
+        'README.md differs from index.ipynb: run `python tools/make_readme.py`'
+
+
+def test_readme_has_two_setup_commands():
+    text = (ROOT / 'README.md').read_text(encoding='utf-8')
+    assert 'pip install -e . && python -m mdmf.train' in text
+    assert 'pip install -e ".[dev]" && python -m pytest tests' in text
+
+
+def test_splits_shipped():
+    for name, n in [('hmdb51', 4280 + 1194 + 1292), ('ucf101', 9154 + 1421 + 2745),
+                    ('kinetics100', 10000), ('ssv2_small', 10000), ('ssv2_full', 67013 + 1926 + 2857)]:
+        total = sum(len((ROOT / 'data/splits' / name / f'{s}.txt').read_text().splitlines())
+                    for s in ('train', 'val', 'test'))
+        assert total == n, name
