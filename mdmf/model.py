@@ -6,8 +6,8 @@
 __all__ = ['MODELS', 'VIEWS', 'ABLATIONS', 'MDMFConfig', 'MDMFOutput', 'FewShotModel', 'MDMF', 'CLIPFSAR', 'FrameMean',
            'ZeroShotCLIP', 'build_model']
 
-# %% ../nbs/09_model.ipynb #84545c22
-from dataclasses import dataclass, field, fields
+# %% ../nbs/09_model.ipynb #6aff9cfa
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -17,10 +17,10 @@ from .backbone import Backbone, load_clip
 from .context import GTCE, LTCE
 from .distill import CONDITIONS, DIRECTIONS, mutual_distillation, read_token
 from .mmfe import MMFE, fuse_token
-from .otam import frame_cost, otam, prototypes
+from .otam import frame_cost, otam, otam_bidirectional, prototypes
 from .pps import PPS
 
-# %% ../nbs/09_model.ipynb #b6bb4470
+# %% ../nbs/09_model.ipynb #e9bb5cf0
 MODELS = ('mdmf', 'clip-fsar', 'frame-mean', 'zero-shot')
 VIEWS = {'both': ('gtc', 'ltc'), 'gtc': ('gtc',), 'ltc': ('ltc',), 'ntc': ('ntc',)}
 
@@ -98,7 +98,7 @@ ABLATIONS = {
     **{f'distill {c}/{d}': dict(distill_condition=c, distill_direction=d) for c in CONDITIONS for d in DIRECTIONS},
 }
 
-# %% ../nbs/09_model.ipynb #e20c3d0e
+# %% ../nbs/09_model.ipynb #0629de72
 @dataclass
 class MDMFOutput:
     "What `forward` / `forward_features` return, for every model."
@@ -108,7 +108,12 @@ class MDMFOutput:
     losses: dict = field(default_factory=dict)  # name -> scalar term already weighted (e.g. 'main', 'distill')
     extras: dict = field(default_factory=dict)  # attention maps, PPS draws, costs, reliable sets, posteriors
 
-# %% ../nbs/09_model.ipynb #bed4aa0b
+# %% ../nbs/09_model.ipynb #1f966fac
+def _scaled_cosine(a: Tensor, b: Tensor, scale: float = 1.0) -> Tensor:
+    "scale * cos(a_i, b_j) [A, B] of a [A, D] and b [B, D], in float32 even under autocast."
+    with torch.autocast(a.device.type, enabled=False):
+        return scale * F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T  # [A, B]
+
 class FewShotModel(nn.Module):
     "Base of all models: the CLIP backbone and `forward` = encode + `forward_features`."
     def __init__(self, cfg: MDMFConfig, backbone: Backbone = None):
@@ -149,7 +154,7 @@ class FewShotModel(nn.Module):
     def _cross_entropy(self, logits, labels):  # the main loss: mean (ours) or sum (released) over queries
         return F.cross_entropy(logits.float(), labels, reduction=self.cfg.loss_reduction)
 
-# %% ../nbs/09_model.ipynb #d39059fe
+# %% ../nbs/09_model.ipynb #2ee69701
 class MDMF(FewShotModel):
     "CLIP-MDMF: PPS prompts, GTC/LTC views fused with the prompt by MMFE, OTAM distances, mutual distillation."
     def __init__(self, cfg: MDMFConfig, backbone: Backbone = None):
@@ -185,11 +190,12 @@ class MDMF(FewShotModel):
             support_b, query_b = F_tilde.split([S, len(query_feats)])  # [S, T+1, D], [Q, T+1, D]
             U = prototypes(support_b, support_labels, N)  # [N, T+1, D]
             cost = frame_cost(query_b[:, 1:], U[:, 1:])  # [Q, N, T, T] frames only
-            dist[b] = otam(cost, cfg.otam_lambda)  # [Q, N]
-            if cfg.bidirectional: dist[b] = dist[b] + otam(cost.transpose(-1, -2), cfg.otam_lambda)
             seqs[b] = (query_b, U)
             extras['cost'][b] = cost
             if attn is not None: extras['attention'][b] = dict(support=attn[:S], query=attn[S:])  # [*, T+1, T+1]
+        costs = torch.stack([extras['cost'][b] for b in self.views])  # [V, Q, N, T, T]: every view in one solve
+        solve = otam_bidirectional if cfg.bidirectional else otam
+        dist = dict(zip(self.views, solve(costs, cfg.otam_lambda).unbind(0)))  # view -> [Q, N]
         if len(self.views) == 2:
             fused = cfg.alpha_gtc * dist['gtc'] + cfg.alpha_ltc * dist['ltc']  # [Q, N], Eq. 9
         else:
@@ -205,7 +211,7 @@ class MDMF(FewShotModel):
         loss = sum(losses.values()) if query_labels is not None else None
         return MDMFOutput(-fused, {b: -dist[b] for b in self.views}, loss, losses, extras)
 
-# %% ../nbs/09_model.ipynb #f700a9c0
+# %% ../nbs/09_model.ipynb #8db2656b
 class CLIPFSAR(FewShotModel):
     "CLIP-FSAR baseline: prompt-modulated support prototypes, visual-only queries, OTAM, plus a video-text loss."
     def __init__(self, cfg: MDMFConfig, backbone: Backbone = None):
@@ -224,10 +230,8 @@ class CLIPFSAR(FewShotModel):
         q_out, q_attn = self.transformer(q_in, q_in, return_attn=cfg.return_attention)  # [Q, T, D]
         U = prototypes(s_out[:, 1:], support_labels, N)  # [N, T, D]
         cost = frame_cost(q_out, U)  # [Q, N, T, T]
-        dist = otam(cost, cfg.otam_lambda)
-        if cfg.bidirectional: dist = dist + otam(cost.transpose(-1, -2), cfg.otam_lambda)  # [Q, N]
-        video = F.normalize(query_feats.float().mean(1), dim=-1)  # [Q, D]
-        text_logits = cfg.text_logit_scale * video @ F.normalize(class_tokens.float(), dim=-1).T  # [Q, N]
+        dist = (otam_bidirectional if cfg.bidirectional else otam)(cost, cfg.otam_lambda)  # [Q, N]
+        text_logits = _scaled_cosine(query_feats.float().mean(1), class_tokens, cfg.text_logit_scale)  # [Q, N]
         losses = {}
         if query_labels is not None:
             losses['main'] = self._cross_entropy(-dist, query_labels)
@@ -236,7 +240,7 @@ class CLIPFSAR(FewShotModel):
         loss = sum(losses.values()) if query_labels is not None else None
         return MDMFOutput(-dist, {'otam': -dist, 'video_text': text_logits}, loss, losses, extras)
 
-# %% ../nbs/09_model.ipynb #5328e455
+# %% ../nbs/09_model.ipynb #8a4736bc
 class FrameMean(FewShotModel):
     "Order-blind baseline: mean over frames, prototype = mean over shots, cosine or squared euclidean distance."
     def forward_features(self, support_feats, support_labels, query_feats, class_tokens,
@@ -245,9 +249,9 @@ class FrameMean(FewShotModel):
         s, q = support_feats.float().mean(1), query_feats.float().mean(1)  # [S, D], [Q, D]
         U = prototypes(s[:, None], support_labels, N)[:, 0]  # [N, D]
         if cfg.frame_mean_metric == 'cosine':
-            dist = cfg.frame_mean_scale * (1 - F.normalize(q, dim=-1) @ F.normalize(U, dim=-1).T)  # [Q, N]
+            dist = cfg.frame_mean_scale * (1 - _scaled_cosine(q, U))  # [Q, N]
         else:
-            dist = (q[:, None] - U[None]).pow(2).sum(-1)  # [Q, N]
+            dist = (q[:, None] - U[None].float()).pow(2).sum(-1)  # [Q, N]
         losses = {} if query_labels is None else {'main': self._cross_entropy(-dist, query_labels)}
         return MDMFOutput(-dist, {'mean': -dist}, losses.get('main'), losses, {})
 
@@ -255,12 +259,11 @@ class ZeroShotCLIP(FewShotModel):
     "Text-only baseline: scaled cosine between the query's mean frame feature and the class prompts."
     def forward_features(self, support_feats, support_labels, query_feats, class_tokens,
                          query_labels=None, generator=None) -> MDMFOutput:
-        video = F.normalize(query_feats.float().mean(1), dim=-1)  # [Q, D]
-        logits = self.cfg.text_logit_scale * video @ F.normalize(class_tokens.float(), dim=-1).T  # [Q, N]
+        logits = _scaled_cosine(query_feats.float().mean(1), class_tokens, self.cfg.text_logit_scale)  # [Q, N]
         losses = {} if query_labels is None else {'main': self._cross_entropy(logits, query_labels)}
         return MDMFOutput(logits, {'text': logits}, losses.get('main'), losses, {})
 
-# %% ../nbs/09_model.ipynb #a9b27893
+# %% ../nbs/09_model.ipynb #f0015c0c
 _MODEL_CLASSES = {'mdmf': MDMF, 'clip-fsar': CLIPFSAR, 'frame-mean': FrameMean, 'zero-shot': ZeroShotCLIP}
 
 def build_model(cfg: MDMFConfig,  # which model and all its settings
