@@ -25,3 +25,16 @@ def test_splits_shipped():
         total = sum(len((ROOT / 'data/splits' / name / f'{s}.txt').read_text().splitlines())
                     for s in ('train', 'val', 'test'))
         assert total == n, name
+
+
+def test_plain_install_ships_the_splits(tmp_path):
+    "A non-editable install carries the split lists as package data and finds them there."
+    site = tmp_path / 'site'
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--no-build-isolation',
+                    '--target', str(site), str(ROOT)], check=True, capture_output=True)
+    code = ('import mdmf.episodes as e; d = e.splits_dir("hmdb51"); '
+            'print(d); print(len(e.read_split(d / "test.txt")))')
+    out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True,
+                         env={'PYTHONPATH': str(site), 'PATH': '/usr/bin:/bin'}, check=True).stdout.split()
+    assert out[0].startswith(str(site)), out
+    assert out[1] == '1292'
