@@ -33,7 +33,7 @@ class MDMFConfig:
     "Every setting of CLIP-MDMF and its baselines; each ablation of the paper's Tables 3-5 is a value here."
     model: str = 'mdmf'  # 'mdmf' | 'clip-fsar' | 'frame-mean' | 'zero-shot'
     # backbone
-    backbone: str = 'tiny-vit'  # a `load_clip` name ('tiny-vit', 'tiny-rn', 'RN50', 'ViT-B/16') or a weights file
+    backbone: str = 'tiny-vit'  # a `load_clip` name ('tiny-vit', 'tiny-rn', 'tiny-pretrained', 'RN50', 'ViT-B/16') or a weights file
     backbone_seed: int = 0  # initialisation seed of the tiny backbones
     train_text: bool = False  # fine-tune the text encoder too (paper and released code: frozen)
     freeze_visual: bool = False  # freeze the CLIP visual encoder (paper: fine-tuned)

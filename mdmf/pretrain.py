@@ -8,7 +8,7 @@ __all__ = ['POOL_KEY', 'CLASS_NAMES', 'pool_rng', 'pool_params', 'contains_class
            'pretrain', 'save_weights', 'split_features', 'clip_features_per_frame', 'prompt_features',
            'zero_shot_accuracy', 'order_blind_ceiling', 'pps_hits', 'measure', 'main']
 
-# %% ../nbs/13_pretrain.ipynb #c4d676d6
+# %% ../nbs/13_pretrain.ipynb #9d3a0f6c
 import argparse
 import hashlib
 import json
@@ -30,11 +30,11 @@ import clip  # after mdmf.backbone, which imports it with its setuptools warning
 from .episodes import EpisodeSampler, load_split, resolve_videos
 from .evaluate import episode_generator
 from .pps import PPS
-from .synthetic import CLASSES, COLOURS, ClipParams, assign_splits, render, sample_params, video_params
+from .synthetic import CLASSES, ClipParams, assign_splits, render, sample_params, video_params
 from .video import ClipDataset, normalize, resize_short
 from torch.utils.data import DataLoader
 
-# %% ../nbs/13_pretrain.ipynb #a4af452c
+# %% ../nbs/13_pretrain.ipynb #f76ab1ce
 POOL_KEY = 0x504F4F4C  # 'POOL': first entry of every pool stream; the dataset's streams start with its seed
 
 def pool_rng(seed: int, index: int) -> np.random.Generator:
@@ -47,7 +47,7 @@ def pool_params(seed: int, index: int) -> ClipParams:
     action = CLASSES[int(rng.integers(len(CLASSES)))]
     return sample_params(rng, action)
 
-# %% ../nbs/13_pretrain.ipynb #8b12f96e
+# %% ../nbs/13_pretrain.ipynb #99595db1
 _MOTIONS = {  # (family, direction) -> phrasings; {a}: main object, {b}: second object
     ('translate_horizontal', 'left_to_right'): ['{a} sliding from left to right', '{a} travelling to the right',
         '{a} moving across to the right side', '{a} going from the left to the right', '{a} drifting rightwards',
@@ -169,7 +169,7 @@ def describe(p: ClipParams, rng: np.random.Generator, tries: int = 100) -> str:
         if not contains_class_name(text): return text
     raise RuntimeError(f'no caption without a class name for {p.family}/{p.direction} in {tries} tries')
 
-# %% ../nbs/13_pretrain.ipynb #bf34bb47
+# %% ../nbs/13_pretrain.ipynb #08bab3f3
 def _frame_hashes(clip: np.ndarray) -> set:
     return {hashlib.sha1(np.ascontiguousarray(f).tobytes()).hexdigest() for f in clip}
 
@@ -194,7 +194,7 @@ def check_disjoint(seed: int = 0,  # pool seed
         out['equal_frames'] = sum(bool(_frame_hashes(c) & ds_hashes) for c in pool_clips)
     return out
 
-# %% ../nbs/13_pretrain.ipynb #89a0443e
+# %% ../nbs/13_pretrain.ipynb #02bbbe81
 def _render_one(job):
     seed, index, frames, size = job
     return render(pool_params(seed, index), frames, size)
@@ -233,7 +233,7 @@ def augment(clips: torch.Tensor,  # uint8 [B, K, S, S, 3]
     x = torch.stack([x[b, :, :, t:t + size, l:l + size] for b, (t, l) in enumerate(zip(tops, lefts))])
     return normalize(x)                                                     # [B, K, 3, size, size]
 
-# %% ../nbs/13_pretrain.ipynb #468ed462
+# %% ../nbs/13_pretrain.ipynb #52ba5b61
 def clip_loss(image_feats: torch.Tensor,  # [B, D] clip features
               text_feats: torch.Tensor,  # [B, D] caption features, row i describes clip i
               logit_scale: torch.Tensor,  # scalar log temperature tau
@@ -256,7 +256,7 @@ def text_features(model, texts: list) -> torch.Tensor:
     n = int(tokens.argmax(-1).max()) + 1                                   # end-of-text has the largest id
     return model.encode_text(tokens[:, :n])                                # [N, D]
 
-# %% ../nbs/13_pretrain.ipynb #ad7aa124
+# %% ../nbs/13_pretrain.ipynb #263d0f9a
 @dataclass
 class PretrainConfig:
     "Settings of one pretraining run."
@@ -343,7 +343,7 @@ def save_weights(model, path: Union[str, Path], half: bool = True) -> Path:
     os.replace(tmp, path)
     return path
 
-# %% ../nbs/13_pretrain.ipynb #4dac99ad
+# %% ../nbs/13_pretrain.ipynb #b40c90b1
 @torch.no_grad()
 def split_features(model,  # a CLIP model (e.g. `load_clip('tiny-pretrained')`) or anything with `encode_image`
                    root: Union[str, Path] = 'data/synthetic', split: str = 'test', dataset: str = 'synthetic',
@@ -411,7 +411,7 @@ def measure(model, root: Union[str, Path] = 'data/synthetic', split: str = 'test
                 order_blind_ceiling=order_blind_ceiling(names), classes=len(names), videos=len(labels),
                 pps=pps_hits(feats, labels, tokens, way, shot, episodes, seed, split))
 
-# %% ../nbs/13_pretrain.ipynb #ba9a4007
+# %% ../nbs/13_pretrain.ipynb #1032f23a
 def main(argv=None):
     "`python -m mdmf.pretrain --out FILE [...]`."
     d = PretrainConfig()
@@ -455,6 +455,6 @@ def main(argv=None):
     print(f'wrote {out} ({info["megabytes"]} MB) in {info["seconds"]["wall"]:.0f} s')
     return out
 
-# %% ../nbs/13_pretrain.ipynb #928feeb4
+# %% ../nbs/13_pretrain.ipynb #6b8edb8c
 #| eval: false
 if __name__ == '__main__': main()

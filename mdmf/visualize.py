@@ -50,6 +50,7 @@ def load_run(run,  # a run folder (with best.pt or last.pt) or a checkpoint file
         names = [f'{checkpoint}.pt'] + [n for n in ('best.pt', 'last.pt') if n != f'{checkpoint}.pt']
         path = next((run / n for n in names if (run / n).exists()), None)
         if path is None: raise FileNotFoundError(f'{run} holds no best.pt or last.pt: is it a run folder of mdmf.train?')
+    overrides.setdefault('return_attention', True)  # pictures need the attention maps, whatever the run kept
     model, cfg = load_checkpoint(path, device, **overrides)
     return model.eval(), cfg
 

@@ -174,7 +174,7 @@ def test_config_precedence(tmp_path):
     cfg = resolve_config(['--config', str(toml), '--lr', '0.25', '--ffn-dim', '32'])
     assert (cfg.lr, cfg.shot, cfg.train_episodes) == (0.25, 3, 77)  # flag > file > preset
     assert (cfg.mdmf.views, cfg.mdmf.ffn_dim) == ('gtc', 32)
-    assert cfg.accum == PRESETS['synthetic']['accum'] and cfg.mdmf.backbone == 'tiny-vit'
+    assert cfg.accum == PRESETS['synthetic']['accum'] and cfg.mdmf.backbone == PRESETS['synthetic']['backbone']
     js = tmp_path / 'run.json'
     js.write_text(json.dumps({'preset': 'ssv2_small', 'views': 'ltc', 'no_such_key': 1}))
     with pytest.raises(ValueError, match='no_such_key'): resolve_config(['--config', str(js)])
