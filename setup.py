@@ -29,7 +29,7 @@ setuptools.setup(
     include_package_data=False,
     install_requires=reqs,
     extras_require={'dev': dev_reqs},
-    classifiers=['Programming Language :: Python :: 3', 'License :: OSI Approved :: Apache Software License',
+    classifiers=['Programming Language :: Python :: 3',
                  'Topic :: Scientific/Engineering :: Artificial Intelligence'],
     zip_safe=False,
     entry_points={'nbdev': [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
