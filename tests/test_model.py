@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mdmf.model import (ABLATIONS, MODELS, VIEWS, CLIPFSAR, MDMF, FrameMean, MDMFConfig, MDMFOutput, ZeroShotCLIP,
+from mdmf.model import (ABLATIONS, MODELS, VIEWS, CLIPFSAR, MDMF, FrameMean, ModelConfig, MDMFOutput, ZeroShotCLIP,
                         build_model)
 
 SIZES = [(1, 1), (5, 1), (1, 5), (5, 5)]  # (shot, queries per class), 5-way
@@ -10,7 +10,7 @@ SIZES = [(1, 1), (5, 1), (1, 5), (5, 5)]  # (shot, queries per class), 5-way
 
 @pytest.fixture(scope='module')
 def backbone():
-    return build_model(MDMFConfig(model='frame-mean')).backbone
+    return build_model(ModelConfig(model='frame-mean')).backbone
 
 
 def _features(D, shot=1, query=1, way=5, T=8, seed=0, labels=True):
@@ -33,29 +33,29 @@ def _grad(module):
 
 def test_config_validation_and_released():
     with pytest.raises(ValueError):
-        MDMFConfig(model='trx')
+        ModelConfig(model='trx')
     with pytest.raises(ValueError):
-        MDMFConfig(text_score='first')
-    rel = MDMFConfig.released()
+        ModelConfig(text_score='first')
+    rel = ModelConfig.released()
     assert (rel.ltce_variant, rel.pos_emb, rel.pps_similarity, rel.text_score, rel.detach_teacher,
             rel.distill_ties, rel.distill_condition, rel.loss_reduction) == (
         'released', False, 'top4', 'released', False, 'ltc', 't', 'sum')
-    assert MDMFConfig.released(pos_emb=True).pos_emb
+    assert ModelConfig.released(pos_emb=True).pos_emb
     for over in ABLATIONS.values():
-        MDMFConfig(**over)
+        ModelConfig(**over)
 
 
 def test_build_model_classes(backbone):
     classes = dict(zip(MODELS, (MDMF, CLIPFSAR, FrameMean, ZeroShotCLIP)))
     for name in MODELS:
-        m = build_model(MDMFConfig(model=name), backbone=backbone)
+        m = build_model(ModelConfig(model=name), backbone=backbone)
         assert type(m) is classes[name] and m.backbone is backbone
 
 
 @pytest.mark.parametrize('name', MODELS)
 @pytest.mark.parametrize('shot,query', SIZES)
 def test_every_model_shapes(backbone, name, shot, query):
-    m = build_model(MDMFConfig(model=name), backbone=backbone)
+    m = build_model(ModelConfig(model=name), backbone=backbone)
     out = m.forward_features(*_features(m.dim, shot, query))
     assert isinstance(out, MDMFOutput)
     assert out.logits.shape == (5 * query, 5) and out.logits.dtype == torch.float32
@@ -67,14 +67,14 @@ def test_every_model_shapes(backbone, name, shot, query):
 
 @pytest.mark.parametrize('name', MODELS)
 def test_every_model_on_frames(backbone, name):
-    m = build_model(MDMFConfig(model=name), backbone=backbone)
+    m = build_model(ModelConfig(model=name), backbone=backbone)
     out = m(*_episode(backbone.image_size, shot=2, query=1))
     assert out.logits.shape == (5, 5) and torch.isfinite(out.loss)
 
 
 @pytest.mark.parametrize('ablation', list(ABLATIONS))
 def test_every_ablation_shapes(backbone, ablation):
-    m = MDMF(MDMFConfig(**ABLATIONS[ablation]), backbone=backbone)
+    m = MDMF(ModelConfig(**ABLATIONS[ablation]), backbone=backbone)
     for shot, query in SIZES:
         out = m.forward_features(*_features(m.dim, shot, query, seed=shot + query))
         assert out.logits.shape == (5 * query, 5)
@@ -88,7 +88,7 @@ def test_every_ablation_shapes(backbone, ablation):
 
 
 def test_extras_and_no_labels(backbone):
-    m = MDMF(MDMFConfig(), backbone=backbone)
+    m = MDMF(ModelConfig(), backbone=backbone)
     out = m.forward_features(*_features(m.dim, 2, 3, labels=False), generator=torch.Generator().manual_seed(0))
     assert out.loss is None and 'main' not in out.losses
     ex = out.extras
@@ -96,7 +96,7 @@ def test_extras_and_no_labels(backbone):
     assert ex['omega_g'].shape == (15,) and ex['omega_g'].dtype == torch.bool
     assert not (ex['omega_g'] & ex['omega_l']).any()
     assert set(ex['posteriors']) == {'gtc', 'ltc'} and ex['posteriors']['gtc'].visual.shape == (15, 5)
-    off = MDMF(MDMFConfig(pps=False, return_attention=False), backbone=backbone)
+    off = MDMF(ModelConfig(pps=False, return_attention=False), backbone=backbone)
     out = off.forward_features(*_features(m.dim, 1, 2))
     assert ex is not out.extras and out.extras['attention'] == {}
     assert torch.equal(out.extras['query_tokens'], torch.zeros(10, m.dim))
@@ -104,7 +104,7 @@ def test_extras_and_no_labels(backbone):
 
 def test_fused_logits_use_alphas(backbone):
     torch.manual_seed(0)
-    m = MDMF(MDMFConfig(alpha_gtc=0.3, alpha_ltc=2.0), backbone=backbone).eval()
+    m = MDMF(ModelConfig(alpha_gtc=0.3, alpha_ltc=2.0), backbone=backbone).eval()
     out = m.forward_features(*_features(m.dim, 2, 2), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out.logits, 0.3 * out.view_logits['gtc'] + 2.0 * out.view_logits['ltc'])
     torch.testing.assert_close(out.losses['main'],
@@ -112,7 +112,7 @@ def test_fused_logits_use_alphas(backbone):
 
 
 def test_ntc_is_self_attention_without_extractor(backbone):
-    m = MDMF(MDMFConfig(views='ntc'), backbone=backbone)
+    m = MDMF(ModelConfig(views='ntc'), backbone=backbone)
     assert isinstance(m.extractors['ntc'], torch.nn.Identity)
     assert set(m.mmfe) == {'ntc'}
 
@@ -124,28 +124,28 @@ def _eval_out(cfg, backbone, seed=0):
 
 
 def test_released_switches_change_behaviour(backbone):
-    base = _eval_out(MDMFConfig(), backbone)
+    base = _eval_out(ModelConfig(), backbone)
     differ = lambda a, b: not torch.allclose(a.detach(), b.detach())
-    assert differ(_eval_out(MDMFConfig(text_score='released'), backbone).extras['posteriors']['ltc'].t,
+    assert differ(_eval_out(ModelConfig(text_score='released'), backbone).extras['posteriors']['ltc'].t,
                   base.extras['posteriors']['ltc'].t)
-    torch.testing.assert_close(_eval_out(MDMFConfig(loss_reduction='sum'), backbone).losses['main'], 5 * base.losses['main'])
-    assert differ(_eval_out(MDMFConfig(ltce_variant='released'), backbone).view_logits['ltc'], base.view_logits['ltc'])
-    assert differ(_eval_out(MDMFConfig(pos_emb=False), backbone).logits, base.logits)
-    assert differ(_eval_out(MDMFConfig(pps_similarity='top4'), backbone).extras['pps_probs'], base.extras['pps_probs'])
-    rel = _eval_out(MDMFConfig.released(), backbone)
+    torch.testing.assert_close(_eval_out(ModelConfig(loss_reduction='sum'), backbone).losses['main'], 5 * base.losses['main'])
+    assert differ(_eval_out(ModelConfig(ltce_variant='released'), backbone).view_logits['ltc'], base.view_logits['ltc'])
+    assert differ(_eval_out(ModelConfig(pos_emb=False), backbone).logits, base.logits)
+    assert differ(_eval_out(ModelConfig(pps_similarity='top4'), backbone).extras['pps_probs'], base.extras['pps_probs'])
+    rel = _eval_out(ModelConfig.released(), backbone)
     assert differ(rel.logits, base.logits)
     assert torch.equal(rel.extras['omega_l'], ~rel.extras['omega_g'])  # condition 't', ties to LTC: every query decided
 
 
 def test_same_generator_same_draw(backbone):
-    a, b = _eval_out(MDMFConfig(), backbone), _eval_out(MDMFConfig(), backbone)
+    a, b = _eval_out(ModelConfig(), backbone), _eval_out(ModelConfig(), backbone)
     assert torch.equal(a.extras['pps_drawn'], b.extras['pps_drawn'])
     torch.testing.assert_close(a.logits, b.logits)
 
 
 def test_forward_is_encode_plus_forward_features(backbone):
     torch.manual_seed(0)
-    m = MDMF(MDMFConfig(), backbone=backbone).eval()
+    m = MDMF(ModelConfig(), backbone=backbone).eval()
     support, s_lab, query, names, q_lab = _episode(backbone.image_size, 1, 1)
     with torch.no_grad():
         a = m(support, s_lab, query, names, q_lab, generator=torch.Generator().manual_seed(1))
@@ -156,7 +156,7 @@ def test_forward_is_encode_plus_forward_features(backbone):
 
 def test_gradients_reach_every_part():
     torch.manual_seed(0)
-    m = MDMF(MDMFConfig())
+    m = MDMF(ModelConfig())
     m(*_episode(m.backbone.image_size, 2, 2)).loss.backward()
     for part in (m.backbone.clip.visual, m.extractors['gtc'], m.extractors['ltc'], m.mmfe['gtc'], m.mmfe['ltc']):
         assert _grad(part) > 0, type(part).__name__
@@ -167,7 +167,7 @@ def test_gradients_reach_every_part():
 def test_detached_teacher_gets_no_distillation_gradient(backbone, direction, teacher, student):
     for detach in (True, False):
         torch.manual_seed(0)
-        m = MDMF(MDMFConfig(distill_condition='none', distill_direction=direction, detach_teacher=detach), backbone=backbone)
+        m = MDMF(ModelConfig(distill_condition='none', distill_direction=direction, detach_teacher=detach), backbone=backbone)
         m.forward_features(*_features(m.dim, 2, 2)).losses['distill'].backward()
         t_grad = _grad(m.extractors[teacher]) + _grad(m.mmfe[teacher])
         assert (t_grad == 0) == detach
@@ -175,7 +175,7 @@ def test_detached_teacher_gets_no_distillation_gradient(backbone, direction, tea
 
 
 def test_clip_fsar_parts(backbone):
-    m = build_model(MDMFConfig(model='clip-fsar', video_text_weight=0.5), backbone=backbone)
+    m = build_model(ModelConfig(model='clip-fsar', video_text_weight=0.5), backbone=backbone)
     out = m.forward_features(*_features(m.dim, 2, 1))
     assert set(out.losses) == {'main', 'video_text'}
     ce = torch.nn.functional.cross_entropy(out.view_logits['video_text'], torch.arange(5))
@@ -188,13 +188,13 @@ def test_frame_mean_is_order_blind_and_zero_shot_ignores_support(backbone):
     D = backbone.dim
     x = torch.randn(1, 8, D)
     for metric in ('cosine', 'euclidean'):
-        m = build_model(MDMFConfig(model='frame-mean', frame_mean_metric=metric), backbone=backbone)
+        m = build_model(ModelConfig(model='frame-mean', frame_mean_metric=metric), backbone=backbone)
         out = m.forward_features(torch.cat([x, x.flip(1)]), torch.arange(2), x, torch.randn(2, D))
         torch.testing.assert_close(out.logits[0, 0], out.logits[0, 1])
-    mdmf = MDMF(MDMFConfig(pps=False), backbone=backbone).eval()
+    mdmf = MDMF(ModelConfig(pps=False), backbone=backbone).eval()
     out = mdmf.forward_features(torch.cat([x, x.flip(1)]), torch.arange(2), x, torch.zeros(2, D))
     assert out.logits[0, 0] > out.logits[0, 1]  # OTAM sees the order
-    z = build_model(MDMFConfig(model='zero-shot'), backbone=backbone)
+    z = build_model(ModelConfig(model='zero-shot'), backbone=backbone)
     s, sl, q, tok, ql = _features(D, 1, 2)
     a = z.forward_features(s, sl, q, tok, ql)
     b = z.forward_features(torch.randn_like(s), sl, q, tok, ql)
@@ -203,7 +203,7 @@ def test_frame_mean_is_order_blind_and_zero_shot_ignores_support(backbone):
 
 @pytest.mark.parametrize('name', MODELS)
 def test_autocast_bf16(backbone, name):
-    m = build_model(MDMFConfig(model=name), backbone=backbone)
+    m = build_model(ModelConfig(model=name), backbone=backbone)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         out = m(*_episode(backbone.image_size, 1, 2))
     assert out.logits.dtype == torch.float32 and torch.isfinite(out.loss)
@@ -233,7 +233,7 @@ def test_training_lowers_loss_on_order_task():
             losses.append(out.losses['main'].item())
         return losses
 
-    mdmf = run(MDMFConfig(ffn_dim=256))
+    mdmf = run(ModelConfig(ffn_dim=256))
     assert sum(mdmf[-5:]) / 5 < 0.5 * mdmf[0]
-    mean = run(MDMFConfig(model='frame-mean'), steps=5)
+    mean = run(ModelConfig(model='frame-mean'), steps=5)
     assert min(mean) > 1.5

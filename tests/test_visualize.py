@@ -11,7 +11,7 @@ import torch
 
 matplotlib.use('Agg')
 
-from mdmf.model import MDMFConfig, build_model
+from mdmf.model import ModelConfig, build_model
 from mdmf.synthetic import make_synthetic
 from mdmf.train import PRESETS, config_from_values, train
 from mdmf.visualize import (EpisodeExplorer, embed_2d, grad_cam, inspect_episode, load_episode, load_run, main,
@@ -63,7 +63,7 @@ def test_gradcam_resnet_trained(run):
 
 
 def test_gradcam_vit_and_target():
-    model = build_model(MDMFConfig(backbone='tiny-vit', ffn_dim=128))
+    model = build_model(ModelConfig(backbone='tiny-vit', ffn_dim=128))
     ep = _episode()
     cam = grad_cam(model, ep, query=0, target=2, generator=torch.Generator().manual_seed(0))
     assert cam.layer.startswith('transformer.resblocks.1') and cam.target == 2
@@ -73,7 +73,7 @@ def test_gradcam_vit_and_target():
 
 
 def test_gradcam_cleans_up_after_an_error():
-    model = build_model(MDMFConfig(backbone='tiny-rn', model='clip-fsar', ffn_dim=128))
+    model = build_model(ModelConfig(backbone='tiny-rn', model='clip-fsar', ffn_dim=128))
     def broken(*a, **k): raise RuntimeError('broken head')
     model.forward_features = broken
     with pytest.raises(RuntimeError, match='broken head'): grad_cam(model, _episode(), query=0, target=0)
@@ -81,7 +81,7 @@ def test_gradcam_cleans_up_after_an_error():
 
 
 def test_views_of_clip_fsar():
-    model = build_model(MDMFConfig(backbone='tiny-vit', model='clip-fsar', ffn_dim=128))
+    model = build_model(ModelConfig(backbone='tiny-vit', model='clip-fsar', ffn_dim=128))
     ins = inspect_episode(model, _episode())
     assert ins.views == ('fsar',) and _hooks(model) == 0
     assert ins.fused['fsar'][0].shape == (6, 9, 64) and ins.fused['fsar'][1].shape == (3, 8, 64)
