@@ -5,81 +5,29 @@
 # %% ../nbs/14_evaluate.ipynb #5c6aa9cc
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
-import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .config import Config, DataConfig, EvalConfig, RunConfig, add_flags, cli, command_line, with_values
+from .core import atomic_write_text
 from .episodes import EpisodeSampler, Split, episode_rng, load_split, resolve_videos
-from .video import ClipDataset, EpisodeDataset, episode_loader
+from .runs import load_model
+from .runtime import Runtime, all_max, all_sum, autocast, init_runtime, set_threads
+from .video import ClipDataset, EpisodeDataset
 
 # %% auto #0
-__all__ = ['Runtime', 'pick_device', 'amp_dtype', 'init_runtime', 'autocast', 'setup_threads', 'all_sum', 'summarize',
-           'load_eval_split', 'episode_generator', 'encode_split', 'all_max', 'EvalResult', 'evaluate',
-           'load_checkpoint', 'evaluate_checkpoint', 'main']
-
-# %% ../nbs/14_evaluate.ipynb #82dd73f2
-@dataclass
-class Runtime:
-    "Device, process rank and world size, and the autocast dtype of one process."
-    device: torch.device = field(default_factory=lambda: torch.device('cpu'))
-    rank: int = 0  # this process among all (0 when not distributed)
-    world: int = 1  # number of processes
-    local_rank: int = 0  # this process on its machine
-    amp_dtype: Optional[torch.dtype] = None  # autocast dtype; None: float32
-
-    @property
-    def main(self) -> bool: return self.rank == 0
-
-    @property
-    def distributed(self) -> bool: return self.world > 1
-
-def pick_device(name: str = 'auto', local_rank: int = 0) -> torch.device:
-    "`auto`: this process's CUDA device if there is one, else the CPU; otherwise the named device."
-    if name != 'auto': return torch.device(name)
-    if torch.cuda.is_available(): return torch.device('cuda', local_rank % torch.cuda.device_count())
-    return torch.device('cpu')
-
-def amp_dtype(device: torch.device, enabled: bool = True) -> Optional[torch.dtype]:
-    "bfloat16 on CUDA cards that support it, float16 on older ones, None (float32) on the CPU or when disabled."
-    if not enabled or device.type != 'cuda': return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-def init_runtime(device: str = 'auto', amp: bool = True) -> Runtime:
-    "The `Runtime` of this process; joins the process group when started by `torchrun`."
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    rank, local_rank = int(os.environ.get('RANK', '0')), int(os.environ.get('LOCAL_RANK', '0'))
-    dev = pick_device(device, local_rank)
-    if dev.type == 'cuda': torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
-    return Runtime(dev, rank, world, local_rank, amp_dtype(dev, amp))
-
-def autocast(rt: Runtime):
-    "Autocast context of the runtime (a no-op in float32)."
-    return torch.autocast(rt.device.type, dtype=rt.amp_dtype) if rt.amp_dtype is not None else nullcontext()
-
-def setup_threads(threads: int = 0):
-    "Set torch's CPU threads (0: leave torch's default)."
-    if threads > 0: torch.set_num_threads(threads)
-
-def all_sum(x: Tensor, rt: Runtime) -> Tensor:
-    "Sum of `x` over all processes (no-op when alone)."
-    if rt.distributed: dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x
+__all__ = ['SMALL_SPLIT', 'summarize', 'load_data', 'episode_generator', 'crop_size', 'encode_split', 'EvalResult', 'evaluate',
+           'evaluate_run', 'main']
 
 # %% ../nbs/14_evaluate.ipynb #eb177e3e
 def summarize(acc) -> dict:
@@ -90,8 +38,8 @@ def summarize(acc) -> dict:
     return dict(accuracy=round(100 * float(a.mean()), 4), ci95=round(100 * float(ci), 4), episodes=n)
 
 # %% ../nbs/14_evaluate.ipynb #6574ff53
-def load_eval_split(cfg, split: str) -> Split:
-    "Split `split` of the config's dataset, its videos found under the data root."
+def load_data(cfg: DataConfig, split: str) -> Split:
+    "Split `split` of the configured dataset, its videos found under the data root."
     s = load_split(cfg.dataset, split, cfg.data_root, cfg.labels_json or None)
     return resolve_videos(s, cfg.data_root, cfg.drop_missing)
 
@@ -102,18 +50,28 @@ def episode_generator(seed: int, split: str, index: int, device) -> torch.Genera
 
 def _unwrap(model: nn.Module) -> nn.Module: return getattr(model, 'module', model)
 
+def crop_size(model: nn.Module) -> int:
+    "The frames' crop size: the backbone's input resolution."
+    return _unwrap(model).backbone.image_size
+
 @torch.no_grad()
-def encode_split(model: nn.Module, split: Split, cfg, rt: Optional[Runtime] = None, progress: bool = False) -> Tensor:
-    "Backbone features `[V, T, D]` of every video of `split` (test frames, centre crop, eval mode), computed once."
+def encode_split(model: nn.Module,  # a model of mdmf.model (or its DistributedDataParallel wrapper)
+                 split: Split,  # resolved split
+                 cfg: Config,  # frames, short side, batch, workers
+                 rt: Optional[Runtime] = None,  # several processes share the batches
+                 progress: bool = False,
+                ) -> Tensor:  # [V, T, D]
+    "Backbone features of every video of `split` (test frames, centre crop, eval mode), computed once."
     rt, model = rt or Runtime(), _unwrap(model)
     was_training = model.training
     model.eval()
-    ds = ClipDataset(split, cfg.frames, cfg.image_size, cfg.short_side)
-    batches = [list(range(i, min(i + cfg.eval_batch, len(ds)))) for i in range(0, len(ds), cfg.eval_batch)]
-    loader = DataLoader(ds, batch_sampler=batches[rt.rank::rt.world], num_workers=cfg.workers,
+    ds = ClipDataset(split, cfg.model.frames, crop_size(model), cfg.data.short_side)
+    b = cfg.eval.eval_batch
+    batches = [list(range(i, min(i + b, len(ds)))) for i in range(0, len(ds), b)]
+    loader = DataLoader(ds, batch_sampler=batches[rt.rank::rt.world], num_workers=cfg.data.workers,
                         pin_memory=rt.device.type == 'cuda')
     feats = None
-    for clips, _, index in tqdm(loader, desc=f'encode {split.split}', disable=not (progress and rt.main),
+    for clips, _, index in tqdm(loader, desc=f'encode {split.split}', disable=not (progress and rt.is_main),
                                 leave=False, dynamic_ncols=True):
         with autocast(rt):
             f = model.encode_frames(clips.to(rt.device, non_blocking=True))  # [B, T, D]
@@ -127,38 +85,60 @@ def encode_split(model: nn.Module, split: Split, cfg, rt: Optional[Runtime] = No
     model.train(was_training)
     return feats
 
-def all_max(x: Tensor, rt: Runtime) -> Tensor:
-    "Elementwise maximum of `x` over all processes (no-op when alone)."
-    if rt.distributed: dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return x
-
 # %% ../nbs/14_evaluate.ipynb #12e370e3
+SMALL_SPLIT = 200  # fewer distinct videos than this: the summary warns that the interval understates the uncertainty
+
 @dataclass
 class EvalResult:
     "Accuracy over episodes, with what it was computed from."
     accuracy: float  # mean per-episode accuracy, percent
-    ci95: float  # 95% interval of the mean, percent
+    ci95: float  # 95% interval of the mean over episodes, percent
     episodes: int
     per_episode: np.ndarray  # [n] accuracy of each episode in [0, 1]
     predictions: np.ndarray  # [n, way*query] predicted class of each query
+    videos: int = 0  # distinct videos drawn by the episodes
+    draws_per_video: float = 0.0  # how often each video was drawn, on average
     seconds: dict = field(default_factory=dict)  # encode, episodes, total
 
     def metrics(self) -> dict:
-        return dict(accuracy=self.accuracy, ci95=self.ci95, episodes=self.episodes,
-                    seconds={k: round(v, 3) for k, v in self.seconds.items()})
+        return dict(accuracy=self.accuracy, ci95=self.ci95, episodes=self.episodes, videos=self.videos,
+                    draws_per_video=round(self.draws_per_video, 1))
 
+    def summary(self) -> str:
+        "The accuracy with its interval and, for a small split, what the interval does not cover."
+        s = (f'{self.accuracy:.2f} ± {self.ci95:.2f} % ({self.episodes} episodes over {self.videos} videos, '
+             f'each drawn {self.draws_per_video:.0f} times on average)')
+        if self.videos < SMALL_SPLIT:
+            s += (f'\nwarning: only {self.videos} distinct videos: the ± interval covers the choice of episodes, not the '
+                  'choice of videos, and with so few another set of videos could move the accuracy by more than it')
+        return s
+
+def _drawn(sampler: EpisodeSampler, n: int) -> tuple:  # (distinct videos, draws per video)
+    idx = np.concatenate([np.concatenate([e.support_index, e.query_index]) for e in map(sampler.episode, range(n))])
+    distinct = len(np.unique(idx))
+    return distinct, len(idx) / max(distinct, 1)
+
+# %% ../nbs/14_evaluate.ipynb #96c259bb
 @torch.no_grad()
-def evaluate(model: nn.Module, cfg, split: str = 'test', episodes: Optional[int] = None, shot: Optional[int] = None,
-             cache: Optional[bool] = None, rt: Optional[Runtime] = None, data: Optional[Split] = None,
-             features: Optional[Tensor] = None, progress: Optional[bool] = None) -> EvalResult:
-    "Accuracy of `model` on `episodes` episodes of `split` (`cfg` gives way, queries, frames, seed, data)."
+def evaluate(model: nn.Module,  # a model of mdmf.model (or its DistributedDataParallel wrapper)
+             cfg: Config,  # way, queries, frames, seed, data, batch, workers
+             split: str = 'test',  # 'train', 'val' or 'test'
+             episodes: Optional[int] = None,  # default: cfg.eval.test_episodes (test) or val_episodes
+             shot: Optional[int] = None,  # default: cfg.data.shot
+             cache: Optional[bool] = None,  # default: cfg.eval.cache
+             rt: Optional[Runtime] = None,  # device and processes (default: this process on the CPU)
+             data: Optional[Split] = None,  # the resolved split, if at hand
+             features: Optional[Tensor] = None,  # [V, T, D] cached features of `data`, if at hand
+             progress: Optional[bool] = None,  # default: cfg.run.progress
+            ) -> EvalResult:
+    "Accuracy of `model` on `episodes` episodes of `split`."
     rt, model = rt or Runtime(), _unwrap(model)
-    n = episodes or (cfg.test_episodes if split == 'test' else cfg.val_episodes)
-    shot = shot or cfg.shot
-    cache = cfg.cache if cache is None else cache
-    progress = cfg.progress if progress is None else progress
-    s = data if data is not None else load_eval_split(cfg, split)
-    sampler = EpisodeSampler.from_split(s, cfg.way, shot, cfg.test_query, cfg.seed)
+    d = cfg.data
+    n = episodes or (cfg.eval.test_episodes if split == 'test' else cfg.eval.val_episodes)
+    shot, cache = shot or d.shot, cfg.eval.cache if cache is None else cache
+    progress = cfg.run.progress if progress is None else progress
+    s = data if data is not None else load_data(d, split)
+    sampler = EpisodeSampler.from_split(s, d.way, shot, d.test_query, cfg.run.seed)
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
@@ -166,9 +146,10 @@ def evaluate(model: nn.Module, cfg, split: str = 'test', episodes: Optional[int]
     if cache and features is None: features = encode_split(model, s, cfg, rt, progress)
     t1 = time.perf_counter()
     mine = list(range(rt.rank, n, rt.world))
-    preds = torch.zeros(n, cfg.way * cfg.test_query, dtype=torch.long, device=rt.device)  # [n, way*query]
+    preds = torch.zeros(n, d.way * d.test_query, dtype=torch.long, device=rt.device)  # [n, way*query]
     bar = tqdm(total=len(mine), desc=f'{split} {"cached" if cache else "uncached"}', leave=False,
-               disable=not (progress and rt.main), dynamic_ncols=True)
+               disable=not (progress and rt.is_main), dynamic_ncols=True)
+    gen = lambda i: episode_generator(cfg.run.seed, s.split, i, rt.device)
     if cache:
         for i in mine:
             ep = sampler.episode(i)
@@ -176,87 +157,79 @@ def evaluate(model: nn.Module, cfg, split: str = 'test', episodes: Optional[int]
             with autocast(rt):
                 out = model.forward_features(features[si], torch.from_numpy(ep.support_labels).to(rt.device),
                                              features[qi], tokens[torch.from_numpy(ep.class_ids).to(rt.device)],
-                                             generator=episode_generator(cfg.seed, s.split, i, rt.device))
+                                             generator=gen(i))
             preds[i] = out.logits.argmax(-1)
             bar.update()
     else:
-        ds = EpisodeDataset(s, sampler, n, train=False, num_frames=cfg.frames, size=cfg.image_size,
-                            short_side=cfg.short_side)
-        loader = DataLoader(ds, batch_size=None, sampler=mine, num_workers=cfg.workers,
-                            pin_memory=rt.device.type == 'cuda')
+        ds = EpisodeDataset(s, sampler, n, train=False, num_frames=cfg.model.frames, size=crop_size(model),
+                            short_side=d.short_side)
+        loader = DataLoader(ds, batch_size=None, sampler=mine, num_workers=d.workers, pin_memory=rt.device.type == 'cuda')
         for i, ep in zip(mine, loader):
             with autocast(rt):
                 out = model(ep['support'].to(rt.device, non_blocking=True), ep['support_labels'].to(rt.device),
-                            ep['query'].to(rt.device, non_blocking=True), ep['class_names'],
-                            generator=episode_generator(cfg.seed, s.split, i, rt.device))
+                            ep['query'].to(rt.device, non_blocking=True), ep['class_names'], generator=gen(i))
             preds[i] = out.logits.argmax(-1)
             bar.update()
     bar.close()
     all_sum(preds, rt)
     preds = preds.cpu().numpy()
-    labels = np.repeat(np.arange(cfg.way), cfg.test_query)  # [way*query], class-major
+    labels = np.repeat(np.arange(d.way), d.test_query)  # [way*query], class-major
     per_episode = (preds == labels).mean(1)
     t2 = time.perf_counter()
     model.train(was_training)
     m = summarize(per_episode)
-    return EvalResult(m['accuracy'], m['ci95'], n, per_episode, preds,
+    return EvalResult(m['accuracy'], m['ci95'], n, per_episode, preds, *_drawn(sampler, n),
                       dict(encode=t1 - t0, episodes=t2 - t1, total=t2 - t0))
 
 # %% ../nbs/14_evaluate.ipynb #b7521d26
-def load_checkpoint(path, device='cpu', **overrides):
-    "The model and `TrainConfig` stored in a checkpoint (`best.pt` or `last.pt`), with config `overrides`."
-    from mdmf.model import build_model
-    from mdmf.train import config_from_values
-    ck = torch.load(path, map_location='cpu', weights_only=False)
-    values = dict(ck['config'])
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = config_from_values(values)
-    model = build_model(cfg.mdmf)
-    model.load_state_dict(ck['model'])
-    return model.to(device), cfg
-
-def evaluate_checkpoint(path, split: str = 'test', episodes: Optional[int] = None, shot: Optional[int] = None,
-                        cache: bool = True, out=None, rt: Optional[Runtime] = None, **overrides) -> dict:
-    "Metrics of a saved model on `episodes` episodes of `split`; written to `out` (default: next to the checkpoint)."
-    rt = rt or init_runtime(overrides.pop('device', None) or 'auto', overrides.pop('amp', True))
-    model, cfg = load_checkpoint(path, rt.device, **overrides)
-    n = episodes or (cfg.test_episodes if split == 'test' else cfg.val_episodes)
-    r = evaluate(model, cfg, split, n, shot=shot, cache=cache, rt=rt)
-    metrics = {split: dict(accuracy=r.accuracy, ci95=r.ci95, episodes=r.episodes, way=cfg.way, shot=shot or cfg.shot,
-                           query=cfg.test_query, split=split),
+def evaluate_run(model: nn.Module, cfg: Config,  # a model and its run's config (e.g. from `load_model`)
+                 split: str = 'test', episodes: Optional[int] = None, shot: Optional[int] = None,
+                 out=None,  # metrics file to write (None: none)
+                 rt: Optional[Runtime] = None, checkpoint: str = '') -> dict:
+    "Metrics of a model on `episodes` episodes of `split`, printed and written to `out`."
+    rt = rt or Runtime()
+    r = evaluate(model, cfg, split, episodes, shot=shot, rt=rt)
+    shot = shot or cfg.data.shot
+    metrics = {split: dict(r.metrics(), way=cfg.data.way, shot=shot, query=cfg.data.test_query, split=split),
                'timings': dict(encode_s=round(r.seconds['encode'], 2), episodes_s=round(r.seconds['episodes'], 2),
                                total_s=round(r.seconds['total'], 2)),
-               'checkpoint': str(path), 'model': cfg.model, 'dataset': cfg.dataset}
-    if rt.main:
-        out = Path(out) if out else Path(path).parent / f'eval-{split}-{shot or cfg.shot}shot-{n}.json'
-        out.write_text(json.dumps(metrics, indent=1), encoding='utf-8')
-        print(f'{cfg.model} on {cfg.dataset} {split}: {r.accuracy:.2f} ± {r.ci95:.2f} % ({n} episodes, '
-              f'{cfg.way}-way {shot or cfg.shot}-shot); written to {out}')
+               'checkpoint': str(checkpoint), 'model': cfg.model.model, 'dataset': cfg.data.dataset}
+    if rt.is_main:
+        if out: atomic_write_text(out, json.dumps(metrics, indent=1))
+        print(f'{cfg.model.model} on {cfg.data.dataset} {split}, {cfg.data.way}-way {shot}-shot: {r.summary()}'
+              + (f'; written to {out}' if out else ''))
     return metrics
 
+_EVAL_RUN_FLAGS = ('device', 'threads', 'progress')
+
 def main(argv=None):
-    "`python -m mdmf.evaluate --checkpoint PATH [...]`."
-    p = argparse.ArgumentParser(prog='python -m mdmf.evaluate',
-                                description='Evaluate a saved run on random episodes: accuracy and 95% interval in percent.')
-    p.add_argument('--checkpoint', required=True, metavar='PATH', help='best.pt or last.pt of a run folder')
+    "`python -m mdmf.evaluate --checkpoint PATH [...]`: see `--help`."
+    p = command_line('python -m mdmf.evaluate', 'Evaluate a saved run on random episodes: accuracy and 95% interval '
+                     'in percent. Settings not given are the run\'s own.')
+    p.add_argument('--checkpoint', required=True, metavar='PATH', help='best.pt or last.pt, or a run folder (its best.pt)')
     p.add_argument('--split', default='test', choices=('train', 'val', 'test'), help='split to draw episodes from (default: test)')
     p.add_argument('--episodes', type=int, help="number of episodes (default: the run's test_episodes, or val_episodes for val)")
-    p.add_argument('--shot', type=int, help="support videos per class (default: the run's)")
-    p.add_argument('--data-root', help="data folder (default: the run's)")
-    p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:1 (default: auto)')
-    p.add_argument('--workers', type=int, help="data loading processes (default: the run's)")
-    p.add_argument('--eval-batch', type=int, help="videos per batch when features are computed (default: the run's)")
-    p.add_argument('--cache', action=argparse.BooleanOptionalAction, default=True,
-                   help='compute each video\'s backbone features once (default: on); --no-cache encodes every episode')
-    p.add_argument('--progress', action=argparse.BooleanOptionalAction, default=True, help='progress bar (default: on)')
     p.add_argument('--out', metavar='FILE', help='metrics file (default: eval-<split>-<shot>shot-<episodes>.json next to the checkpoint)')
-    a = p.parse_args(argv)
+    add_flags(p.add_argument_group('data (default: the run\'s)'), DataConfig(), default_text="the run's")
+    add_flags(p.add_argument_group('evaluation'), EvalConfig(), skip=('val_every', 'val_episodes', 'test_episodes'),
+              default_text="the run's")
+    add_flags(p.add_argument_group('run'), RunConfig(), skip=[f for f in RunConfig.__dataclass_fields__
+                                                               if f not in _EVAL_RUN_FLAGS], default_text="the run's")
+    a = vars(p.parse_args(argv))
+    path, split, n, out = a.pop('checkpoint'), a.pop('split'), a.pop('episodes'), a.pop('out')
+    a.pop('debug')
+    model, cfg = load_model(path)
+    cfg = with_values(cfg, a)
+    set_threads(cfg.run.threads)
+    rt = init_runtime(cfg.run.device, cfg.optim.amp)
     try:
-        evaluate_checkpoint(a.checkpoint, a.split, a.episodes, a.shot, a.cache, a.out, device=a.device,
-                            data_root=a.data_root, workers=a.workers, eval_batch=a.eval_batch, progress=a.progress)
+        n = n or (cfg.eval.test_episodes if split == 'test' else cfg.eval.val_episodes)
+        folder = Path(path) if Path(path).is_dir() else Path(path).parent
+        out = out or folder / f'eval-{split}-{cfg.data.shot}shot-{n}.json'
+        return evaluate_run(model.to(rt.device), cfg, split, n, out=out, rt=rt, checkpoint=str(path))
     finally:
-        if dist.is_initialized(): dist.destroy_process_group()
+        if torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
 
 # %% ../nbs/14_evaluate.ipynb #c046fec6
 #| eval: false
-if __name__ == '__main__': main()
+if __name__ == '__main__': cli(main)
