@@ -49,10 +49,11 @@ class MMFE(nn.Module):
         return x.view(b, l, self.heads, -1).transpose(1, 2)  # [B, heads, L, D/heads]
 
     def forward(self,
-                context: torch.Tensor,  # [B, T+1, D] visual_hat^b: the query stream
-                visual: torch.Tensor,  # [B, T+1, D] visual_hat: the key/value stream (pass `context` again for self-attention)
+                context: torch.Tensor,  # [B, T+1, D] F_hat^b (paper), the context view: the query stream
+                visual: torch.Tensor,  # [B, T+1, D] F_hat (paper): the key/value stream (`context` again: self-attention)
                 return_attn: bool = True,  # False: fused attention, no weights (returns None for them)
-               ):  # -> (out [B, T+1, D], attn [B, T+1, T+1] averaged over heads, or None)
+               ) -> tuple:  # (out [B, T+1, D], attn [B, T+1, T+1] averaged over heads, or None)
+        "Eq. 6-7: cross-attention of the context view to the visual features, then the residual feed-forward."
         if self.pos is not None:
             L, Lv = context.shape[1], visual.shape[1]
             if max(L, Lv) > self.seq_len:
