@@ -31,7 +31,7 @@ class LTCE(nn.Module):
         else:
             self.net = nn.Sequential(conv(), conv())
 
-    def forward(self, feats):  # feats: [B, T, D]
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:  # feats [B, T, D] -> [B, T, D]
         x = feats.transpose(1, 2)  # [B, D, T] channels first for Conv1d
         x = self.net(x)  # [B, D, T]
         return x.transpose(1, 2)  # [B, T, D] (no residual: Eq. 3)
@@ -39,36 +39,50 @@ class LTCE(nn.Module):
 # %% ../nbs/06_context.ipynb #5181dc44
 class CausalConv1d(nn.Module):
     "A weight-normalised Conv1d over time that only looks back: left padding of (kernel-1)*dilation. [B, C, T] -> [B, C, T]."
-    def __init__(self, dim: int, kernel: int = 3, dilation: int = 1):
+    def __init__(self,
+                 dim: int,  # channels in and out
+                 kernel: int = 3,  # temporal kernel size
+                 dilation: int = 1,  # spacing of the kernel's taps
+                ):
         super().__init__()
         self.pad = (kernel - 1) * dilation
         self.conv = weight_norm(nn.Conv1d(dim, dim, kernel_size=kernel, dilation=dilation))
 
-    def forward(self, x):  # x: [B, C, T]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, C, T] -> [B, C, T]
         return self.conv(F.pad(x, (self.pad, 0)))  # pad on the left only -> [B, C, T]
 
 # %% ../nbs/06_context.ipynb #34c6c4be
 class TemporalBlock(nn.Module):
     "One TCN level: (causal conv -> ReLU -> dropout) twice, identity residual, final ReLU. [B, C, T] -> [B, C, T]."
-    def __init__(self, dim: int, kernel: int = 3, dilation: int = 1, dropout: float = 0.1):
+    def __init__(self,
+                 dim: int,  # channels in and out
+                 kernel: int = 3,  # temporal kernel size
+                 dilation: int = 1,  # dilation of both convs
+                 dropout: float = 0.1,  # dropout after each conv
+                ):
         super().__init__()
         self.net = nn.Sequential(
             CausalConv1d(dim, kernel, dilation), nn.ReLU(), nn.Dropout(dropout),
             CausalConv1d(dim, kernel, dilation), nn.ReLU(), nn.Dropout(dropout))
         self.relu = nn.ReLU()
 
-    def forward(self, x):  # x: [B, C, T]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, C, T] -> [B, C, T]
         return self.relu(self.net(x) + x)  # identity residual (D -> D)
 
 # %% ../nbs/06_context.ipynb #9976009b
 class TCN(nn.Module):
     "A causal dilated temporal convolutional network, dilations 1, 2, 4, ...: [B, T, D] -> [B, T, D] per frame."
-    def __init__(self, dim: int, levels: int = 3, kernel: int = 3, dropout: float = 0.1):
+    def __init__(self,
+                 dim: int,  # channels in and out
+                 levels: int = 3,  # residual blocks; block i has dilation 2**i
+                 kernel: int = 3,  # temporal kernel size
+                 dropout: float = 0.1,  # dropout after each conv
+                ):
         super().__init__()
         self.levels, self.kernel = levels, kernel
         self.blocks = nn.Sequential(*[TemporalBlock(dim, kernel, 2 ** i, dropout) for i in range(levels)])
 
-    def forward(self, feats):  # feats: [B, T, D]
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:  # feats [B, T, D] -> [B, T, D]
         x = self.blocks(feats.transpose(1, 2))  # [B, D, T]
         return x.transpose(1, 2)  # [B, T, D]
 
@@ -84,7 +98,7 @@ class GTCE(nn.Module):
         super().__init__()
         self.tcn = TCN(dim, levels, kernel, dropout)
 
-    def forward(self, feats):  # feats: [B, T, D]
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:  # feats [B, T, D] -> [B, T, D]
         summary = self.tcn(feats)[:, -1:]  # [B, 1, D] the last frame has seen the whole clip
         return summary.expand_as(feats) + feats  # [B, T, D]
 

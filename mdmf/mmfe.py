@@ -28,6 +28,7 @@ class MMFE(nn.Module):
                  ffn_dim: int = 2048,  # hidden width of the feed-forward block
                  proj_dropout: float = 0.2,  # dropout after the attention output projection
                  ffn_dropout: float = 0.05,  # dropout after the feed-forward block
+                 ffn_act_dropout: float = 0.0,  # dropout after the GELU inside the feed-forward block (released: 0.05)
                 ):
         super().__init__()
         if dim % heads != 0:
@@ -40,17 +41,19 @@ class MMFE(nn.Module):
         self.to_k = nn.Linear(dim, dim, bias=False)
         self.to_v = nn.Linear(dim, dim, bias=False)
         self.proj = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(proj_dropout))
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, dim), nn.Dropout(ffn_dropout))
+        act = nn.Sequential(nn.GELU(), nn.Dropout(ffn_act_dropout)) if ffn_act_dropout else nn.GELU()  # no parameters: same keys
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), act, nn.Linear(ffn_dim, dim), nn.Dropout(ffn_dropout))
 
     def _split(self, x):  # x: [B, L, D]
         b, l, _ = x.shape
         return x.view(b, l, self.heads, -1).transpose(1, 2)  # [B, heads, L, D/heads]
 
     def forward(self,
-                context: torch.Tensor,  # [B, T+1, D] F_hat^b: the query stream
-                visual: torch.Tensor,  # [B, T+1, D] F_hat: the key/value stream (pass `context` again for self-attention)
+                context: torch.Tensor,  # [B, T+1, D] F_hat^b (paper), the context view: the query stream
+                visual: torch.Tensor,  # [B, T+1, D] F_hat (paper): the key/value stream (`context` again: self-attention)
                 return_attn: bool = True,  # False: fused attention, no weights (returns None for them)
-               ):  # -> (out [B, T+1, D], attn [B, T+1, T+1] averaged over heads, or None)
+               ) -> tuple:  # (out [B, T+1, D], attn [B, T+1, T+1] averaged over heads, or None)
+        "Eq. 6-7: cross-attention of the context view to the visual features, then the residual feed-forward."
         if self.pos is not None:
             L, Lv = context.shape[1], visual.shape[1]
             if max(L, Lv) > self.seq_len:

@@ -10,12 +10,15 @@ __all__ = ['MODELS', 'VIEWS', 'ABLATIONS', 'ModelConfig', 'MDMFOutput', 'FewShot
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
+from torch.nn import functional as nnf
 from torch import Tensor, nn
+
+from fastcore.basics import patch
 
 from .backbone import Backbone, load_clip
 from .context import GTCE, LTCE
-from .distill import CONDITIONS, DIRECTIONS, mutual_distillation, read_token
+from .core import BadInput
+from .distill import CONDITIONS, DIRECTIONS, TABLE5_CONDITIONS, TABLE5_DIRECTIONS, mutual_distillation, read_token
 from .mmfe import MMFE, fuse_token
 from .otam import frame_cost, otam, otam_bidirectional, prototypes
 from .pps import PPS
@@ -28,6 +31,7 @@ _CHOICES = dict(model=MODELS, views=tuple(VIEWS), pps_similarity=('video', 'top4
                 distill_condition=CONDITIONS, distill_direction=DIRECTIONS, distill_ties=('skip', 'ltc'),
                 text_score=('token', 'released'), loss_reduction=('mean', 'sum'), frame_mean_metric=('cosine', 'euclidean'))
 
+# %% ../nbs/10_model.ipynb #f91b862f
 @dataclass
 class ModelConfig:
     "Every setting of CLIP-MDMF and its baselines; each ablation of the paper's Tables 3-5 is a value here."
@@ -39,7 +43,7 @@ class ModelConfig:
     freeze_visual: bool = False  # freeze the CLIP visual encoder (paper: fine-tuned)
     freeze_bn: bool = True  # ResNet BatchNorm layers stay in eval mode
     checkpoint: bool = False  # activation checkpointing of the visual encoder (saves GPU memory)
-    prompt: str = 'a photo of {}.'  # prompt template of the class names
+    prompt: str = 'a photo of {}.'  # prompt template of the class names (released code and CLIP-FSAR: 'a photo of {}')
     frames: int = 8  # T, frames per video
     # MDMF: views, PPS, extractors, MMFE
     views: str = 'both'  # 'both' (GTC + LTC) | 'gtc' | 'ltc' | 'ntc' (no temporal context: MMFE self-attention)
@@ -55,24 +59,27 @@ class ModelConfig:
     ffn_dim: int = 2048  # MMFE feed-forward width
     proj_dropout: float = 0.2  # MMFE dropout after the attention projection
     ffn_dropout: float = 0.05  # MMFE dropout after the feed-forward block
+    ffn_act_dropout: float = 0.0  # MMFE dropout after the GELU inside the feed-forward block (released: 0.05)
     return_attention: bool = True  # keep the MMFE attention maps in `extras` (False: fused attention kernel)
     # distance and loss
     otam_lambda: float = 0.5  # soft-min temperature of OTAM
     bidirectional: bool = True  # OTAM summed over query->prototype and prototype->query
     alpha_gtc: float = 1.0  # weight of the GTC distance in the fused distance (Eq. 9)
     alpha_ltc: float = 1.0  # weight of the LTC distance
-    loss_reduction: str = 'mean'  # cross-entropy over the queries: 'mean' (ours) | 'sum' (released)
+    loss_reduction: str = 'mean'  # cross-entropy and no-condition distillation KL over the queries: 'mean' | 'sum' (released)
     # distillation (Eq. 10-15), used when views == 'both'
     distill: bool = True  # add lambda * L_distill to the loss
     distill_condition: str = 'both'  # 'both' | 't' | 'v' | 'none'
-    distill_direction: str = 'both'  # 'both' | 'gtc_teaches_ltc' | 'ltc_teaches_gtc'
+    distill_direction: str = 'both'  # 'both' | 'gtc_teaches_ltc' (L_{l->g}, Table 5 up->down) | 'ltc_teaches_gtc' (down->up)
     distill_lambda: float = 1.0  # lambda of Eq. 15
     detach_teacher: bool = True  # teacher posterior and confidence weights are constants
     distill_ties: str = 'skip'  # 'skip': a tie is nobody's win | 'ltc': ties go to LTC (released)
     text_score: str = 'token'  # text posterior reads 'token' (position 0, paper) | 'released' (position 1)
     # baselines
-    video_text_weight: float = 1.0  # CLIP-FSAR: weight of its video-text cross-entropy
-    text_logit_scale: float = 100.0  # CLIP-FSAR video-text logits and zero-shot logits: scale * cos
+    fsar_merge_before: bool = True  # CLIP-FSAR: average each class's frames and token before one transformer pass (MERGE_BEFORE)
+    video_text_weight: float = 1.0  # CLIP-FSAR: weight of its video-text loss (its configs: HMDB51 1.2, Kinetics/UCF101 1.5, SSv2 3.0)
+    video_text_scale: float = 1.0  # CLIP-FSAR: initial value of the learnable logit scale of its video-text loss
+    text_logit_scale: float = 100.0  # zero-shot CLIP: logits = scale * cos (CLIP's own scale)
     frame_mean_metric: str = 'cosine'  # frame-mean: 'cosine' (scale * (1 - cos)) | 'euclidean' (squared)
     frame_mean_scale: float = 10.0  # frame-mean: multiplies the cosine distance
 
@@ -81,21 +88,24 @@ class ModelConfig:
             if getattr(self, name) not in choices:
                 raise ValueError(f'ModelConfig.{name} must be one of {choices}, not {getattr(self, name)!r}')
 
-    @classmethod
-    def released(cls, **overrides):
-        "The released code's behaviour wherever it differs from the paper (see the table above)."
-        settings = dict(ltce_variant='released', pos_emb=False, pps_similarity='top4', text_score='released',
-                        detach_teacher=False, distill_ties='ltc', distill_condition='t', loss_reduction='sum')
-        return cls(**{**settings, **overrides})
+# %% ../nbs/10_model.ipynb #703ea018
+@patch(cls_method=True)
+def released(cls: ModelConfig, **overrides) -> ModelConfig:
+    "The released code's behaviour wherever it differs from the paper (see the table above); `overrides` win."
+    settings = dict(ltce_variant='released', pos_emb=False, ffn_act_dropout=0.05, pps_similarity='top4',
+                    text_score='released', detach_teacher=False, distill_ties='ltc', distill_condition='t',
+                    loss_reduction='sum', prompt='a photo of {}')
+    return cls(**{**settings, **overrides})
 
-# The rows of the paper's ablations (Tables 3-5), as config overrides.
+# %% ../nbs/10_model.ipynb #b89eeb28
 ABLATIONS = {
     'GTC': dict(views='gtc', pps=False), 'GTC+PPS': dict(views='gtc'),
     'LTC': dict(views='ltc', pps=False), 'LTC+PPS': dict(views='ltc'),
     'NTC': dict(views='ntc', pps=False), 'NTC+PPS': dict(views='ntc'),
     'multi-view': dict(pps=False, distill=False), 'multi-view+PPS': dict(distill=False),
     'multi-view+distill': dict(pps=False), 'full': dict(),
-    **{f'distill {c}/{d}': dict(distill_condition=c, distill_direction=d) for c in CONDITIONS for d in DIRECTIONS},
+    **{f'T5 {d_label} {c_label}': dict(distill_condition=condition, distill_direction=direction)
+       for d_label, direction in TABLE5_DIRECTIONS.items() for c_label, condition in TABLE5_CONDITIONS.items()},
 }
 
 # %% ../nbs/10_model.ipynb #0629de72
@@ -109,10 +119,10 @@ class MDMFOutput:
     extras: dict = field(default_factory=dict)  # attention maps, PPS draws, costs, reliable sets, posteriors
 
 # %% ../nbs/10_model.ipynb #1f966fac
-def _scaled_cosine(a: Tensor, b: Tensor, scale: float = 1.0) -> Tensor:
+def _scaled_cosine(a: Tensor, b: Tensor, scale: float | Tensor = 1.0) -> Tensor:
     "scale * cos(a_i, b_j) [A, B] of a [A, D] and b [B, D], in float32 even under autocast."
     with torch.autocast(a.device.type, enabled=False):
-        return scale * F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T  # [A, B]
+        return scale * nnf.normalize(a.float(), dim=-1) @ nnf.normalize(b.float(), dim=-1).T  # [A, B]
 
 class FewShotModel(nn.Module):
     "Base of all models: the CLIP backbone and `forward` = encode + `forward_features`."
@@ -130,12 +140,16 @@ class FewShotModel(nn.Module):
         "Frame features [B, T, D] of frames [B, T, 3, S, S]."
         return self.backbone.encode_frames(frames)
 
-    def prompt_features(self, class_names: list) -> Tensor:
-        "Prompt tokens [N, D] of class names."
+    def class_tokens(self, class_names: list) -> Tensor:
+        "Prompt tokens [N, D] of class names (frozen and cached by the backbone unless `train_text`)."
         return self.backbone.encode_prompts(class_names)
 
-    def forward_features(self, support_feats, support_labels, query_feats, class_tokens,
-                         query_labels=None, generator=None) -> MDMFOutput:
+    def set_text_classes(self, names: list) -> None:
+        "Tell the model the training classes' readable names; only CLIP-FSAR uses them (see below)."
+
+    def forward_features(self, support_feats: Tensor, support_labels: Tensor, query_feats: Tensor, class_tokens: Tensor,
+                         query_labels: Tensor = None, generator: torch.Generator = None,
+                         class_names: list = None) -> MDMFOutput:
         raise NotImplementedError
 
     def forward(self,
@@ -148,11 +162,11 @@ class FewShotModel(nn.Module):
                ) -> MDMFOutput:
         feats = self.encode_frames(torch.cat([support, query]))  # [S+Q, T, D]
         support_feats, query_feats = feats.split([len(support), len(query)])  # [S, T, D], [Q, T, D]
-        return self.forward_features(support_feats, support_labels, query_feats, self.prompt_features(class_names),
-                                     query_labels, generator)
+        return self.forward_features(support_feats, support_labels, query_feats, self.class_tokens(class_names),
+                                     query_labels, generator, class_names=class_names)
 
     def _cross_entropy(self, logits, labels):  # the main loss: mean (ours) or sum (released) over queries
-        return F.cross_entropy(logits.float(), labels, reduction=self.cfg.loss_reduction)
+        return nnf.cross_entropy(logits.float(), labels, reduction=self.cfg.loss_reduction)
 
 # %% ../nbs/10_model.ipynb #2ee69701
 class MDMF(FewShotModel):
@@ -165,86 +179,135 @@ class MDMF(FewShotModel):
         make = {'gtc': lambda: GTCE(D, cfg.gtce_levels, cfg.gtce_kernel, cfg.gtce_dropout),
                 'ltc': lambda: LTCE(D, cfg.ltce_variant), 'ntc': nn.Identity}
         self.extractors = nn.ModuleDict({b: make[b]() for b in self.views})
-        self.mmfe = nn.ModuleDict({b: MMFE(D, cfg.heads, cfg.frames + 1, cfg.pos_emb, cfg.ffn_dim,
-                                           cfg.proj_dropout, cfg.ffn_dropout) for b in self.views})
+        self.mmfe = nn.ModuleDict({b: MMFE(D, cfg.heads, cfg.frames + 1, cfg.pos_emb, cfg.ffn_dim, cfg.proj_dropout,
+                                           cfg.ffn_dropout, cfg.ffn_act_dropout) for b in self.views})
 
-    def forward_features(self,
-                         support_feats: Tensor,  # [S, T, D]
-                         support_labels: Tensor,  # [S] long in 0..N-1
-                         query_feats: Tensor,  # [Q, T, D]
-                         class_tokens: Tensor,  # [N, D] prompt tokens of the episode's classes
-                         query_labels: Tensor = None,  # [Q]; None: `loss` is None
-                         generator: torch.Generator = None,  # for the PPS draw
-                        ) -> MDMFOutput:
-        cfg, S, N = self.cfg, len(support_feats), len(class_tokens)
-        query_tokens, probs, drawn = self.pps(query_feats, class_tokens, generator)  # [Q, D], [Q, N], [Q]
-        tokens = torch.cat([class_tokens[support_labels], query_tokens])  # [S+Q, D]
-        feats = torch.cat([support_feats, query_feats])  # [S+Q, T, D]
-        F_hat = fuse_token(tokens, feats)  # [S+Q, T+1, D]
-        dist, seqs, extras = {}, {}, dict(pps_probs=probs, pps_drawn=drawn, query_tokens=query_tokens,
-                                          attention={}, cost={})
-        for b in self.views:
-            F_b = self.extractors[b](feats)  # [S+Q, T, D]
-            F_hat_b = F_hat if b == 'ntc' else fuse_token(tokens, F_b)  # [S+Q, T+1, D]
-            F_tilde, attn = self.mmfe[b](F_hat_b, F_hat, return_attn=cfg.return_attention)  # [S+Q, T+1, D]
-            support_b, query_b = F_tilde.split([S, len(query_feats)])  # [S, T+1, D], [Q, T+1, D]
-            U = prototypes(support_b, support_labels, N)  # [N, T+1, D]
-            cost = frame_cost(query_b[:, 1:], U[:, 1:])  # [Q, N, T, T] frames only
-            seqs[b] = (query_b, U)
-            extras['cost'][b] = cost
-            if attn is not None: extras['attention'][b] = dict(support=attn[:S], query=attn[S:])  # [*, T+1, T+1]
-        costs = torch.stack([extras['cost'][b] for b in self.views])  # [V, Q, N, T, T]: every view in one solve
-        solve = otam_bidirectional if cfg.bidirectional else otam
-        dist = dict(zip(self.views, solve(costs, cfg.otam_lambda).unbind(0)))  # view -> [Q, N]
-        if len(self.views) == 2:
-            fused = cfg.alpha_gtc * dist['gtc'] + cfg.alpha_ltc * dist['ltc']  # [Q, N], Eq. 9
-        else:
-            fused = dist[self.views[0]]
-        losses = {}
-        if query_labels is not None: losses['main'] = self._cross_entropy(-fused, query_labels)
-        if len(self.views) == 2:
-            tok = lambda b: tuple(read_token(x, cfg.text_score) for x in seqs[b])  # ([Q, D], [N, D])
-            d = mutual_distillation(dist['gtc'], dist['ltc'], tok('gtc'), tok('ltc'), cfg.distill_condition,
-                                    cfg.distill_direction, cfg.detach_teacher, cfg.distill_ties)
-            extras.update(distill=d, omega_g=d.omega_g, omega_l=d.omega_l, posteriors=dict(gtc=d.gtc, ltc=d.ltc))
-            if cfg.distill: losses['distill'] = cfg.distill_lambda * d.loss
-        loss = sum(losses.values()) if query_labels is not None else None
-        return MDMFOutput(-fused, {b: -dist[b] for b in self.views}, loss, losses, extras)
+    def fuse_view(self,
+                  b: str,  # the view: 'gtc', 'ltc' or 'ntc'
+                  tokens: Tensor,  # [V, D] one prompt token per video
+                  feats: Tensor,  # [V, T, D] frame features F
+                 ) -> tuple:  # (fused [V, T+1, D] = F_tilde^b, attention [V, T+1, T+1] or None)
+        "One view of Eq. 3-7: the view's extractor, the token in front (Eq. 5), its MMFE (Eq. 6-7)."
+        visual_hat = fuse_token(tokens, feats)  # [V, T+1, D] F_hat
+        context = self.extractors[b](feats)  # [V, T, D] F^b
+        context_hat = visual_hat if b == 'ntc' else fuse_token(tokens, context)  # [V, T+1, D] F_hat^b
+        return self.mmfe[b](context_hat, visual_hat, return_attn=self.cfg.return_attention)
+
+# %% ../nbs/10_model.ipynb #08da71df
+@patch
+def forward_features(self: MDMF,
+                     support_feats: Tensor,  # [S, T, D]
+                     support_labels: Tensor,  # [S] long in 0..N-1
+                     query_feats: Tensor,  # [Q, T, D]
+                     class_tokens: Tensor,  # [N, D] prompt tokens of the episode's classes
+                     query_labels: Tensor = None,  # [Q]; None: `loss` is None
+                     generator: torch.Generator = None,  # for the PPS draw
+                     class_names: list = None,  # the episode's class names (not needed by MDMF)
+                    ) -> MDMFOutput:
+    "CLIP-MDMF on the CLIP features of an episode: logits, per-view logits, losses and what pictures need."
+    cfg, S, N = self.cfg, len(support_feats), len(class_tokens)
+    query_tokens, probs, drawn = self.pps(query_feats, class_tokens, generator)  # [Q, D], [Q, N], [Q]
+    tokens = torch.cat([class_tokens[support_labels], query_tokens])  # [S+Q, D]
+    feats = torch.cat([support_feats, query_feats])  # [S+Q, T, D]
+    seqs, extras = {}, dict(pps_probs=probs, pps_drawn=drawn, query_tokens=query_tokens, attention={}, cost={})
+    for b in self.views:
+        fused, attn = self.fuse_view(b, tokens, feats)  # [S+Q, T+1, D] F_tilde^b
+        support_b, query_b = fused.split([S, len(query_feats)])  # [S, T+1, D], [Q, T+1, D]
+        U = prototypes(support_b, support_labels, N)  # [N, T+1, D]
+        seqs[b] = (query_b, U)
+        extras['cost'][b] = frame_cost(query_b[:, 1:], U[:, 1:])  # [Q, N, T, T] frames only
+        if attn is not None: extras['attention'][b] = dict(support=attn[:S], query=attn[S:])  # [*, T+1, T+1]
+    costs = torch.stack([extras['cost'][b] for b in self.views])  # [V, Q, N, T, T]: every view in one solve
+    solve = otam_bidirectional if cfg.bidirectional else otam
+    dist = dict(zip(self.views, solve(costs, cfg.otam_lambda).unbind(0)))  # view -> [Q, N]
+    both = len(self.views) == 2
+    fused_dist = cfg.alpha_gtc * dist['gtc'] + cfg.alpha_ltc * dist['ltc'] if both else dist[self.views[0]]  # Eq. 9
+    losses = {}
+    if query_labels is not None: losses['main'] = self._cross_entropy(-fused_dist, query_labels)
+    if both:
+        tok = lambda b: tuple(read_token(x, cfg.text_score) for x in seqs[b])  # ([Q, D], [N, D])
+        d = mutual_distillation(dist['gtc'], dist['ltc'], tok('gtc'), tok('ltc'), cfg.distill_condition,
+                                cfg.distill_direction, cfg.detach_teacher, cfg.distill_ties, cfg.loss_reduction)
+        extras.update(distill=d, omega_g=d.omega_g, omega_l=d.omega_l, posteriors=dict(gtc=d.gtc, ltc=d.ltc))
+        if cfg.distill: losses['distill'] = cfg.distill_lambda * d.loss
+    loss = sum(losses.values()) if query_labels is not None else None
+    return MDMFOutput(-fused_dist, {b: -dist[b] for b in self.views}, loss, losses, extras)
 
 # %% ../nbs/10_model.ipynb #8db2656b
 class CLIPFSAR(FewShotModel):
     "CLIP-FSAR baseline: prompt-modulated support prototypes, visual-only queries, OTAM, plus a video-text loss."
     def __init__(self, cfg: ModelConfig, backbone: Backbone = None):
         super().__init__(cfg, backbone)
-        D = self.dim
-        self.frame_pos = nn.Parameter(torch.randn(cfg.frames, D) * 0.02) if cfg.pos_emb else None  # [T, D]
-        self.transformer = MMFE(D, cfg.heads, cfg.frames + 1, False, cfg.ffn_dim, cfg.proj_dropout, cfg.ffn_dropout)
+        self.transformer = MMFE(self.dim, cfg.heads, cfg.frames + 1, False, cfg.ffn_dim, cfg.proj_dropout,
+                                cfg.ffn_dropout, ffn_act_dropout=cfg.ffn_dropout)  # no position embedding
+        self.video_text_scale = nn.Parameter(torch.tensor(float(cfg.video_text_scale)))  # s, learnable
+        self.text_classes, self._text_index = None, {}
 
-    def forward_features(self, support_feats, support_labels, query_feats, class_tokens,
-                         query_labels=None, generator=None) -> MDMFOutput:
-        cfg, N, T = self.cfg, len(class_tokens), support_feats.shape[1]
-        pos = 0 if self.frame_pos is None else self.frame_pos[:T]
-        s_hat = fuse_token(class_tokens[support_labels], support_feats + pos)  # [S, T+1, D]
-        s_out, s_attn = self.transformer(s_hat, s_hat, return_attn=cfg.return_attention)  # [S, T+1, D]
-        q_in = query_feats + pos  # [Q, T, D], no token
-        q_out, q_attn = self.transformer(q_in, q_in, return_attn=cfg.return_attention)  # [Q, T, D]
-        U = prototypes(s_out[:, 1:], support_labels, N)  # [N, T, D]
-        cost = frame_cost(q_out, U)  # [Q, N, T, T]
-        dist = (otam_bidirectional if cfg.bidirectional else otam)(cost, cfg.otam_lambda)  # [Q, N]
-        text_logits = _scaled_cosine(query_feats.float().mean(1), class_tokens, cfg.text_logit_scale)  # [Q, N]
-        losses = {}
-        if query_labels is not None:
-            losses['main'] = self._cross_entropy(-dist, query_labels)
-            losses['video_text'] = cfg.video_text_weight * self._cross_entropy(text_logits, query_labels)
-        extras = dict(cost={'fsar': cost}, attention={} if s_attn is None else {'fsar': dict(support=s_attn, query=q_attn)})
-        loss = sum(losses.values()) if query_labels is not None else None
-        return MDMFOutput(-dist, {'otam': -dist, 'video_text': text_logits}, loss, losses, extras)
+    def set_text_classes(self, names: list) -> None:
+        "The training classes of the video-text loss; their prompt features are computed here, once, and cached."
+        names = list(names)
+        if len(set(names)) != len(names):
+            raise BadInput(f'set_text_classes: the {len(names)} class names are not unique; pass each class once')
+        self.text_classes, self._text_index = names, {n: i for i, n in enumerate(names)}
+        with torch.no_grad(): self.class_tokens(names)  # fills the backbone's prompt cache
+
+    def _text_targets(self, class_tokens: Tensor, class_names: list) -> tuple:  # (text [C, D], rows [N])
+        "The text features the video-text loss compares with, and the row of each episode class among them."
+        if self.text_classes is None:
+            return class_tokens, torch.arange(len(class_tokens), device=class_tokens.device)  # the episode's classes
+        if class_names is None:
+            raise BadInput('CLIP-FSAR: the video-text loss covers the training classes, so forward_features '
+                           'needs the episode\'s class_names (or call it without query_labels)')
+        missing = [n for n in class_names if n not in self._text_index]
+        if missing:
+            raise BadInput(f'CLIP-FSAR: class {missing[0]!r} of this episode is not among the {len(self.text_classes)} '
+                           'training classes given to set_text_classes; train on episodes of those classes')
+        rows = torch.tensor([self._text_index[n] for n in class_names], device=class_tokens.device)
+        return self.class_tokens(self.text_classes), rows
 
 # %% ../nbs/10_model.ipynb #8a4736bc
+@patch
+def forward_features(self: CLIPFSAR,
+                     support_feats: Tensor,  # [S, T, D]
+                     support_labels: Tensor,  # [S] long in 0..N-1
+                     query_feats: Tensor,  # [Q, T, D]
+                     class_tokens: Tensor,  # [N, D] prompt tokens of the episode's classes
+                     query_labels: Tensor = None,  # [Q]; None: `loss` is None
+                     generator: torch.Generator = None,  # unused (no random draw)
+                     class_names: list = None,  # the episode's class names: rows of the video-text loss
+                    ) -> MDMFOutput:
+    "CLIP-FSAR on the CLIP features of an episode: OTAM logits and, with labels, its two losses."
+    cfg, N = self.cfg, len(class_tokens)
+    if cfg.fsar_merge_before:  # MERGE_BEFORE: one sequence per class
+        s_feats, s_tokens = prototypes(support_feats, support_labels, N), class_tokens  # [N, T, D], [N, D]
+    else:
+        s_feats, s_tokens = support_feats, class_tokens[support_labels]  # [S, T, D], [S, D]
+    s_hat = fuse_token(s_tokens, s_feats)  # [N or S, T+1, D], the token at position 0
+    s_out, s_attn = self.transformer(s_hat, s_hat, return_attn=cfg.return_attention)  # [N or S, T+1, D]
+    q_out, q_attn = self.transformer(query_feats, query_feats, return_attn=cfg.return_attention)  # [Q, T, D]
+    U = s_out[:, 1:] if cfg.fsar_merge_before else prototypes(s_out[:, 1:], support_labels, N)  # [N, T, D]
+    cost = frame_cost(q_out, U)  # [Q, N, T, T]
+    dist = (otam_bidirectional if cfg.bidirectional else otam)(cost, cfg.otam_lambda)  # [Q, N]
+    video = torch.cat([support_feats, query_feats]).float().mean(1)  # [S+Q, D] video-level features
+    text_logits = _scaled_cosine(video[len(support_feats):], class_tokens, self.video_text_scale)  # [Q, N]
+    losses, extras = {}, dict(cost={'fsar': cost}, attention={}, support_rows='class' if cfg.fsar_merge_before else 'video')
+    if s_attn is not None: extras['attention']['fsar'] = dict(support=s_attn, query=q_attn)
+    if query_labels is not None:
+        losses['main'] = self._cross_entropy(-dist, query_labels)
+        text, rows = self._text_targets(class_tokens, class_names)  # [C, D], [N]
+        all_logits = _scaled_cosine(video, text, self.video_text_scale)  # [S+Q, C]
+        targets = rows[torch.cat([support_labels, query_labels])]  # [S+Q]
+        losses['video_text'] = cfg.video_text_weight * self._cross_entropy(all_logits, targets)
+        extras['video_text_classes'] = len(text)
+    loss = sum(losses.values()) if query_labels is not None else None
+    return MDMFOutput(-dist, {'otam': -dist, 'video_text': text_logits}, loss, losses, extras)
+
+# %% ../nbs/10_model.ipynb #333d1556
 class FrameMean(FewShotModel):
     "Order-blind baseline: mean over frames, prototype = mean over shots, cosine or squared euclidean distance."
-    def forward_features(self, support_feats, support_labels, query_feats, class_tokens,
-                         query_labels=None, generator=None) -> MDMFOutput:
+    def forward_features(self, support_feats: Tensor, support_labels: Tensor, query_feats: Tensor, class_tokens: Tensor,
+                         query_labels: Tensor = None, generator: torch.Generator = None,
+                         class_names: list = None) -> MDMFOutput:
         cfg, N = self.cfg, len(class_tokens)
         s, q = support_feats.float().mean(1), query_feats.float().mean(1)  # [S, D], [Q, D]
         U = prototypes(s[:, None], support_labels, N)[:, 0]  # [N, D]
@@ -257,8 +320,9 @@ class FrameMean(FewShotModel):
 
 class ZeroShotCLIP(FewShotModel):
     "Text-only baseline: scaled cosine between the query's mean frame feature and the class prompts."
-    def forward_features(self, support_feats, support_labels, query_feats, class_tokens,
-                         query_labels=None, generator=None) -> MDMFOutput:
+    def forward_features(self, support_feats: Tensor, support_labels: Tensor, query_feats: Tensor, class_tokens: Tensor,
+                         query_labels: Tensor = None, generator: torch.Generator = None,
+                         class_names: list = None) -> MDMFOutput:
         logits = _scaled_cosine(query_feats.float().mean(1), class_tokens, self.cfg.text_logit_scale)  # [Q, N]
         losses = {} if query_labels is None else {'main': self._cross_entropy(logits, query_labels)}
         return MDMFOutput(logits, {'text': logits}, losses.get('main'), losses, {})

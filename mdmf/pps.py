@@ -58,8 +58,8 @@ class PPS(nn.Module):
     def forward(self,
                 query_feats: torch.Tensor,  # [Q, T, D] query frame features
                 class_tokens: torch.Tensor,  # [N, D] prompt tokens of the episode's classes
-                generator: torch.Generator | None = None,
-               ):  # (query_tokens [Q, D], probs [Q, N] or None, drawn long [Q] or None)
+                generator: torch.Generator | None = None,  # seeded generator for a reproducible draw
+               ) -> tuple:  # (query_tokens [Q, D], probs [Q, N] or None, drawn long [Q] or None)
         "Draw a token per query. `probs` keeps a gradient to `query_feats`; tokens and draws have none."
         Q, D = query_feats.shape[0], class_tokens.shape[-1]
         if not self.enabled:

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from mdmf.distill import (CONDITIONS, DIRECTIONS, ViewPosterior, mutual_distillation, read_token,
+from mdmf.distill import (CONDITIONS, DIRECTIONS, RELEASED_DIRECTIONS, TABLE5_CONDITIONS, TABLE5_DIRECTIONS,
+                          ViewPosterior, mutual_distillation, read_token,
                           reliable_sets, view_posterior, weighted_kl)
 
 
@@ -134,3 +135,23 @@ def test_none_is_unweighted_mean():
     g, l = out.gtc, out.ltc
     torch.testing.assert_close(out.gtc_teaches_ltc, (g.visual * (g.log_visual - l.log_visual)).sum(-1).mean())
     torch.testing.assert_close(out.ltc_teaches_gtc, (l.visual * (l.log_visual - g.log_visual)).sum(-1).mean())
+
+
+def test_released_no_condition_sums_over_queries():
+    dg, dl, tg, tl = _episode(seed=11, Q=25)
+    mean = mutual_distillation(dg, dl, tg, tl, 'none')
+    for summed in (mutual_distillation(dg, dl, tg, tl, 'none', released=True),
+                   mutual_distillation(dg, dl, tg, tl, 'none', none_reduction='sum')):
+        torch.testing.assert_close(summed.gtc_teaches_ltc, 25 * mean.gtc_teaches_ltc)
+        torch.testing.assert_close(summed.ltc_teaches_gtc, 25 * mean.ltc_teaches_gtc)
+    cond = mutual_distillation(dg, dl, tg, tl, 'both', none_reduction='sum')  # only the no-condition branch sums
+    torch.testing.assert_close(cond.loss, mutual_distillation(dg, dl, tg, tl, 'both').loss)
+    with pytest.raises(ValueError, match='reduction'):
+        weighted_kl(mean.gtc, mean.ltc, mean.omega_g, reduction='max')
+
+
+def test_direction_tables_agree():
+    assert TABLE5_DIRECTIONS['up->down'] == RELEASED_DIRECTIONS['up2down'] == 'gtc_teaches_ltc'
+    assert TABLE5_DIRECTIONS['down->up'] == RELEASED_DIRECTIONS['down2up'] == 'ltc_teaches_gtc'
+    assert set(TABLE5_DIRECTIONS.values()) == set(RELEASED_DIRECTIONS.values()) == set(DIRECTIONS)
+    assert set(TABLE5_CONDITIONS.values()) == set(CONDITIONS)

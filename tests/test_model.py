@@ -38,8 +38,8 @@ def test_config_validation_and_released():
         ModelConfig(text_score='first')
     rel = ModelConfig.released()
     assert (rel.ltce_variant, rel.pos_emb, rel.pps_similarity, rel.text_score, rel.detach_teacher,
-            rel.distill_ties, rel.distill_condition, rel.loss_reduction) == (
-        'released', False, 'top4', 'released', False, 'ltc', 't', 'sum')
+            rel.distill_ties, rel.distill_condition, rel.loss_reduction, rel.ffn_act_dropout, rel.prompt) == (
+        'released', False, 'top4', 'released', False, 'ltc', 't', 'sum', 0.05, 'a photo of {}')
     assert ModelConfig.released(pos_emb=True).pos_emb
     for over in ABLATIONS.values():
         ModelConfig(**over)
@@ -149,7 +149,7 @@ def test_forward_is_encode_plus_forward_features(backbone):
     support, s_lab, query, names, q_lab = _episode(backbone.image_size, 1, 1)
     with torch.no_grad():
         a = m(support, s_lab, query, names, q_lab, generator=torch.Generator().manual_seed(1))
-        b = m.forward_features(m.encode_frames(support), s_lab, m.encode_frames(query), m.prompt_features(names),
+        b = m.forward_features(m.encode_frames(support), s_lab, m.encode_frames(query), m.class_tokens(names),
                                q_lab, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-4)
 
@@ -176,12 +176,50 @@ def test_detached_teacher_gets_no_distillation_gradient(backbone, direction, tea
 
 def test_clip_fsar_parts(backbone):
     m = build_model(ModelConfig(model='clip-fsar', video_text_weight=0.5), backbone=backbone)
-    out = m.forward_features(*_features(m.dim, 2, 1))
-    assert set(out.losses) == {'main', 'video_text'}
-    ce = torch.nn.functional.cross_entropy(out.view_logits['video_text'], torch.arange(5))
-    torch.testing.assert_close(out.losses['video_text'], 0.5 * ce)
-    assert out.extras['attention']['fsar']['support'].shape == (10, 9, 9)
-    assert out.extras['attention']['fsar']['query'].shape == (5, 8, 8)
+    s, sl, q, tok, ql = _features(m.dim, 2, 1)
+    out = m.forward_features(s, sl, q, tok, ql)  # no training classes set: the episode's classes
+    assert set(out.losses) == {'main', 'video_text'} and out.extras['video_text_classes'] == 5
+    video = torch.cat([s, q]).mean(1)  # support and query videos
+    logits = torch.nn.functional.normalize(video, dim=-1) @ torch.nn.functional.normalize(tok, dim=-1).T  # scale 1.0
+    torch.testing.assert_close(out.losses['video_text'], 0.5 * torch.nn.functional.cross_entropy(logits, torch.cat([sl, ql])))
+    assert out.extras['attention']['fsar']['support'].shape == (5, 9, 9)  # MERGE_BEFORE: one sequence per class
+    assert out.extras['attention']['fsar']['query'].shape == (5, 8, 8)  # the query carries no token
+    assert m.transformer.pos is None and isinstance(m.video_text_scale, torch.nn.Parameter)
+    assert [type(x).__name__ for x in m.transformer.ffn[1]] == ['GELU', 'Dropout']
+
+
+def test_clip_fsar_text_classes(backbone):
+    m = build_model(ModelConfig(model='clip-fsar'), backbone=backbone)
+    train = [f'action {i}' for i in range(12)]
+    m.set_text_classes(train)
+    names = [train[i] for i in (11, 0, 5, 3, 8)]
+    s, sl, q, _, ql = _features(m.dim, 1, 2)
+    out = m.forward_features(s, sl, q, m.class_tokens(names), ql, class_names=names)
+    assert out.extras['video_text_classes'] == 12
+    out.loss.backward()
+    assert m.video_text_scale.grad is not None and m.video_text_scale.grad.abs() > 0  # the scale learns
+    with pytest.raises(ValueError, match='class_names'):
+        m.forward_features(s, sl, q, m.class_tokens(names), ql)
+    with pytest.raises(ValueError, match='not among'):
+        m.forward_features(s, sl, q, m.class_tokens(names), ql, class_names=['unseen'] + names[1:])
+    with pytest.raises(ValueError, match='unique'):
+        m.set_text_classes(['a', 'a'])
+    assert m.forward_features(s, sl, q, m.class_tokens(names)).loss is None  # evaluation needs no names
+    for name in ('mdmf', 'frame-mean', 'zero-shot'):
+        other = build_model(ModelConfig(model=name), backbone=backbone)
+        assert other.set_text_classes(train) is None and not hasattr(other, 'text_classes')
+
+
+def test_clip_fsar_merge_before_or_after(backbone):
+    torch.manual_seed(0)
+    before = build_model(ModelConfig(model='clip-fsar'), backbone=backbone).eval()
+    after = build_model(ModelConfig(model='clip-fsar', fsar_merge_before=False), backbone=backbone).eval()
+    after.load_state_dict(before.state_dict())
+    one = _features(before.dim, 1, 2)  # one shot: merging before or after is the same
+    torch.testing.assert_close(before.forward_features(*one).logits, after.forward_features(*one).logits)
+    five = _features(before.dim, 5, 1)  # five shots: the transformer sees different inputs
+    assert not torch.allclose(before.forward_features(*five).logits, after.forward_features(*five).logits)
+    assert after.forward_features(*five).extras['attention']['fsar']['support'].shape == (25, 9, 9)
 
 
 def test_frame_mean_is_order_blind_and_zero_shot_ignores_support(backbone):
@@ -237,3 +275,29 @@ def test_training_lowers_loss_on_order_task():
     assert sum(mdmf[-5:]) / 5 < 0.5 * mdmf[0]
     mean = run(ModelConfig(model='frame-mean'), steps=5)
     assert min(mean) > 1.5
+
+
+def test_table5_rows_carry_the_papers_labels():
+    t5 = {k: v for k, v in ABLATIONS.items() if k.startswith('T5 ')}
+    assert len(t5) == 12
+    assert t5['T5 up->down v-compare'] == dict(distill_condition='v', distill_direction='gtc_teaches_ltc')  # GTC teaches
+    assert t5['T5 down->up t-compare'] == dict(distill_condition='t', distill_direction='ltc_teaches_gtc')
+    assert t5['T5 bidirectional no condition'] == dict(distill_condition='none', distill_direction='both')
+    assert ModelConfig(**t5['T5 bidirectional v+t-compare']) == ModelConfig()  # the full model
+
+
+def test_no_condition_distillation_follows_loss_reduction(backbone):
+    mean = _eval_out(ModelConfig(distill_condition='none'), backbone)
+    summed = _eval_out(ModelConfig(distill_condition='none', loss_reduction='sum'), backbone)
+    torch.testing.assert_close(summed.losses['distill'], 5 * mean.losses['distill'])  # 5 queries: summed, not averaged
+    cond = _eval_out(ModelConfig(distill_condition='t'), backbone)
+    torch.testing.assert_close(_eval_out(ModelConfig(distill_condition='t', loss_reduction='sum'), backbone).losses['distill'],
+                               cond.losses['distill'])  # with a condition: a weighted mean either way
+
+
+def test_default_mmfe_has_one_ffn_dropout(backbone):
+    m = MDMF(ModelConfig(), backbone=backbone)
+    assert all(isinstance(x.ffn[1], torch.nn.GELU) for x in m.mmfe.values())
+    r = MDMF(ModelConfig.released(), backbone=backbone)
+    assert all(x.ffn[1][1].p == 0.05 for x in r.mmfe.values())
+    assert list(m.state_dict()) == list(MDMF(ModelConfig(ffn_act_dropout=0.05), backbone=backbone).state_dict())

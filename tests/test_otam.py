@@ -1,28 +1,9 @@
 """OTAM: the fast row-parallel solver equals a cell-by-cell reference; distances, paths, prototypes."""
 import pytest
 import torch
-import torch.nn.functional as F
 
-from mdmf.otam import frame_cost, otam, otam_distance, otam_path, prototypes
-
-
-def _softmin(xs, lam):
-    return -lam * torch.logsumexp(torch.stack(xs, -1) / -lam, -1)
-
-
-def _reference(cost, lam=0.5):
-    d = F.pad(cost, (1, 1))
-    T, M = d.shape[-2:]
-    g = [[None] * M for _ in range(T)]
-    g[0][0] = d[..., 0, 0]
-    for m in range(1, M):
-        g[0][m] = g[0][m - 1] + d[..., 0, m]
-    for l in range(1, T):
-        g[l][0] = g[l - 1][0] + d[..., l, 0]
-        for m in range(1, M):
-            prev = [g[l - 1][m - 1], g[l][m - 1]] + ([g[l - 1][m]] if m in (1, M - 1) else [])
-            g[l][m] = d[..., l, m] + _softmin(prev, lam)
-    return g[-1][-1]
+from mdmf.otam import (_otam_table, frame_cost, otam, otam_bidirectional, otam_distance, otam_path, otam_reference,
+                       prototypes, softmin)
 
 
 @pytest.mark.parametrize('T,batch,lam', [(2, (), 0.5), (3, (2,), 0.5), (5, (3, 4), 0.1), (8, (5, 5), 0.5), (8, (1,), 2.0)])
@@ -30,7 +11,7 @@ def test_fast_equals_reference(T, batch, lam):
     torch.manual_seed(T)
     c1 = (2 * torch.rand(*batch, T, T, dtype=torch.float64)).requires_grad_()
     c2 = c1.detach().clone().requires_grad_()
-    a, b = otam(c1, lam), _reference(c2, lam)
+    a, b = otam(c1, lam), otam_reference(c2, lam)
     assert a.shape == torch.Size(batch)
     torch.testing.assert_close(a, b)
     w = torch.randn(batch, dtype=torch.float64)
@@ -39,9 +20,9 @@ def test_fast_equals_reference(T, batch, lam):
     torch.testing.assert_close(c1.grad, c2.grad)
 
 
-def test_non_square_matches_reference():
+def test_non_square_matchesotam_reference():
     c = torch.rand(3, 4, 6, dtype=torch.float64)
-    torch.testing.assert_close(otam(c), _reference(c))
+    torch.testing.assert_close(otam(c), otam_reference(c))
 
 
 def test_hard_limit_diagonal_is_free():
@@ -89,3 +70,23 @@ def test_prototypes_any_order():
     assert U.shape == (3, 9, 4)
     torch.testing.assert_close(U[2], (x[0] + x[3]) / 2)
     torch.testing.assert_close(U[0], (x[1] + x[4]) / 2)
+
+
+def test_softmin_limits_and_large_values():
+    x = torch.tensor([3.0, 1.0, 2.0])
+    torch.testing.assert_close(softmin(x, lam=1e-4), torch.tensor(1.0))
+    assert softmin(x, lam=0.5) < 1.0  # below the hard minimum
+    assert torch.isfinite(softmin(torch.tensor([400.0, 500.0]), lam=0.5))  # no underflow to log(0)
+
+
+def test_table_rows_share_the_solver():
+    c = torch.rand(2, 3, 6, 7, dtype=torch.float64)
+    table = _otam_table(c)
+    assert table.shape == (2, 3, 6, 9)
+    torch.testing.assert_close(table[..., -1, -1], otam(c))
+    torch.testing.assert_close(table[..., 0, :], torch.nn.functional.pad(c[..., 0, :], (1, 1)).cumsum(-1))
+
+
+def test_bidirectional_stacked_equals_two_solves():
+    c = torch.rand(4, 5, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(otam_bidirectional(c), otam_reference(c) + otam_reference(c.transpose(-1, -2)))
