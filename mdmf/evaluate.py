@@ -142,7 +142,7 @@ def evaluate(model: nn.Module,  # a model of mdmf.model (or its DistributedDataP
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
-    tokens = model.prompt_features(s.class_names)  # [C, D]: fills the prompt cache in one batch
+    tokens = model.class_tokens(s.class_names)  # [C, D]: fills the prompt cache in one batch
     if cache and features is None: features = encode_split(model, s, cfg, rt, progress)
     t1 = time.perf_counter()
     mine = list(range(rt.rank, n, rt.world))

@@ -25,7 +25,7 @@ from .core import BadInput, atomic_write_text
 from .episodes import EpisodeSampler, Split
 from .evaluate import crop_size, episode_generator, evaluate, load_data
 from .model import build_model
-from .runs import (BEST, CONFIG, LAST, METRICS, RunLog, load_checkpoint, open_run, preserved_rng, rng_state,
+from .runs import (BEST, CONFIG, LAST, LOCK, METRICS, RunLog, load_checkpoint, open_run, preserved_rng, rng_state,
                        save_checkpoint, seed_everything, set_rng_state)
 from .runtime import Runtime, autocast, barrier, init_runtime, main_first, set_threads
 from .video import EpisodeDataset
@@ -249,8 +249,8 @@ def fit(self: Trainer) -> Trainer:
     self.val_split = self.val_split or load_data(cfg.data, 'val')
     start = self.state['episode']
     if self.opt is None: total = start  # nothing to train (e.g. frozen zero-shot CLIP)
-    with torch.no_grad():  # frozen prompt features of all train classes in one batch, as after a resume
-        self.model.prompt_features(self.train_split.class_names)
+    with torch.no_grad(): self.model.class_tokens(self.train_split.class_names)  # frozen prompts, one batch (as on resume)
+    self.model.set_text_classes(self.train_split.class_names)  # CLIP-FSAR's video-text loss covers every training class
     mine = episode_indices(start, total, A, rt.rank, W)
     last_of_window = {i // A: i for i in mine}
     loader = DataLoader(train_episodes(cfg, self.train_split, crop_size(self.model)), batch_size=None, sampler=mine,
@@ -345,8 +345,10 @@ def train(cfg: Config,  # the run's settings
         if cfg.run.resume: cfg = _resume_config(cfg, folder / LAST, say)
         t_data = time.perf_counter()
         prepare_data(cfg, rt, say)
+        splits = {s: load_data(cfg.data, s) for s in ('train', 'val')}  # a data problem stops the run here, early
         t_data = time.perf_counter() - t_data
         trainer = Trainer(cfg, rt, folder, quiet, on_log)
+        trainer.train_split, trainer.val_split = splits['train'], splits['val']
         if cfg.run.resume: trainer.load(folder / LAST)
         if rt.is_main: atomic_write_text(folder / CONFIG, json.dumps(config_to_dict(cfg), indent=1))
         if not cfg.run.resume:
@@ -366,6 +368,10 @@ def train(cfg: Config,  # the run's settings
         trainer.log.write(f'{cfg.model.model} on {cfg.data.dataset} test classes, {cfg.data.way}-way {cfg.data.shot}-shot: '
                           f'{trainer.test_result.summary()}; val {st["best_accuracy"]:.2f} % at episode '
                           f'{st["best_episode"]}; {timings["total_s"]:.0f} s; {folder}')
+    except BaseException:
+        if rt.is_main and lock is not None and not [p for p in folder.iterdir() if p.name != LOCK]:
+            lock.release(); folder.rmdir()  # nothing was written: leave no empty run folder behind
+        raise
     finally:
         if lock is not None: lock.release()
     return (metrics, trainer) if return_trainer else metrics
