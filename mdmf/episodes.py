@@ -62,7 +62,9 @@ def get_dataset(name: str) -> DatasetInfo:
     return DATASETS[key]
 
 # %% ../nbs/01_episodes.ipynb #6b772e42
-def splits_dir(name: str, root: Optional[PathLike] = None) -> Path:
+def splits_dir(name: str,  # dataset registry name
+               root: Optional[PathLike] = None,  # data root (where `synthetic` and `folder` keep their lists)
+              ) -> Path:
     "Folder holding the split lists of dataset `name`: `<root>/splits`, the checkout's `data/splits`, or the installed `mdmf.splits`."
     info = get_dataset(name)
     if info.splits_in_root:
@@ -87,7 +89,8 @@ def _line_error(line: str) -> Optional[str]:
     if '..' in re.split(r'[\\/]', line): return f'{line!r} climbs out of the data root with `..` {_EXPECTED}'
     return None
 
-def read_split(path: PathLike) -> list[tuple[str, str]]:
+def read_split(path: PathLike,  # a split list, e.g. `<root>/splits/train.txt`
+              ) -> list[tuple[str, str]]:
     "Read a split list: one `(class name, video id)` per line, blank lines skipped; errors name the file and line number."
     path = Path(path)
     try: text = path.read_text(encoding='utf-8')
@@ -136,7 +139,9 @@ def _labels_json_candidates(root):
     root = Path(root)
     return [root / SSV2_LABELS, root / 'labels' / SSV2_LABELS, root / 'annotations' / SSV2_LABELS, root.parent / SSV2_LABELS]
 
-def ssv2_label_names(labels_json: Optional[PathLike] = None, root: Optional[PathLike] = None) -> dict[str, str]:
+def ssv2_label_names(labels_json: Optional[PathLike] = None,  # the file (default: looked for in `root`)
+                     root: Optional[PathLike] = None,  # the data root
+                    ) -> dict[str, str]:
     "SSv2 label id -> template, from `something-something-v2-labels.json` given by path or found in the data root."
     places = [Path(labels_json)] if labels_json is not None else _labels_json_candidates(root)
     for p in places:
@@ -169,7 +174,9 @@ def _scan(folder: Path) -> tuple[dict[str, Path], int]:
             elif ext.lower() in IMAGE_EXTS: images += 1
     return out, images
 
-def scan_class_folders(root: PathLike, skip: Sequence[str] = ('splits',)) -> dict[str, list[str]]:
+def scan_class_folders(root: PathLike,  # data root of your own data, `<root>/<class>/<video>`
+                       skip: Sequence[str] = ('splits',),  # folders of the root that are not classes
+                      ) -> dict[str, list[str]]:
     "Class folder -> its video ids (sorted), for your own data in `<root>/<class>/<video>`."
     root = Path(root)
     if not root.is_dir():
@@ -350,7 +357,9 @@ def _youtube_table(table: dict[str, Path]) -> dict[str, Path]:
     for vid, p in sorted(table.items()): yt.setdefault(vid[:11], p)  # first in sorted order wins
     return yt
 
-def index_videos(root: PathLike, classes: Sequence[str]) -> VideoIndex:
+def index_videos(root: PathLike,  # the folder holding the videos
+                 classes: Sequence[str],  # the split's raw class names: folders so named are class folders
+                ) -> VideoIndex:
     "Index `root` once: folders named like one of `classes` are class folders, everything else is flat."
     root = Path(root)
     if not root.is_dir(): raise MissingInput(f'data root {root} does not exist (or is not a folder): pass --data-root')
@@ -363,12 +372,18 @@ def index_videos(root: PathLike, classes: Sequence[str]) -> VideoIndex:
     return VideoIndex(root, by_class, flat)
 
 # %% ../nbs/01_episodes.ipynb #f33df035
-def video_root(name: str, root: PathLike) -> Path:
+def video_root(name: str,  # dataset registry name
+               root: PathLike,  # data root
+              ) -> Path:
     "Folder under which dataset `name` keeps its videos (`<root>/videos` for the synthetic set)."
     info = get_dataset(name)
     return Path(root) / info.video_subdir if info.video_subdir else Path(root)
 
-def resolve_videos(split: Split, root: PathLike, drop_missing: bool = False, show: int = 10) -> Split:
+def resolve_videos(split: Split,  # from `load_split`
+                   root: PathLike,  # data root
+                   drop_missing: bool = False,  # drop missing videos (with a warning) instead of stopping
+                   show: int = 10,  # missing videos listed in the message
+                  ) -> Split:
     "Find every video of `split` under `root`; missing videos raise one error listing them, or are dropped with a warning."
     info, vroot = get_dataset(split.dataset), video_root(split.dataset, root)
     if not vroot.is_dir():
@@ -405,7 +420,11 @@ class Episode:
     @property
     def query_labels(self): return np.repeat(np.arange(self.way), self.query)   # [way*query]
 
-def episode_rng(seed: int, split: str, index: int, stream: int = 0) -> np.random.Generator:
+def episode_rng(seed: int,  # the run's seed
+                split: str,  # train, val or test
+                index: int,  # the episode's number
+                stream: int = 0,  # 0: which videos, 1: frames and crops, 2: the model's draws
+               ) -> np.random.Generator:
     "Generator for episode `index` of `split`, from these numbers alone (`stream` separates uses: 0 sampling, 1 augmentation, 2 model)."
     return np.random.default_rng([int(seed), zlib.crc32(split.encode()), int(index), int(stream)])
 
@@ -421,8 +440,16 @@ def episode_generator(seed: int,  # the run's seed
 # %% ../nbs/01_episodes.ipynb #cb7e5019
 class EpisodeSampler:
     "N-way K-shot episodes from the videos of one split; episode `i` depends only on `(seed, split, i)`."
-    def __init__(self, labels: Sequence[int], way: int = 5, shot: int = 1, query: int = 1, seed: int = 0,
-                 split: str = 'test', class_names: Optional[Sequence[str]] = None, source: str = ''):
+    def __init__(self,
+                 labels: Sequence[int],  # class id of each video of the split
+                 way: int = 5,  # classes per episode
+                 shot: int = 1,  # support videos per class
+                 query: int = 1,  # query videos per class
+                 seed: int = 0,  # the episodes' seed
+                 split: str = 'test',  # the split's name (part of each episode's seed)
+                 class_names: Optional[Sequence[str]] = None,  # names used in error messages
+                 source: str = '',  # where the split list was read (named in error messages)
+                ):
         self.labels = np.asarray(labels, dtype=np.int64)
         self.way, self.shot, self.query, self.seed, self.split = way, shot, query, seed, split
         n_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
@@ -440,7 +467,7 @@ class EpisodeSampler:
                            + '. Lower --shot or the query count, or give these classes more videos')
 
     @classmethod
-    def from_split(cls, split: Split, way: int = 5, shot: int = 1, query: int = 1, seed: int = 0):
+    def from_split(cls, split: Split, way: int = 5, shot: int = 1, query: int = 1, seed: int = 0) -> EpisodeSampler:
         "Sampler over the videos of `split` (class names in errors are the raw ones)."
         return cls(split.labels, way, shot, query, seed, split.split, split.classes, split.source)
 

@@ -76,7 +76,10 @@ def freeze_split(cfg: DataConfig,  # the run's data settings
     return replace(cfg, splits=str(folder))
 
 # %% ../nbs/02_video.ipynb #b5597755
-def write_mp4(path: PathLike, frames: np.ndarray, fps: int = 8) -> Path:
+def write_mp4(path: PathLike,  # the .mp4 file to write
+              frames: np.ndarray,  # uint8 [T, H, W, 3], H and W even
+              fps: int = 8,  # frames per second
+             ) -> Path:
     "Write uint8 frames `[T, H, W, 3]` (H and W even) as an H.264 `.mp4`."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), 'w') as out:
@@ -86,7 +89,10 @@ def write_mp4(path: PathLike, frames: np.ndarray, fps: int = 8) -> Path:
         out.mux(stream.encode())
     return path
 
-def write_frames(folder: PathLike, frames: np.ndarray, quality: int = 90) -> Path:
+def write_frames(folder: PathLike,  # the frame folder to write
+                 frames: np.ndarray,  # uint8 [T, H, W, 3]
+                 quality: int = 90,  # JPEG quality
+                ) -> Path:
     "Write uint8 frames `[T, H, W, 3]` as `folder/1.jpg ... folder/T.jpg`."
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     for i, f in enumerate(frames, 1): Image.fromarray(f).save(folder / f'{i}.jpg', quality=quality)
@@ -164,7 +170,9 @@ def _read_av(path: Path, idx: list[int]) -> np.ndarray:
                        f'missing; download it again, {_DROP}')
     return np.stack([got[i] for i in idx])
 
-def read_frames(path: PathLike, indices: Sequence[int]) -> np.ndarray:
+def read_frames(path: PathLike,  # a video file or frame folder
+                indices: Sequence[int],  # which frames, 0-based
+               ) -> np.ndarray:
     "Frames `indices` of a video file or frame folder, uint8 `[T, H, W, 3]`."
     indices = np.asarray(indices)
     def check(n):
@@ -185,8 +193,12 @@ def _keep_distinct(start: int, end: int, n: int, T: int) -> tuple[int, int]:
     if end > n - 1: start, end = start - (end - n + 1), n - 1
     return start, end
 
-def frame_indices(n: int, num_frames: int = 8, mode: str = 'test', rng: Optional[np.random.Generator] = None,
-                  jitter: int = 5) -> np.ndarray:
+def frame_indices(n: int,  # frames of the video
+                  num_frames: int = 8,  # frames wanted, T
+                  mode: str = 'test',  # test, train or trx
+                  rng: Optional[np.random.Generator] = None,  # the episode's generator (random modes)
+                  jitter: int = 5,  # trx: most frames each end of the window moves
+                 ) -> np.ndarray:
     "`num_frames` frame indices (in order, repeated only for videos shorter than `num_frames`) of a video of `n` frames."
     if n < 1: raise ValueError(f'a video needs at least one frame, got n={n}')
     if mode not in FRAME_MODES: raise ValueError(f'mode must be one of {FRAME_MODES}, got {mode!r}')
@@ -204,7 +216,9 @@ def frame_indices(n: int, num_frames: int = 8, mode: str = 'test', rng: Optional
     return np.clip(idx, 0, n - 1).astype(np.int64)
 
 # %% ../nbs/02_video.ipynb #d9fdd95a
-def resize_short(x: torch.Tensor, short_side: int) -> torch.Tensor:
+def resize_short(x: torch.Tensor,  # float [T, 3, H, W]
+                 short_side: int,  # the short side after resizing
+                ) -> torch.Tensor:
     "Resize float `[T, 3, H, W]` so that its short side is `short_side` (bilinear, antialiased)."
     h, w = x.shape[-2:]
     if min(h, w) == short_side: return x
@@ -240,19 +254,36 @@ def _crop(frames: np.ndarray, size: int, short_side: int, train: bool, flip: boo
     if train and flip and rng.random() < 0.5: x = x.flip(-1)
     return x
 
-def crop_clip(frames: np.ndarray, size: int = 224, short_side: int = 256, train: bool = False,
-              flip: bool = False, rng: Optional[np.random.Generator] = None) -> torch.Tensor:
+def crop_clip(frames: np.ndarray,  # uint8 [T, H, W, 3]
+              size: int = 224,  # crop size S
+              short_side: int = 256,  # short side after resizing, before the crop
+              train: bool = False,  # random crop (else the centre crop)
+              flip: bool = False,  # random horizontal flip (training only)
+              rng: Optional[np.random.Generator] = None,  # the episode's generator (training)
+             ) -> torch.Tensor:
     "uint8 `[T, H, W, 3]` -> uint8 `[T, 3, size, size]`; train: random crop (+ flip), test: centre crop."
     return to_uint8(_crop(frames, size, short_side, train, flip, rng)).contiguous()
 
-def transform_clip(frames: np.ndarray, size: int = 224, short_side: int = 256, train: bool = False,
-                   flip: bool = False, rng: Optional[np.random.Generator] = None) -> torch.Tensor:
+def transform_clip(frames: np.ndarray,  # uint8 [T, H, W, 3]
+                   size: int = 224,  # crop size S
+                   short_side: int = 256,  # short side after resizing, before the crop
+                   train: bool = False,  # random crop (else the centre crop)
+                   flip: bool = False,  # random horizontal flip (training only)
+                   rng: Optional[np.random.Generator] = None,  # the episode's generator (training)
+                  ) -> torch.Tensor:
     "uint8 `[T, H, W, 3]` -> CLIP-normalised float `[T, 3, size, size]` (the same crop as `crop_clip`, not rounded)."
     return normalize(_crop(frames, size, short_side, train, flip, rng)).contiguous()
 
 # %% ../nbs/02_video.ipynb #7442aa01
-def read_clip(path: PathLike, num_frames: int = 8, mode: str = 'test', size: int = 224, short_side: int = 256,
-              train: bool = False, flip: bool = False, rng: Optional[np.random.Generator] = None) -> torch.Tensor:
+def read_clip(path: PathLike,  # a video file or frame folder
+              num_frames: int = 8,  # frames per clip T
+              mode: str = 'test',  # frame mode: test, train or trx
+              size: int = 224,  # crop size S
+              short_side: int = 256,  # short side after resizing, before the crop
+              train: bool = False,  # random crop (else the centre crop)
+              flip: bool = False,  # random horizontal flip (training only)
+              rng: Optional[np.random.Generator] = None,  # the episode's generator (random modes, training)
+             ) -> torch.Tensor:
     "Decode `num_frames` frames of `path` picked by `mode` and crop them: uint8 `[T, 3, size, size]`."
     frames = _read(Path(path), lambda n: frame_indices(n, num_frames, mode, rng))
     return crop_clip(frames, size, short_side, train, flip, rng)
@@ -260,9 +291,18 @@ def read_clip(path: PathLike, num_frames: int = 8, mode: str = 'test', size: int
 # %% ../nbs/02_video.ipynb #c5294137
 class EpisodeDataset(Dataset):
     "Episode `i` of a split as the episode dict (uint8 frames); everything random about it comes from `(seed, split, i)`."
-    def __init__(self, split: Split, sampler: EpisodeSampler, episodes: int = 10_000, train: Optional[bool] = None,
-                 num_frames: int = 8, size: int = 224, short_side: int = 256, frame_mode: Optional[str] = None,
-                 flip: Optional[bool] = None, offset: int = 0):
+    def __init__(self,
+                 split: Split,  # a resolved split (`load_data`, or `resolve_videos`)
+                 sampler: EpisodeSampler,  # which videos make episode i
+                 episodes: int = 10_000,  # the dataset's length
+                 train: Optional[bool] = None,  # random crops and frames (default: for the train split)
+                 num_frames: int = 8,  # frames per clip T
+                 size: int = 224,  # crop size S
+                 short_side: int = 256,  # short side after resizing, before the crop
+                 frame_mode: Optional[str] = None,  # default: trx when training, else test
+                 flip: Optional[bool] = None,  # default: when training and the dataset allows it
+                 offset: int = 0,  # `dataset[i]` is episode `offset + i`
+                ):
         if split.paths is None: raise ValueError(f'{split!r} is not resolved: call resolve_videos(split, root) first')
         self.split, self.sampler, self.episodes, self.offset = split, sampler, episodes, offset
         self.train = split.split == 'train' if train is None else train
@@ -309,17 +349,30 @@ def episode_data(cfg: DataConfig,  # the run's data settings (way, shot, queries
     sampler = EpisodeSampler.from_split(split, cfg.way, shot or cfg.shot, cfg.train_query if train else cfg.test_query, seed)
     return EpisodeDataset(split, sampler, episodes, train, num_frames, size, cfg.short_side, None, cfg.flip and train, offset)
 
-def episode_dataset(name: str, split: str, root: PathLike, way: int = 5, shot: int = 1, query: int = 1,
-                    episodes: int = 10_000, seed: int = 0, num_frames: int = 8, size: int = 224, short_side: int = 256,
-                    frame_mode: Optional[str] = None, flip: Optional[bool] = None, drop_missing: bool = False,
-                    labels_json: Optional[PathLike] = None, offset: int = 0) -> EpisodeDataset:
+def episode_dataset(name: str,  # dataset registry name
+                    split: str,  # train, val or test
+                    root: PathLike,  # data root
+                    way: int = 5, shot: int = 1, query: int = 1,  # the episodes' shape
+                    episodes: int = 10_000,  # the dataset's length
+                    seed: int = 0,  # the episodes' seed
+                    num_frames: int = 8, size: int = 224, short_side: int = 256,  # T, S, and the resize before the crop
+                    frame_mode: Optional[str] = None,  # default: trx for train, else test
+                    flip: Optional[bool] = None,  # default: when training and the dataset allows it
+                    drop_missing: bool = False,  # drop missing videos (with a warning) instead of stopping
+                    labels_json: Optional[PathLike] = None,  # SSv2-Full's labels json
+                    offset: int = 0,  # `dataset[i]` is episode `offset + i`
+                   ) -> EpisodeDataset:
     "The `EpisodeDataset` of split `split` of dataset `name` stored under `root`."
     s = resolve_videos(load_split(name, split, root, labels_json), root, drop_missing)
     sampler = EpisodeSampler.from_split(s, way, shot, query, seed)
     return EpisodeDataset(s, sampler, episodes, None, num_frames, size, short_side, frame_mode, flip, offset)
 
-def episode_loader(dataset: Dataset, num_workers: int = 0, pin_memory: Optional[bool] = None,
-                   persistent_workers: bool = False, prefetch_factor: Optional[int] = None) -> DataLoader:
+def episode_loader(dataset: Dataset,  # an `EpisodeDataset`
+                   num_workers: int = 0,  # data loading processes (0: in this process)
+                   pin_memory: Optional[bool] = None,  # default: when CUDA is there
+                   persistent_workers: bool = False,  # keep the workers between passes
+                   prefetch_factor: Optional[int] = None,  # episodes each worker prepares ahead
+                  ) -> DataLoader:
     "DataLoader serving one episode per batch (`batch_size=None`), in episode order; pins memory when CUDA is there."
     if pin_memory is None: pin_memory = torch.cuda.is_available()
     kw = dict(prefetch_factor=prefetch_factor) if num_workers > 0 and prefetch_factor else {}
@@ -329,7 +382,12 @@ def episode_loader(dataset: Dataset, num_workers: int = 0, pin_memory: Optional[
 # %% ../nbs/02_video.ipynb #05332244
 class ClipDataset(Dataset):
     "Video `i` of a resolved split as `(clip uint8 [T, 3, S, S], label, i)` with `test` frames and a centre crop."
-    def __init__(self, split: Split, num_frames: int = 8, size: int = 224, short_side: int = 256):
+    def __init__(self,
+                 split: Split,  # a resolved split
+                 num_frames: int = 8,  # frames per clip T
+                 size: int = 224,  # crop size S
+                 short_side: int = 256,  # short side after resizing, before the crop
+                ):
         if split.paths is None: raise ValueError(f'{split!r} is not resolved: call resolve_videos(split, root) first')
         self.split, self.num_frames, self.size, self.short_side = split, num_frames, size, short_side
 
