@@ -92,7 +92,7 @@ def _line_error(line: str) -> Optional[str]:
 def read_split(path: PathLike,  # a split list, e.g. `<root>/splits/train.txt`
               ) -> list[tuple[str, str]]:
     "Read a split list: one `(class name, video id)` per line, blank lines skipped; errors name the file and line number."
-    path = Path(path)
+    path = path if hasattr(path, 'read_text') else Path(path)  # also the package data's Traversable
     try: text = path.read_text(encoding='utf-8')
     except FileNotFoundError: raise MissingInput(f'split list {path} does not exist') from None
     items, seen = [], {}
