@@ -21,6 +21,8 @@ with warnings.catch_warnings():  # clip imports pkg_resources, which warns on re
     import clip
 from clip.model import CLIP, build_model
 
+from .video import to_clip_input
+
 # %% ../nbs/04_backbone.ipynb #3d587984
 TINY_CONFIGS = {  # keyword arguments of clip.model.CLIP
     'tiny-vit': dict(embed_dim=64, image_resolution=64, vision_layers=2, vision_width=64,
@@ -165,9 +167,11 @@ class Backbone(nn.Module):
     def device(self): return self.clip.text_projection.device
 
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
-        "Frame features [B, T, D] (float32) of frames [B, T, 3, S, S]."
+        "Frame features [B, T, D] (float32) of frames [B, T, 3, S, S]: uint8 pixels, or floats already CLIP-normalised."
         B, T = frames.shape[:2]
         x = frames.reshape(B * T, *frames.shape[2:])  # [B*T, 3, S, S]
+        if x.dtype == torch.uint8:  # pixels travel as uint8 (4x smaller): scaled and normalised on the model's device
+            x = to_clip_input(x.to(self.device, non_blocking=True))
         x = x.to(self.clip.dtype)  # CLIP's own weight dtype (float32 here)
         if self.checkpoint and torch.is_grad_enabled() and not self.freeze_visual:
             f = _checkpointed(self.clip.visual, x, self.checkpoint_chunk)

@@ -134,3 +134,38 @@ def test_import_is_quiet():
     r = subprocess.run([sys.executable, '-W', 'error', '-c', 'import mdmf.backbone'], cwd=root,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize('name', list(TINY_CONFIGS))
+def test_uint8_frames_normalised_on_the_device(name):
+    "uint8 frames (what the data layer serves) give the features of the float path of the same frames."
+    from mdmf.video import normalize, random_episode, to_clip_input
+    bb = Backbone(load_clip(name))
+    u = random_episode(way=2, shot=1, query=1, frames=3, size=bb.image_size, seed=4)['support']  # [2, 3, 3, S, S] uint8
+    assert u.dtype == torch.uint8
+    x = normalize(u.float() / 255)  # the float path: CLIP-normalised by the caller
+    assert torch.equal(to_clip_input(u), x)
+    with torch.no_grad():
+        fu, fx = bb.encode_frames(u), bb.encode_frames(x)
+    assert fu.shape == (2, 3, 64) and fu.dtype == torch.float32
+    torch.testing.assert_close(fu, fx, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(fu, bb.encode_frames(u.float()).detach(), atol=1e-3)  # float input is not rescaled
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert bb.encode_frames(u).dtype == torch.float32
+
+
+def test_uint8_frames_move_to_the_device_before_scaling():
+    "The uint8 clip is moved to the model's device before it is scaled (the transfer stays 1 byte a pixel)."
+    bb = Backbone(load_clip('tiny-vit'))
+    seen = []
+    real = torch.Tensor.to
+    def spy(self, *args, **kwargs):
+        seen.append((self.dtype, args[0] if args else kwargs.get('device', kwargs.get('dtype'))))
+        return real(self, *args, **kwargs)
+    u = torch.zeros(1, 2, 3, 64, 64, dtype=torch.uint8)
+    torch.Tensor.to = spy
+    try:
+        with torch.no_grad(): bb.encode_frames(u)
+    finally:
+        torch.Tensor.to = real
+    assert seen[0] == (torch.uint8, bb.device)
