@@ -21,28 +21,14 @@ from typing import Any, Callable, Optional, Sequence
 from .core import BadInput, MissingInput, UserError
 from .episodes import DATASETS
 from .model import MODELS, ModelConfig, _CHOICES as _MODEL_CHOICES
+from .video import DataConfig, dataset_label
 
 # %% auto #0
-__all__ = ['SECTIONS', 'PAPER', 'PRESETS', 'CHOICES', 'DataConfig', 'OptimConfig', 'EvalConfig', 'RunConfig', 'Config',
+__all__ = ['SECTIONS', 'PAPER', 'VIDEO_TEXT_WEIGHT', 'PRESETS', 'CHOICES', 'OptimConfig', 'EvalConfig', 'RunConfig', 'Config',
            'leaf_sections', 'with_values', 'preset_config', 'load_config_file', 'config_from_dict', 'config_to_dict',
            'field_help', 'add_flags', 'command_line', 'config_parser', 'config_from_args', 'resolve_config', 'cli']
 
 # %% ../nbs/12_config.ipynb #2db93969
-@dataclass
-class DataConfig:
-    "Which videos, how episodes are drawn from them, and how clips are cut."
-    dataset: str = 'synthetic'  # dataset registry name (see mdmf.episodes.DATASETS)
-    data_root: str = 'data/synthetic'  # folder with the videos (the synthetic set is made there if absent)
-    labels_json: str = ''  # SSv2-Full only: something-something-v2-labels.json (default: looked for in the data root)
-    drop_missing: bool = False  # run without videos missing from the data root (they are listed), instead of stopping
-    way: int = 5  # classes per episode
-    shot: int = 5  # support videos per class
-    train_query: int = 2  # query videos per class in training episodes
-    test_query: int = 1  # query videos per class in val and test episodes
-    short_side: int = 72  # frames are resized to this short side before cropping (crop: the backbone's input size)
-    flip: bool = False  # random horizontal flip in training (off for direction-sensitive data such as SSv2)
-    workers: int = 1  # data loading processes
-
 @dataclass
 class OptimConfig:
     "How the model is trained."
@@ -95,8 +81,8 @@ class Config:
 
     @property
     def run_name(self) -> str:
-        "The run folder's name: `--name`, or `<dataset>-<model>-<shot>shot`."
-        return self.run.name or f'{self.data.dataset}-{self.model.model}-{self.data.shot}shot'
+        "The run folder's name: `--name`, or `<dataset>-<model>-<shot>shot` (your own data: its folder's name)."
+        return self.run.name or f'{dataset_label(self.data)}-{self.model.model}-{self.data.shot}shot'
 
     @property
     def run_dir(self) -> Path: return Path(self.run.runs) / self.run_name
@@ -148,10 +134,14 @@ def _preset(base: dict, **sections) -> dict:
     for sec, values in sections.items(): out.setdefault(sec, {}).update(values)
     return out
 
+VIDEO_TEXT_WEIGHT = dict(synthetic=3.0, hmdb51=1.2, ucf101=1.5, kinetics100=1.5, ssv2_small=3.0, ssv2_full=3.0, folder=1.0)
+
 PRESETS = {
-    'synthetic': dict(model=dict(backbone='tiny-pretrained', ffn_dim=256, return_attention=False)),
-    **{name: _preset(PAPER, data=dict(dataset=name, data_root=f'data/{name}', flip=DATASETS[name].flip))
-       for name in ('hmdb51', 'ucf101', 'kinetics100', 'ssv2_small', 'ssv2_full') + (('folder',) if 'folder' in DATASETS else ())},
+    'synthetic': dict(model=dict(backbone='tiny-pretrained', ffn_dim=256, return_attention=False,
+                                 video_text_weight=VIDEO_TEXT_WEIGHT['synthetic'])),
+    **{name: _preset(PAPER, data=dict(dataset=name, data_root=f'data/{name}', flip=DATASETS[name].flip),
+                     model=dict(video_text_weight=VIDEO_TEXT_WEIGHT[name]))
+       for name in ('hmdb51', 'ucf101', 'kinetics100', 'ssv2_small', 'ssv2_full', 'folder')},
 }
 
 def preset_config(name: str = 'synthetic') -> Config:

@@ -18,16 +18,15 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .config import Config, DataConfig, EvalConfig, RunConfig, add_flags, cli, command_line, with_values
+from .config import Config, EvalConfig, RunConfig, add_flags, cli, command_line, with_values
 from .core import atomic_write_text
-from .episodes import EpisodeSampler, Split, episode_rng, load_split, resolve_videos
+from .episodes import EpisodeSampler, Split, episode_generator
 from .runs import load_model
 from .runtime import Runtime, all_max, all_sum, autocast, init_runtime, set_threads
-from .video import ClipDataset, EpisodeDataset
+from .video import ClipDataset, DataConfig, EpisodeDataset, load_data
 
 # %% auto #0
-__all__ = ['SMALL_SPLIT', 'summarize', 'load_data', 'episode_generator', 'crop_size', 'encode_split', 'EvalResult', 'evaluate',
-           'evaluate_run', 'main']
+__all__ = ['SMALL_SPLIT', 'summarize', 'crop_size', 'encode_split', 'EvalResult', 'evaluate', 'evaluate_run', 'main']
 
 # %% ../nbs/14_evaluate.ipynb #eb177e3e
 def summarize(acc) -> dict:
@@ -38,16 +37,6 @@ def summarize(acc) -> dict:
     return dict(accuracy=round(100 * float(a.mean()), 4), ci95=round(100 * float(ci), 4), episodes=n)
 
 # %% ../nbs/14_evaluate.ipynb #6574ff53
-def load_data(cfg: DataConfig, split: str) -> Split:
-    "Split `split` of the configured dataset, its videos found under the data root."
-    s = load_split(cfg.dataset, split, cfg.data_root, cfg.labels_json or None)
-    return resolve_videos(s, cfg.data_root, cfg.drop_missing)
-
-def episode_generator(seed: int, split: str, index: int, device) -> torch.Generator:
-    "The generator of episode `index`'s random draws inside the model (PPS), from these numbers alone."
-    g = torch.Generator(device=device)
-    return g.manual_seed(int(episode_rng(seed, split, index, stream=2).integers(2**62)))
-
 def _unwrap(model: nn.Module) -> nn.Module: return getattr(model, 'module', model)
 
 def crop_size(model: nn.Module) -> int:

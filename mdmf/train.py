@@ -22,16 +22,16 @@ from tqdm.auto import tqdm
 
 from .config import Config, cli, config_from_dict, config_parser, config_to_dict, config_from_args
 from .core import BadInput, atomic_write_text
-from .episodes import EpisodeSampler, Split
-from .evaluate import crop_size, episode_generator, evaluate, load_data
+from .episodes import episode_generator
+from .evaluate import crop_size, evaluate
 from .model import build_model
-from .runs import (BEST, CONFIG, LAST, LOCK, METRICS, RunLog, load_checkpoint, open_run, preserved_rng, rng_state,
+from .runs import (BEST, CONFIG, LAST, LOCK, METRICS, SPLITS, RunLog, load_checkpoint, open_run, preserved_rng, rng_state,
                        save_checkpoint, seed_everything, set_rng_state)
 from .runtime import Runtime, autocast, barrier, init_runtime, main_first, set_threads
-from .video import EpisodeDataset
+from .video import episode_data, freeze_split, load_data
 
 # %% auto #0
-__all__ = ['prepare_data', 'train_episodes', 'episode_indices', 'to_device', 'NonFiniteLoss', 'Trainer', 'train', 'main']
+__all__ = ['prepare_data', 'episode_indices', 'to_device', 'NonFiniteLoss', 'Trainer', 'train', 'main']
 
 # %% ../nbs/16_train.ipynb #3c74862c
 def prepare_data(cfg: Config, rt: Optional[Runtime] = None, log: Callable = print):
@@ -45,13 +45,6 @@ def prepare_data(cfg: Config, rt: Optional[Runtime] = None, log: Callable = prin
                 t0 = time.perf_counter()
                 make_synthetic(cfg.data.data_root, workers=max(1, min(os.cpu_count() or 1, 8)))
                 log(f'made the synthetic dataset in {time.perf_counter() - t0:.1f} s')
-
-def train_episodes(cfg: Config, split: Split, size: int) -> EpisodeDataset:
-    "The training episodes: episode `i` of the train split, with random frames, crop (`size` px) and allowed flips."
-    d = cfg.data
-    sampler = EpisodeSampler.from_split(split, d.way, d.shot, d.train_query, cfg.run.seed)
-    return EpisodeDataset(split, sampler, cfg.optim.train_episodes, train=True, num_frames=cfg.model.frames,
-                          size=size, short_side=d.short_side, flip=d.flip)
 
 def episode_indices(start: int, total: int, accum: int, rank: int = 0, world: int = 1) -> list:
     "Training episodes of process `rank` from `start` on: in each window of `accum` episodes, every `world`-th."
@@ -253,7 +246,8 @@ def fit(self: Trainer) -> Trainer:
     self.model.set_text_classes(self.train_split.class_names)  # CLIP-FSAR's video-text loss covers every training class
     mine = episode_indices(start, total, A, rt.rank, W)
     last_of_window = {i // A: i for i in mine}
-    loader = DataLoader(train_episodes(cfg, self.train_split, crop_size(self.model)), batch_size=None, sampler=mine,
+    loader = DataLoader(episode_data(cfg.data, self.train_split, cfg.model.frames, crop_size(self.model), cfg.optim.train_episodes,
+                                     cfg.run.seed), batch_size=None, sampler=mine,
                         num_workers=cfg.data.workers, pin_memory=rt.device.type == 'cuda',
                         generator=torch.Generator().manual_seed(cfg.run.seed))
     bar = tqdm(total=total, initial=start, desc='train', disable=not (cfg.run.progress and rt.is_main),
@@ -345,6 +339,7 @@ def train(cfg: Config,  # the run's settings
         if cfg.run.resume: cfg = _resume_config(cfg, folder / LAST, say)
         t_data = time.perf_counter()
         prepare_data(cfg, rt, say)
+        with main_first(rt): cfg = cfg.replace(data=freeze_split(cfg.data, folder / SPLITS))  # a class split made now
         splits = {s: load_data(cfg.data, s) for s in ('train', 'val')}  # a data problem stops the run here, early
         t_data = time.perf_counter() - t_data
         trainer = Trainer(cfg, rt, folder, quiet, on_log)

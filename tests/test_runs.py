@@ -150,4 +150,6 @@ def test_a_checkpoint_that_does_not_fit_its_config(data_root, tmp_path):
     sd = build_model(cfg.model).state_dict()
     torch.save(dict(config=config_to_dict(cfg.replace(ffn_dim=32)), model=sd), tmp_path / 'best.pt')
     with pytest.raises(BadInput, match='do not fit'): load_model(tmp_path / 'best.pt')
-    with pytest.raises(MissingInput, match='no best.pt or last.pt'): load_model(tmp_path / 'nothing')
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(MissingInput, match='no best.pt or last.pt'): load_model(tmp_path / 'empty')
+    with pytest.raises(MissingInput, match='does not exist'): load_model(tmp_path / 'nothing.pt')
