@@ -18,6 +18,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from fastcore.imports import in_notebook
+
 from .config import Config, EvalConfig, RunConfig, add_flags, cli, command_line, with_values
 from .core import atomic_write_text
 from .episodes import EpisodeSampler, Split, episode_generator
@@ -221,4 +223,4 @@ def main(argv=None):
 
 # %% ../nbs/14_evaluate.ipynb #c046fec6
 #| eval: false
-if __name__ == '__main__': cli(main)
+if __name__ == '__main__' and not in_notebook(): cli(main)  # a notebook kernel's __name__ is '__main__' too

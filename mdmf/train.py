@@ -20,6 +20,8 @@ from fastcore.basics import patch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from fastcore.imports import in_notebook
+
 from .config import Config, cli, config_from_dict, config_parser, config_to_dict, config_from_args
 from .core import BadInput, atomic_write_text
 from .episodes import episode_generator
@@ -395,4 +397,4 @@ _EXAMPLES = ('examples:\n  python -m mdmf.train\n  python -m mdmf.train --model 
 
 # %% ../nbs/16_train.ipynb #10820835
 #| eval: false
-if __name__ == '__main__': cli(main)
+if __name__ == '__main__' and not in_notebook(): cli(main)  # a notebook kernel's __name__ is '__main__' too
