@@ -174,6 +174,11 @@ def config_from_dict(d: dict) -> Config:
             if k in d: model[k] = d.pop(k)
         for k in _LEGACY_DROP: d.pop(k, None)
         d['model'] = model
+    model = d.get('model')
+    if isinstance(model, dict) and 'checkpoint' in model:  # renamed: a bool then, 'on' / 'auto' now
+        model = dict(model)
+        model['activation_checkpoint'] = 'on' if model.pop('checkpoint') else 'auto'
+        d['model'] = model
     preset = d.pop('preset', 'synthetic')
     return with_values(Config(preset=preset), d)
 

@@ -34,9 +34,10 @@ def view_posterior(dist: Tensor,  # distance of every query to every prototype [
                    query_tokens: Tensor,  # token^b_q [Q, D]
                    proto_tokens: Tensor,  # Token^b_c [N, D]
                   ) -> ViewPosterior:
-    "Visual and text posteriors of one view, and their max-probability scores (Eq. 10-12)."
+    "Visual and text posteriors of one view, and their max-probability scores (Eq. 10-12), in float32 under autocast."
     log_visual = F.log_softmax(-dist.float(), dim=-1)  # [Q, N]
-    cos = F.normalize(query_tokens.float(), dim=-1) @ F.normalize(proto_tokens.float(), dim=-1).T  # [Q, N]
+    with torch.autocast(dist.device.type, enabled=False):  # the t-compare of Eq. 13 must not be decided by bfloat16 rounding
+        cos = F.normalize(query_tokens.float(), dim=-1) @ F.normalize(proto_tokens.float(), dim=-1).T  # [Q, N]
     text = cos.softmax(-1)  # [Q, N]
     visual = log_visual.exp()
     return ViewPosterior(log_visual, visual, text, visual.max(-1).values, text.max(-1).values)

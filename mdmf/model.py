@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from fastcore.basics import patch
 
-from .backbone import Backbone, load_clip
+from .backbone import Backbone, clip_from_state_dict, load_clip
 from .context import GTCE, LTCE
 from .core import BadInput
 from .distill import CONDITIONS, DIRECTIONS, TABLE5_CONDITIONS, TABLE5_DIRECTIONS, mutual_distillation, read_token
@@ -29,7 +29,8 @@ VIEWS = {'both': ('gtc', 'ltc'), 'gtc': ('gtc',), 'ltc': ('ltc',), 'ntc': ('ntc'
 
 _CHOICES = dict(model=MODELS, views=tuple(VIEWS), pps_similarity=('video', 'top4'), ltce_variant=('paper', 'released'),
                 distill_condition=CONDITIONS, distill_direction=DIRECTIONS, distill_ties=('skip', 'ltc'),
-                text_score=('token', 'released'), loss_reduction=('mean', 'sum'), frame_mean_metric=('cosine', 'euclidean'))
+                text_score=('token', 'released'), loss_reduction=('mean', 'sum'), frame_mean_metric=('cosine', 'euclidean'),
+                activation_checkpoint=('auto', 'on', 'off'))
 
 # %% ../nbs/10_model.ipynb #f91b862f
 @dataclass
@@ -42,7 +43,7 @@ class ModelConfig:
     train_text: bool = False  # fine-tune the text encoder too (paper and released code: frozen)
     freeze_visual: bool = False  # freeze the CLIP visual encoder (paper: fine-tuned)
     freeze_bn: bool = True  # ResNet BatchNorm layers stay in eval mode
-    checkpoint: bool = False  # activation checkpointing of the visual encoder (saves GPU memory)
+    activation_checkpoint: str = 'auto'  # recompute the visual encoder's activations in backward: 'auto' (when the memory plan says an episode would not fit the GPU) | 'on' | 'off'
     prompt: str = 'a photo of {}.'  # prompt template of the class names (released code and CLIP-FSAR: 'a photo of {}')
     frames: int = 8  # T, frames per video
     # MDMF: views, PPS, extractors, MMFE
@@ -124,17 +125,19 @@ def _scaled_cosine(a: Tensor, b: Tensor, scale: float | Tensor = 1.0) -> Tensor:
     with torch.autocast(a.device.type, enabled=False):
         return scale * nnf.normalize(a.float(), dim=-1) @ nnf.normalize(b.float(), dim=-1).T  # [A, B]
 
+def _make_backbone(cfg: ModelConfig, clip_model=None) -> Backbone:
+    "The backbone `cfg` describes, around `clip_model` (default: `load_clip(cfg.backbone)`)."
+    clip_model = clip_model if clip_model is not None else load_clip(cfg.backbone, seed=cfg.backbone_seed)
+    return Backbone(clip_model, train_text=cfg.train_text, freeze_visual=cfg.freeze_visual, freeze_bn=cfg.freeze_bn,
+                    activation_checkpoint=cfg.activation_checkpoint == 'on', prompt=cfg.prompt)
+
 class FewShotModel(nn.Module):
     "Base of all models: the CLIP backbone and `forward` = encode + `forward_features`."
     def __init__(self, cfg: ModelConfig, backbone: Backbone = None):
         super().__init__()
         self.cfg = cfg
-        if backbone is None:
-            backbone = Backbone(load_clip(cfg.backbone, seed=cfg.backbone_seed), train_text=cfg.train_text,
-                                freeze_visual=cfg.freeze_visual, freeze_bn=cfg.freeze_bn,
-                                checkpoint=cfg.checkpoint, prompt=cfg.prompt)
-        self.backbone = backbone
-        self.dim = backbone.dim  # D
+        self.backbone = backbone if backbone is not None else _make_backbone(cfg)
+        self.dim = self.backbone.dim  # D
 
     def encode_frames(self, frames: Tensor) -> Tensor:
         "Frame features [B, T, D] of frames [B, T, 3, S, S]."
@@ -332,6 +335,11 @@ _MODEL_CLASSES = {'mdmf': MDMF, 'clip-fsar': CLIPFSAR, 'frame-mean': FrameMean, 
 
 def build_model(cfg: ModelConfig,  # which model and all its settings
                 backbone: Backbone = None,  # reuse a ready backbone (default: built from `cfg`)
+                weights: dict = None,  # a saved model's state dict: its CLIP is built from these shapes (not loaded here)
                ) -> FewShotModel:
     "The model named by `cfg.model`."
+    if backbone is None and weights is not None:
+        prefix = 'backbone.clip.'
+        backbone = _make_backbone(cfg, clip_from_state_dict({k[len(prefix):]: v for k, v in weights.items()
+                                                             if k.startswith(prefix)}))
     return _MODEL_CLASSES[cfg.model](cfg, backbone)

@@ -15,10 +15,11 @@ def frame_cost(q: Tensor,  # query frame features [Q, T, D]
                p: Tensor,  # prototype frame features [N, T', D]
                eps: float = 1e-6,  # floor on the feature norms
               ) -> Tensor:  # cost 1 - cos [Q, N, T, T']
-    "Frame-to-frame cost `1 - cos(q_i, p_j)` for every (query, prototype) pair."
-    q = F.normalize(q.float(), dim=-1, eps=eps)
-    p = F.normalize(p.float(), dim=-1, eps=eps)
-    return 1 - torch.einsum('qid,njd->qnij', q, p)  # [Q, N, T, T']
+    "Frame-to-frame cost `1 - cos(q_i, p_j)` for every (query, prototype) pair, in float32 even under autocast."
+    with torch.autocast(q.device.type, enabled=False):  # autocast would run the einsum in bfloat16 / float16
+        q = F.normalize(q.float(), dim=-1, eps=eps)
+        p = F.normalize(p.float(), dim=-1, eps=eps)
+        return 1 - torch.einsum('qid,njd->qnij', q, p)  # [Q, N, T, T']
 
 # %% ../nbs/08_otam.ipynb #b69484ce
 def softmin(x: Tensor,  # values to soft-minimise, stacked along `dim`

@@ -209,7 +209,10 @@ def load_model(run,  # a checkpoint file or a run folder
     path = checkpoint_path(run, which)
     ck = load_checkpoint(path)
     cfg = config_from_dict(ck['config'])
-    model = build_model(cfg.model)
+    try: model = build_model(cfg.model, weights=ck['model'])  # CLIP's sizes from the weights: nothing is downloaded
+    except (KeyError, IndexError, RuntimeError) as e:
+        raise BadInput(f'the CLIP weights in {path} are incomplete ({type(e).__name__}: {str(e)[:160]}): '
+                       'was the file copied completely?') from None
     try: model.load_state_dict(ck['model'])
     except RuntimeError as e:
         raise BadInput(f'the weights in {path} do not fit the model its config describes ({cfg.model.model}, '

@@ -17,7 +17,8 @@ from torch import Tensor
 from .core import BadInput
 
 # %% auto #0
-__all__ = ['Runtime', 'pick_device', 'amp_dtype', 'init_runtime', 'autocast', 'set_threads', 'all_sum', 'all_max', 'barrier',
+__all__ = ['Runtime', 'pick_device', 'amp_dtype', 'tf32_enabled', 'set_tf32', 'set_backend_flags', 'backend_flags',
+           'init_runtime', 'ddp_device_ids', 'autocast', 'set_threads', 'all_sum', 'all_max', 'barrier',
            'broadcast_object', 'main_first']
 
 # %% ../nbs/11_runtime.ipynb #a3f69422
@@ -29,6 +30,7 @@ class Runtime:
     world: int = 1  # number of processes
     local_rank: int = 0  # this process on its machine (its GPU index under torchrun)
     amp_dtype: Optional[torch.dtype] = None  # autocast dtype; None: float32
+    fast: bool = True  # CUDA's fast path (see `backend_flags`); False: the plain float32 baseline of the benchmark
 
     @property
     def is_main(self) -> bool:
@@ -67,8 +69,41 @@ def amp_dtype(device: torch.device,  # the process's device
     return torch.bfloat16 if major >= 8 else torch.float16
 
 # %% ../nbs/11_runtime.ipynb #40cfa074
+def _tf32_targets() -> tuple:
+    "The TF32 settings of this PyTorch: (object, attribute, value when on, value when off) for matmul and cuDNN."
+    mm, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(mm, 'fp32_precision') and hasattr(getattr(cudnn, 'conv', None), 'fp32_precision'):
+        return ((mm, 'fp32_precision', 'tf32', 'ieee'), (cudnn.conv, 'fp32_precision', 'tf32', 'ieee'))
+    return ((mm, 'allow_tf32', True, False), (cudnn, 'allow_tf32', True, False))
+
+def tf32_enabled() -> bool:
+    "Whether float32 matrix products and convolutions may use TF32 tensor cores (Ampere and newer)."
+    return all(getattr(obj, attr) == on for obj, attr, on, _ in _tf32_targets())
+
+def set_tf32(enabled: bool) -> None:
+    "Allow (or forbid) TF32 for float32 matrix products and cuDNN convolutions."
+    for obj, attr, on, off in _tf32_targets(): setattr(obj, attr, on if enabled else off)
+
+def set_backend_flags(rt: Runtime) -> None:
+    "cudnn.benchmark and TF32 as `rt` wants them: the fast path on CUDA turns on both (TF32 only with autocast)."
+    fast = rt.fast and rt.device.type == 'cuda'
+    torch.backends.cudnn.benchmark = fast
+    set_tf32(fast and rt.amp_dtype is not None)
+
+@contextmanager
+def backend_flags(rt: Runtime):
+    "`set_backend_flags(rt)` inside the block; the flags are restored after it."
+    saved = ([(obj, attr, getattr(obj, attr)) for obj, attr, _, _ in _tf32_targets()]
+             + [(torch.backends.cudnn, 'benchmark', torch.backends.cudnn.benchmark)])
+    set_backend_flags(rt)
+    try: yield rt
+    finally:
+        for obj, attr, value in saved: setattr(obj, attr, value)
+
+# %% ../nbs/11_runtime.ipynb #52a97f1e
 def init_runtime(device: str = 'auto',  # see `pick_device`
                  amp: bool = True,  # autocast on CUDA
+                 fast: bool = True,  # CUDA's fast path: cudnn.benchmark, TF32 with autocast, fused Adam, channels-last
                 ) -> Runtime:
     "The `Runtime` of this process; joins the process group when started by `torchrun`."
     world = int(os.environ.get('WORLD_SIZE', '1'))
@@ -77,7 +112,13 @@ def init_runtime(device: str = 'auto',  # see `pick_device`
     if dev.type == 'cuda': torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
-    return Runtime(dev, rank, world, local_rank, amp_dtype(dev, amp))
+    rt = Runtime(dev, rank, world, local_rank, amp_dtype(dev, amp), fast)
+    if dev.type == 'cuda': set_backend_flags(rt)  # for the whole process
+    return rt
+
+def ddp_device_ids(rt: Runtime) -> Optional[list]:
+    "DistributedDataParallel's `device_ids`: `[index]` of this process's GPU, None on a CPU."
+    return [rt.device.index] if rt.device.type == 'cuda' else None
 
 def autocast(rt: Runtime):
     "Autocast context of the runtime (a no-op in float32)."

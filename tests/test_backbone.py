@@ -169,3 +169,67 @@ def test_uint8_frames_move_to_the_device_before_scaling():
     finally:
         torch.Tensor.to = real
     assert seen[0] == (torch.uint8, bb.device)
+
+
+@pytest.mark.parametrize('name', list(TINY_CONFIGS))
+def test_frames_of_the_wrong_size_are_refused_in_one_line(name):
+    "Item 5 of issue 11: another size fails at the door, naming both sizes and the fix, not deep inside CLIP."
+    from mdmf.core import BadInput
+    bb = Backbone(load_clip(name))
+    for shape in [(1, 2, 3, 32, 32), (1, 2, 3, 64, 96), (1, 2, 64, 64, 3)]:
+        with pytest.raises(BadInput, match='takes 64x64 RGB frames') as e:
+            bb.encode_frames(torch.zeros(shape, dtype=torch.uint8))
+        assert str(tuple(shape)) in str(e.value) and 'crop them to 64 pixels' in str(e.value)
+        assert '\n' not in str(e.value)
+
+
+def test_activation_checkpoint_renamed_loudly():
+    "The old name would silently create a dead attribute; it raises and names the new one."
+    bb = Backbone(load_clip('tiny-vit'), activation_checkpoint=True, checkpoint_chunk=3)
+    assert bb.activation_checkpoint and bb.checkpoint_chunk == 3
+    with pytest.raises(AttributeError, match='activation_checkpoint'):
+        bb.checkpoint = False
+    assert bb.activation_checkpoint
+    with pytest.raises(TypeError):
+        Backbone(load_clip('tiny-vit'), checkpoint=True)
+
+
+def test_activation_checkpointing_in_chunks_keeps_features_and_gradients():
+    x = torch.randint(0, 256, (2, 3, 3, 64, 64), dtype=torch.uint8)
+    out = []
+    for on in (False, True):
+        bb = Backbone(load_clip('tiny-rn'), activation_checkpoint=on, checkpoint_chunk=4)  # 6 frames: chunks of 4 and 2
+        f = bb.encode_frames(x)
+        f.square().mean().backward()
+        out.append((f.detach(), bb.clip.visual.conv1.weight.grad.clone()))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_resnet_only_same_features():
+    x = torch.randint(0, 256, (2, 2, 3, 64, 64), dtype=torch.uint8)
+    bb = Backbone(load_clip('tiny-rn'))
+    with torch.no_grad():
+        ref = bb.encode_frames(x)
+        assert bb.is_resnet and bb.use_channels_last().channels_last
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in bb.clip.visual.parameters() if p.dim() == 4)
+        torch.testing.assert_close(bb.encode_frames(x), ref, rtol=1e-4, atol=1e-4)
+    vit = Backbone(load_clip('tiny-vit'))
+    assert not vit.is_resnet and not vit.use_channels_last().channels_last
+
+
+def test_real_shapes_without_download():
+    "RN50-random / ViT-B/16-random have OpenAI's sizes (METHOD.md section 10: 38.3M and 86.2M visual parameters)."
+    from clip.model import CLIP
+    from mdmf.backbone import RANDOM_CONFIGS
+    for name, visual, D in [('RN50-random', 38.3e6, 1024), ('ViT-B/16-random', 86.2e6, 512)]:
+        with torch.device('meta'): m = CLIP(**RANDOM_CONFIGS[name])
+        assert abs(sum(p.numel() for p in m.visual.parameters()) - visual) < 0.05e6, name
+        assert m.text_projection.shape[1] == D and m.visual.input_resolution == 224
+
+
+@pytest.mark.parametrize('name', list(TINY_CONFIGS))
+def test_clip_from_a_state_dict_alone(name):
+    from mdmf.backbone import clip_from_state_dict
+    m = load_clip(name, seed=4)
+    assert _same(clip_from_state_dict(m.state_dict()), m)
