@@ -26,10 +26,11 @@ from .config import Config, cli, config_from_dict, config_parser, config_to_dict
 from .core import BadInput, atomic_write_text
 from .episodes import episode_generator
 from .evaluate import crop_size, evaluate
+from .memory import GiB, plan_training
 from .model import build_model
 from .runs import (BEST, CONFIG, LAST, LOCK, METRICS, SPLITS, RunLog, load_checkpoint, open_run, preserved_rng, rng_state,
                        save_checkpoint, seed_everything, set_rng_state)
-from .runtime import Runtime, autocast, barrier, init_runtime, main_first, set_threads
+from .runtime import Runtime, autocast, barrier, ddp_device_ids, init_runtime, main_first, set_threads
 from .video import episode_data, freeze_split, load_data
 
 # %% auto #0
@@ -77,9 +78,15 @@ class Trainer:
         seed_everything(cfg.run.seed + self.rt.rank)
         with main_first(self.rt): self.model = build_model(cfg.model)  # rank 0 downloads CLIP weights first
         self.model.to(self.rt.device)
+        fast = self.rt.fast and self.rt.device.type == 'cuda'
+        if fast: self.model.backbone.use_channels_last()  # ResNet convolutions in cuDNN's NHWC layout
+        self.memory = plan_training(self.model, cfg, self.rt)  # activation checkpointing if an episode would not fit
+        self.memory.apply(self.model.backbone)
+        if self.memory.message: self.log.write(self.memory.message)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         o = cfg.optim
-        self.opt = torch.optim.Adam(self.params, lr=o.lr, weight_decay=o.weight_decay) if self.params else None
+        self.opt = (torch.optim.Adam(self.params, lr=o.lr, weight_decay=o.weight_decay, fused=True if fast else None)
+                    if self.params else None)  # fused: one kernel for every parameter's update on CUDA
         self.scaler = torch.amp.GradScaler(self.rt.device.type, enabled=self.rt.amp_dtype == torch.float16)
         self.state = dict(episode=0, step=0, best_accuracy=-1.0, best_ci95=float('nan'), best_episode=-1,
                           seconds=dict(train=0.0, val=0.0), history=[])
@@ -87,8 +94,7 @@ class Trainer:
         self._sums = self._zero_sums()
         self.ddp = None
         if self.rt.distributed and self.params:
-            ids = [self.rt.device.index] if self.rt.device.type == 'cuda' else None
-            self.ddp = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
+            self.ddp = DistributedDataParallel(self.model, device_ids=ddp_device_ids(self.rt), find_unused_parameters=True)
         self.train_split = self.val_split = None
 
     def _zero_sums(self) -> dict:
@@ -360,6 +366,10 @@ def train(cfg: Config,  # the run's settings
         timings = dict(data_s=round(t_data, 2), test_s=round(time.perf_counter() - t_test, 2),
                        total_s=round(time.perf_counter() - t0, 2))
         metrics = _metrics(cfg, trainer, test, rt, timings)
+        plan, cuda = trainer.memory, rt.device.type == 'cuda'  # predicted against measured peak, for the memory model
+        metrics['memory'] = dict(activation_checkpoint=plan.activation_checkpoint, chunk=plan.chunk,
+                                 predicted_peak_gib=plan.peak and round(plan.peak / GiB, 2),
+                                 peak_gib=round(torch.cuda.max_memory_allocated(rt.device) / GiB, 2) if cuda else None)
         if rt.is_main: atomic_write_text(folder / METRICS, json.dumps(metrics, indent=1))
         st = trainer.state
         trainer.log.write(f'{cfg.model.model} on {cfg.data.dataset} test classes, {cfg.data.way}-way {cfg.data.shot}-shot: '

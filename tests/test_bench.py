@@ -1,16 +1,19 @@
 """The benchmark's results: keys and types of the JSON, fast OTAM equal to the loop, cached predictions equal to
-uncached ones, and the command line on a reduced configuration. No timing asserts: speed is what the benchmark reports."""
+uncached ones, the training step being the trainer's, an honest float32 baseline, the memory table, and the command
+line on a reduced configuration. No timing asserts: speed is what the benchmark reports."""
 import json
 import numbers
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 
-from mdmf.bench import PARTS, bench_otam, format_table, otam_reference, run_bench
-from mdmf.otam import otam
+from mdmf.bench import PARTS, SIZES, BenchOptions, bench_config, bench_otam, format_table, run_bench, train_path
+from mdmf.core import BadInput
+from mdmf.runtime import Runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,24 +24,7 @@ def _number_or_none(x):
 
 @pytest.fixture(scope='module')
 def quick():
-    return run_bench('tiny', 'cpu', quick=True, log=lambda m: None)
-
-
-def test_reference_equals_fast_otam():
-    for shape in [(8, 8), (25, 5, 8, 8), (2, 3, 5, 7)]:
-        c1 = (2 * torch.rand(*shape, dtype=torch.float64)).requires_grad_()
-        c2 = c1.detach().clone().requires_grad_()
-        slow, fast = otam_reference(c1), otam(c2)
-        torch.testing.assert_close(slow, fast, rtol=1e-9, atol=1e-9)
-        w = torch.randn_like(slow)
-        (slow * w).sum().backward(); (fast * w).sum().backward()
-        torch.testing.assert_close(c1.grad, c2.grad, rtol=1e-9, atol=1e-9)
-
-
-def test_reference_otam_can_tell_orders_apart():
-    eye = 1 - torch.eye(6)
-    assert otam_reference(eye, lam=1e-3).abs() < 1e-2   # the diagonal path is free
-    assert otam_reference(eye.flip(-1), lam=1e-3) > 1.5  # reversed order pays
+    return run_bench(BenchOptions(device='cpu', quick=True), log=lambda m: None)
 
 
 def test_bench_otam_reports_equal_values_and_gradients():
@@ -54,23 +40,24 @@ def test_json_keys_and_types(quick):
     for part, key in [('otam', 'speedup'), ('eval', 'cache_speedup'), ('train', 'speedup')]:
         assert isinstance(r[part][key], float), (part, key)
     for k in ('reference_ms', 'fast_ms', 'max_abs_diff', 'grad_max_abs_diff'): assert _number_or_none(r['otam'][k])
-    assert r['otam']['reference_times_ms'] and r['otam']['fast_times_ms']
     e = r['eval']
     for k in ('cached_ms', 'uncached_ms', 'encode_s', 'tenk_cached_s', 'tenk_uncached_s', 'cache_speedup_10k',
               'accuracy_cached', 'accuracy_uncached'):
         assert _number_or_none(e[k]) and e[k] is not None, k
     t = r['train']
     for path in ('eager', 'fast'):
-        for k in ('episodes_per_s', 'backbone_tflops', 'peak_memory_gb', 'rss_delta_mb', 'peak_fraction'):
+        for k in ('episodes_per_s', 'backbone_tflops', 'peak_gib', 'predicted_peak_gib', 'peak_fraction'):
             assert _number_or_none(t[path][k]), (path, k)
-        assert t[path]['peak_memory_gb'] is None  # CPU: no CUDA peak
-    assert t['eager']['dtype'] == 'float32'
-    assert t['frames_per_episode'] == t['way'] * (t['shot'] + t['query']) * 8
+        assert t[path]['peak_gib'] > 0 and t[path]['host_syncs_per_step'] is None  # CPU: live tensor bytes, no CUDA
+    assert t['eager']['dtype'] == 'float32' and t['frames_per_episode'] == t['way'] * (t['shot'] + t['query']) * 8
     d = r['data']
     for kind in ('video', 'frames'):
         assert d[kind] and all(_number_or_none(w['clips_per_s']) and w['clips_per_s'] > 0 for w in d[kind])
     assert d['keeps_up'] is None or isinstance(d['keeps_up'], bool)
-    assert 'otam' in format_table(quick) and 'eval' in format_table(quick)
+    rows = r['memory']['rows']
+    assert {(x['backbone'], x['precision']) for x in rows} >= {('RN50', 'float16'), ('ViT-B/16', 'bfloat16')}
+    text = format_table(quick)
+    assert 'otam' in text and 'eval' in text and 'predicted peak GPU memory' in text and '16 GB' in text
 
 
 def test_cached_equals_uncached_predictions(quick):
@@ -79,19 +66,46 @@ def test_cached_equals_uncached_predictions(quick):
     assert e['accuracy_cached'] == e['accuracy_uncached']
 
 
-def test_unmeasured_parts_are_null():
-    r = run_bench('tiny', 'cpu', parts=['otam'], quick=True, log=lambda m: None)
-    assert isinstance(r['otam']['speedup'], float)
+def test_unmeasured_parts_are_null_and_unknown_parts_refused():
+    r = run_bench(BenchOptions(device='cpu', parts='otam', quick=True), log=lambda m: None)
+    assert isinstance(r['otam']['speedup'], float) and r['memory']['rows'] is None
     assert r['eval']['cache_speedup'] is None and r['train']['speedup'] is None and r['data']['keeps_up'] is None
-    with pytest.raises(ValueError): run_bench('tiny', 'cpu', parts=['nope'], log=lambda m: None)
+    with pytest.raises(BadInput, match='unknown part nope'): run_bench(BenchOptions(parts='nope'), log=lambda m: None)
+
+
+def test_training_step_is_the_trainers():
+    "The bench times Trainer.episode_loss + Trainer.step (no copy of the step), once with the fast path off."
+    from mdmf.train import Trainer
+    calls = []
+    real_loss, real_step = Trainer.episode_loss, Trainer.step
+    def loss(self, *a, **k): calls.append('loss'); return real_loss(self, *a, **k)
+    def step(self, *a, **k): calls.append('step'); return real_step(self, *a, **k)
+    cfg = bench_config(SIZES['tiny'], way=2, shot=1, train_query=1)
+    with mock.patch.object(Trainer, 'episode_loss', loss), mock.patch.object(Trainer, 'step', step):
+        r = train_path(cfg, Runtime(), fast=False, repeats=1, steps=2, warmup=0)
+    assert calls == ['loss', 'step'] * 3  # the measured first step, then one block of 2
+    assert (r['dtype'], r['tf32'], r['cudnn_benchmark'], r['fused_adam'], r['channels_last']) == ('float32', False, False, False, False)
+
+
+def test_baseline_is_ieee_float32_and_fast_path_on_cuda_runtime():
+    "What each path asks of the runtime on a GPU, read without one: TF32 and cudnn.benchmark only on the fast path."
+    from mdmf.runtime import backend_flags, tf32_enabled
+    cuda = Runtime(torch.device('cuda', 0), amp_dtype=torch.float16)
+    for fast, want in ((False, (False, False)), (True, (True, True))):
+        rt = Runtime(cuda.device, amp_dtype=cuda.amp_dtype if fast else None, fast=fast)  # as train_path builds it
+        with backend_flags(rt): assert (tf32_enabled(), torch.backends.cudnn.benchmark) == want
 
 
 def test_cli_reduced_run(tmp_path):
     out = tmp_path / 'bench.json'
     p = subprocess.run([sys.executable, '-m', 'mdmf.bench', '--size', 'tiny', '--device', 'cpu', '--quick',
-                        '--parts', 'otam,train', '--out', str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                        '--parts', 'memory,otam,train', '--out', str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert 'mdmf benchmark' in p.stdout and 'otam' in p.stdout
+    assert 'mdmf benchmark' in p.stdout and 'otam' in p.stdout and 'predicted peak GPU memory' in p.stdout
     r = json.loads(out.read_text())
     assert set(PARTS) <= set(r) and isinstance(r['otam']['speedup'], float) and isinstance(r['train']['speedup'], float)
     assert r['eval']['cache_speedup'] is None
+    bad = subprocess.run([sys.executable, '-m', 'mdmf.bench', '--parts', 'nope'], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and 'error: --parts: unknown part nope' in bad.stderr and 'Traceback' not in bad.stderr

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # The GPU benchmark: install what this machine lacks (wheels only), then run `python -m mdmf.bench` for CLIP RN50 and
-# ViT-B/16 (random weights, real shapes, 224 px) and write each size's JSON and table to $OUT.
+# ViT-B/16 (random weights, real shapes, 224 px) and write each size's JSON and table to $OUT. Each table starts with the
+# memory model's predicted peaks; the training rows put the measured peak (torch.cuda.max_memory_allocated) beside the
+# predicted one, which is how a GPU checks the memory model.
 #
 #   OUT=bench_out tools/gpu_bench.sh                                   # on a GPU machine
 #   BENCH_SIZES=tiny BENCH_ARGS="--device cpu --quick" tools/gpu_bench.sh   # the same script on a CPU, reduced
 #
 # Settings (environment): OUT (default ./bench_out), BENCH_SIZES (default "rn50 vit-b16"), BENCH_ARGS (extra flags,
-# default "--checkpoint": also measure activation checkpointing), BENCH_TIMEOUT (seconds per size, default 240).
+# default "--activation-checkpoint": also time activation checkpointing), BENCH_TIMEOUT (seconds per size, default 240).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
 SIZES=${BENCH_SIZES:-rn50 vit-b16}
-ARGS=${BENCH_ARGS:---checkpoint}
+ARGS=${BENCH_ARGS:---activation-checkpoint}
 LIMIT=${BENCH_TIMEOUT:-240}
 mkdir -p "$OUT"
 start=$(date +%s)
