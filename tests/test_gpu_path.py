@@ -109,3 +109,125 @@ def test_text_posterior_float32_under_autocast():
     assert amp.text.dtype == torch.float32
     torch.testing.assert_close(amp.text, ref.text, rtol=0, atol=1e-6)
     torch.testing.assert_close(amp.t, ref.t, rtol=0, atol=1e-6)
+
+
+# ---- item 4: rank 0 downloads CLIP first; the others wait and read its file ------------------------------------
+_RANK_SCRIPT = r'''
+import contextlib, hashlib, os, sys, time
+from pathlib import Path
+import torch, torch.distributed as dist
+import mdmf.backbone as backbone
+import mdmf.train as train
+from mdmf.config import preset_config
+from mdmf.runtime import init_runtime
+
+tmp, guarded = Path(sys.argv[1]), sys.argv[2] == 'guarded'
+def fake_load(name, device='cpu', jit=False, download_root=None):  # clip.load: download once, then read the file
+    path = Path(download_root) / f'{name}.pt'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        with open(tmp / 'downloads.txt', 'a') as f: f.write(os.environ['RANK'] + '\n')
+        time.sleep(2)  # a download takes a while: another process arriving now would download too
+        torch.save(backbone.load_clip('tiny-rn', seed=5).state_dict(), path)
+    return backbone.clip_from_state_dict(torch.load(path, weights_only=True)), None
+backbone.clip.load = fake_load
+if not guarded: train.main_first = lambda rt: contextlib.nullcontext()  # what the trainer would be without it
+rt = init_runtime('cpu')  # WORLD_SIZE=2: joins the gloo group
+dist.barrier()  # both ranks reach the model at the same moment
+cfg = preset_config('synthetic').replace(backbone='RN50', ffn_dim=32, heads=2, progress=False, runs=str(tmp / 'runs'))
+trainer = train.Trainer(cfg, rt, tmp / 'run', quiet=True)
+sd = trainer.model.backbone.clip.state_dict()
+print('weights', hashlib.sha256(b''.join(v.numpy().tobytes() for v in sd.values())).hexdigest()[:16])
+dist.destroy_process_group()
+'''
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _two_ranks(tmp: Path, mode: str) -> tuple:  # (ranks that downloaded, return codes, (stdout, stderr) of both ranks)
+    tmp.mkdir()
+    script = tmp / 'rank.py'
+    script.write_text(_RANK_SCRIPT)
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp), mode], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, 'HOME': str(tmp), 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port),
+                                   'WORLD_SIZE': '2', 'RANK': str(r), 'LOCAL_RANK': str(r), 'OMP_NUM_THREADS': '1',
+                                   'PYTHONPATH': str(ROOT)}) for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    return (tmp / 'downloads.txt').read_text().split(), [p.returncode for p in procs], outs
+
+
+def test_rank_zero_downloads_clip_first_under_torchrun(tmp_path):
+    "Two gloo processes build the trainer's model at once: with main_first one download (rank 0), the same weights."
+    downloads, codes, outs = _two_ranks(tmp_path / 'guarded', 'guarded')
+    assert codes == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert downloads == ['0']
+    assert outs[0][0].split('weights')[1] == outs[1][0].split('weights')[1]  # both read rank 0's complete file
+    raced, _, _ = _two_ranks(tmp_path / 'unguarded', 'unguarded')  # the same two processes without main_first ...
+    assert sorted(raced) == ['0', '1']  # ... both download into one file (a rank may then read it half-written)
+
+
+# ---- item 9: resuming in float16 a run saved without a loss-scaler state ----------------------------------------
+@pytest.fixture(scope='module')
+def folder_videos(tmp_path_factory):
+    "Six classes of three 4-frame videos (32 px JPEG frame folders), dealt 2/2/2 into train/val/test classes."
+    import numpy as np
+    from mdmf.video import write_frames
+    root = tmp_path_factory.mktemp('videos')
+    rng = np.random.default_rng(0)
+    for c in range(6):
+        for v in range(3):
+            write_frames(root / f'action {c}' / f'v{v}', rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
+    return root
+
+
+def test_resume_in_float16_a_run_saved_without_scaler_state(folder_videos, tmp_path):
+    "A float32 run (no GradScaler state in last.pt) continues in float16 (faked on the CPU: CPU autocast + CPU scaler)."
+    from mdmf.config import preset_config
+    from mdmf.runs import load_checkpoint
+    from mdmf.train import Trainer, train
+    cfg = preset_config('synthetic').replace(
+        dataset='folder', data_root=str(folder_videos), split_classes='2/2/2', backbone='tiny-vit', way=2, shot=1,
+        train_query=1, test_query=1, frames=2, train_episodes=2, checkpoint_every=2, val_every=0, val_episodes=2,
+        test_episodes=2, workers=0, progress=False, ffn_dim=32, heads=2, runs=str(tmp_path), name='fp32')
+    train(cfg, quiet=True)
+    last = tmp_path / 'fp32' / 'last.pt'
+    assert load_checkpoint(last)['scaler'] is None
+    with pytest.raises(RuntimeError, match='empty'):  # what loading a missing state into an enabled scaler does
+        torch.amp.GradScaler('cpu').load_state_dict({})
+    fp16 = Runtime(torch.device('cpu'), amp_dtype=torch.float16)
+    saved = load_checkpoint(last)['config']
+    from mdmf.config import config_from_dict
+    t = Trainer(config_from_dict(saved).replace(train_episodes=4, split_classes=''), fp16, tmp_path / 'fp16', quiet=True)
+    assert t.scaler.is_enabled()
+    t.load(last)
+    assert t.state['episode'] == 2
+    t.fit()
+    assert t.state['episode'] == 4 and t.state['step'] == 4 and t.scaler.get_scale() > 0
+    assert load_checkpoint(tmp_path / 'fp16' / 'last.pt')['scaler'] is not None  # saved from now on
+
+
+# ---- item 4 (second half): a saved model comes back offline, from its checkpoint alone ---------------------------
+def test_load_model_builds_clip_from_the_checkpoint_without_download(tmp_path):
+    "A run trained on 'RN50' (here: a small ResNet under that name) reloads with every download made impossible."
+    from mdmf.config import config_to_dict, preset_config
+    from mdmf.model import build_model
+    from mdmf.runs import load_model, save_checkpoint
+    cfg = preset_config('synthetic').replace(backbone='tiny-rn', backbone_seed=2, ffn_dim=32, heads=2)
+    model = build_model(cfg.model)
+    save_checkpoint(tmp_path / 'best.pt', dict(config=config_to_dict(cfg.replace(backbone='RN50')), model=model.state_dict()))
+    def refuse(*a, **k): raise AssertionError('a download was attempted')
+    with mock.patch('clip.clip._download', refuse), mock.patch('clip.load', refuse), mock.patch('urllib.request.urlopen', refuse):
+        loaded, saved = load_model(tmp_path)
+    assert saved.model.backbone == 'RN50' and loaded.backbone.is_resnet and loaded.backbone.image_size == 64
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    broken = {k: v for k, v in model.state_dict().items() if 'attnpool' not in k}  # a truncated file's weights
+    save_checkpoint(tmp_path / 'cut.pt', dict(config=config_to_dict(cfg), model=broken))
+    from mdmf.core import BadInput
+    with pytest.raises(BadInput, match='incomplete'): load_model(tmp_path / 'cut.pt')
