@@ -60,7 +60,7 @@ def pretrained_file(name: str) -> Path:
                                 f"`python -m mdmf.pretrain --out {path}`")
     return path
 
-
+# %% ../nbs/04_backbone.ipynb #71e514d5
 def clip_from_state_dict(state_dict: dict) -> CLIP:
     "A float32 CLIP whose sizes `build_model` infers from `state_dict`, weights loaded exactly (no download)."
     sd = {k: v for k, v in state_dict.items() if k not in _EXTRA_KEYS}
@@ -138,15 +138,6 @@ class Backbone(nn.Module):
         self.freeze_visual = freeze_visual
         self.train_text = train_text
 
-    @property
-    def checkpoint(self):
-        raise AttributeError('Backbone.checkpoint is now Backbone.activation_checkpoint')
-
-    @checkpoint.setter
-    def checkpoint(self, value):  # a silent new attribute would leave checkpointing as it was
-        raise AttributeError('Backbone.checkpoint is now Backbone.activation_checkpoint (activation checkpointing, '
-                             'not checkpoint files): set that instead')
-
     def _text_parameters(self):
         c = self.clip
         yield from (c.token_embedding.weight, c.positional_embedding, c.text_projection)
@@ -193,6 +184,13 @@ class Backbone(nn.Module):
     def is_resnet(self) -> bool: return isinstance(self.clip.visual, ModifiedResNet)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor: return self.encode_frames(frames)
+
+# %% ../nbs/04_backbone.ipynb #612ae78f
+def _renamed(self, *value):
+    raise AttributeError('Backbone.checkpoint is now Backbone.activation_checkpoint (activation checkpointing, '
+                         'not checkpoint files): use that instead')
+
+Backbone.checkpoint = property(_renamed, _renamed)
 
 # %% ../nbs/04_backbone.ipynb #e1d30760
 @patch

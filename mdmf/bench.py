@@ -29,17 +29,17 @@ from .config import Config, add_flags, cli, command_line, preset_config
 from .core import BadInput, atomic_write_text
 from .episodes import EpisodeSampler, splits_dir
 from .evaluate import encode_split, evaluate, summarize
-from .memory import GiB, LiveBytes, device_name, format_memory_table, memory_table
+from .memory import GiB, LiveBytes, format_memory_table, memory_table
 from .model import build_model
 from .otam import otam, otam_bidirectional, otam_reference
-from .runtime import Runtime, backend_flags, init_runtime, tf32_enabled
+from .runtime import Runtime, backend_flags, device_name, init_runtime, peak_flops, synchronize, tf32_enabled
 from .train import Trainer
 from .video import EpisodeDataset, episode_loader, load_data, num_frames, random_episode, read_frames, write_frames
 
 # %% auto #0
-__all__ = ['SIZES', 'PARTS', 'PEAK_TFLOPS', 'BenchSize', 'time_interleaved', 'bench_otam', 'bench_config', 'bench_data_root',
-           'frames_split', 'bench_eval', 'peak_flops', 'count_flops', 'train_path', 'bench_train', 'bench_data',
-           'BenchOptions', 'run_bench', 'format_table', 'main']
+__all__ = ['SIZES', 'PARTS', 'BenchSize', 'time_interleaved', 'bench_otam', 'bench_config', 'bench_data_root', 'frames_split',
+           'bench_eval', 'count_flops', 'train_path', 'bench_train', 'bench_data', 'BenchOptions', 'run_bench',
+           'format_table', 'main']
 
 # %% ../nbs/22_bench.ipynb #6ce04982
 @dataclass(frozen=True)
@@ -59,9 +59,6 @@ SIZES = {
 }
 PARTS = ('memory', 'otam', 'eval', 'train', 'data')
 
-def _sync(device: torch.device):
-    if torch.device(device).type == 'cuda': torch.cuda.synchronize(device)
-
 def time_interleaved(fns: dict, repeats: int = 5, warmup: int = 1, device='cpu') -> dict:
     "Seconds of each call of each function of `fns` (name -> no-argument callable), run in turns: name -> [repeats]."
     for _ in range(warmup):
@@ -69,9 +66,9 @@ def time_interleaved(fns: dict, repeats: int = 5, warmup: int = 1, device='cpu')
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
-            _sync(device); t0 = time.perf_counter()
+            synchronize(device); t0 = time.perf_counter()
             f()
-            _sync(device); times[k].append(time.perf_counter() - t0)
+            synchronize(device); times[k].append(time.perf_counter() - t0)
     return times
 
 def _median(xs): return float(statistics.median(xs)) if xs else None
@@ -150,9 +147,9 @@ def bench_eval(cfg: Config, rt: Runtime, repeats: int = 3, cached_episodes: int 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)
         model = build_model(cfg.model).to(rt.device).eval()
-    _sync(rt.device); t0 = time.perf_counter()
+    synchronize(rt.device); t0 = time.perf_counter()
     feats = encode_split(model, data, cfg, rt)  # [V, T, D], once
-    _sync(rt.device); encode_s = time.perf_counter() - t0
+    synchronize(rt.device); encode_s = time.perf_counter() - t0
     n_c = max(cached_episodes, uncached_episodes)
     run = lambda n, cache, **kw: evaluate(model, cfg, 'test', n, cache=cache, rt=rt, data=data, progress=False, **kw)
     run(2, True, features=feats)  # warm-up
@@ -178,25 +175,6 @@ def bench_eval(cfg: Config, rt: Runtime, repeats: int = 3, cached_episodes: int 
                 cached_times_ms=[1e3 * t for t in per_c], workers=d.workers)
 
 # %% ../nbs/22_bench.ipynb #0a606e8a
-PEAK_TFLOPS = (  # dense bfloat16/float16 tensor-core peak, TFLOP/s; first matching name wins
-    ('H100 PCIe', 756.0), ('H100 NVL', 835.0), ('H100', 989.0), ('H200', 989.0), ('GH200', 989.0),
-    ('B200', 2250.0), ('A100', 312.0), ('L40S', 362.0), ('L40', 181.0), ('L4', 121.0), ('A10G', 70.0),
-    ('A10', 125.0), ('A6000', 155.0), ('RTX 4090', 165.0), ('RTX 3090', 71.0), ('V100', 125.0), ('T4', 65.0),
-)
-
-def peak_flops(device) -> tuple:
-    "(peak FLOP/s, where it comes from): the table for known GPUs, None for unknown ones, a measured matmul peak on a CPU."
-    device = torch.device(device)
-    if device.type == 'cuda':
-        name = torch.cuda.get_device_name(device)
-        for key, tf in PEAK_TFLOPS:
-            if key in name: return tf * 1e12, f'table: {key} dense bf16/fp16'
-        return None, f'unknown GPU {name!r}'
-    if device.type != 'cpu': return None, f'unknown device {device}'
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    t = time_interleaved({'mm': lambda: a @ b}, repeats=10, warmup=2)['mm']
-    return 2 * 1024 ** 3 / min(t), 'measured float32 1024x1024 matmul (best of 10)'
-
 @torch.no_grad()
 def count_flops(module, image_size: int, device='cpu') -> float:
     "Forward FLOPs of `module` on one `[1, 3, S, S]` image, counted by `torch.utils.flop_counter`."
@@ -209,7 +187,7 @@ def _host_syncs(step: Callable, device) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         torch.cuda.set_sync_debug_mode('warn')
-        try: step(); _sync(device)
+        try: step(); synchronize(device)
         finally: torch.cuda.set_sync_debug_mode('default')
     return sum('synchroniz' in str(w.message) for w in caught)
 
@@ -257,19 +235,25 @@ def _flops_per_frame(size: BenchSize) -> tuple:  # (forward FLOPs of one frame, 
     return (size.flops_per_frame or counted, counted,
             'METHOD.md cost facts' if size.flops_per_frame else 'torch.utils.flop_counter')
 
+def _path(*args) -> dict:
+    "`train_path(*args)`, or the out-of-memory error of a GPU too small for that path (the other rows still run)."
+    try: return train_path(*args)
+    except torch.cuda.OutOfMemoryError as e:
+        torch.cuda.empty_cache()
+        return dict(error=f'CUDA out of memory: {str(e).splitlines()[0][:160]}', episodes_per_s=None)
+
 def bench_train(size: BenchSize, cfg: Config, rt: Runtime, repeats: int = 3, steps: int = 2, warmup: int = 2,
                 compile: bool = False, activation_checkpoint: bool = False) -> dict:
     "Training episodes/s and peak memory, the trainer's fast path against the same trainer in IEEE float32."
-    rows = {'eager': train_path(cfg, rt, False, repeats, steps, warmup)}
-    if rt.device.type == 'cuda': torch.cuda.empty_cache()
-    rows['fast'] = train_path(cfg, rt, True, repeats, steps, warmup, compile)
-    if activation_checkpoint: rows['fast_checkpoint'] = train_path(cfg, rt, True, repeats, steps, warmup, compile, True)
+    rows = {'eager': _path(cfg, rt, False, repeats, steps, warmup)}
+    rows['fast'] = _path(cfg, rt, True, repeats, steps, warmup, compile)
+    if activation_checkpoint: rows['fast_checkpoint'] = _path(cfg, rt, True, repeats, steps, warmup, compile, True)
     d, n_frames = cfg.data, cfg.data.way * (cfg.data.shot + cfg.data.train_query) * cfg.model.frames
     per_frame, counted, source = _flops_per_frame(size)
     peak, peak_source = peak_flops(rt.device)
     for r in rows.values():
-        r['backbone_tflops'] = 3 * per_frame * n_frames * r['episodes_per_s'] / 1e12
-        r['peak_fraction'] = None if peak is None else r['backbone_tflops'] * 1e12 / peak
+        r['backbone_tflops'] = r['episodes_per_s'] and 3 * per_frame * n_frames * r['episodes_per_s'] / 1e12
+        r['peak_fraction'] = None if peak is None or not r['backbone_tflops'] else r['backbone_tflops'] * 1e12 / peak
     return dict(way=d.way, shot=d.shot, query=d.train_query, frames_per_episode=n_frames, steps_per_block=steps,
                 flops_per_frame=per_frame, flops_per_frame_counted=counted, flops_source=source,
                 peak_tflops=None if peak is None else peak / 1e12, peak_source=peak_source,
@@ -394,10 +378,10 @@ def _f(x, spec='.1f', unit=''):
 
 def _train_rows(t: dict) -> list:
     ee, ff = t['eager'], t['fast']
-    name = lambda x: f'{x["dtype"]}{" TF32" if x["tf32"] else ""}' + ''.join(
+    name = lambda x: 'out of memory' if 'error' in x else f'{x["dtype"]}{" TF32" if x["tf32"] else ""}' + ''.join(
         f', {k}' for k, on in (('channels-last', x['channels_last']), ('fused Adam', x['fused_adam']),
                                 (f'checkpointed in {x["chunk"]}s', x['activation_checkpoint'])) if on)
-    mem = lambda x: f'{_f(x["peak_gib"], ".2f")} GiB (predicted {_f(x["predicted_peak_gib"], ".2f")})'
+    mem = lambda x: 'n/a' if 'error' in x else f'{_f(x["peak_gib"], ".2f")} GiB (predicted {_f(x["predicted_peak_gib"], ".2f")})'
     flops = lambda x: f'{_f(x["backbone_tflops"], ".3f")} ({_f(x["peak_fraction"] and 100 * x["peak_fraction"], ".1f", " %")})'
     rows = [('train', f'episodes/s, {t["way"]}-way {t["shot"]}-shot {t["query"]} query ({t["frames_per_episode"]} frames)',
              f'{name(ee)} {_f(ee["episodes_per_s"], ".2f")}', f'{name(ff)} {_f(ff["episodes_per_s"], ".2f")}',

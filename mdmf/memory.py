@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import importlib.resources
 import json
-import os
-import platform
-import sys
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -25,14 +22,13 @@ from .backbone import CLIP, PRETRAINED_FILES, RANDOM_CONFIGS, TINY_CONFIGS, Back
 from .config import PRESETS, Config, add_flags, cli, command_line, preset_config
 from .core import BadInput, atomic_write_text
 from .model import build_model
-from .runtime import Runtime
+from .runtime import Runtime, device_name
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'MEASURED', 'GiB', 'FRAGMENTATION', 'WORKSPACE', 'CHUNKS', 'CARDS', 'LiveBytes', 'measure_frame_memory',
            'memory_file', 'frame_memory', 'signature', 'backbone_key', 'ParamCounts', 'param_counts', 'precision_name',
            'predict_peak', 'fits', 'meta_model', 'episode_frames', 'MemoryPlan', 'plan_memory', 'usable_memory',
-           'plan_training', 'memory_table', 'format_memory_table', 'device_name', 'measure_all', 'MemoryOptions',
-           'main']
+           'plan_training', 'memory_table', 'format_memory_table', 'measure_all', 'MemoryOptions', 'main']
 
 # %% ../nbs/12a_memory.ipynb #4af2da0d
 class LiveBytes(TorchDispatchMode):
@@ -310,7 +306,7 @@ def memory_table(presets: Sequence[str] = tuple(PRESETS),  # preset names
 # %% ../nbs/12a_memory.ipynb #1d53670e
 def format_memory_table(rows: list) -> str:
     "The rows of `memory_table` as plain text."
-    head = ('presets', 'backbone', 'precision', 'frames', 'peak', 'fits', f'checkpointed', 'fits')
+    head = ('presets', 'backbone', 'precision', 'frames', 'peak', 'fits', 'checkpointed', 'fits')
     body = [(' '.join(r['presets']), r['backbone'], r['precision'], str(r['frames']), _gib(r['peak']),
              ' '.join(c.split()[0] for c in r['fits']) + ' GB' if r['fits'] else 'none of the cards',
              f'{_gib(r["checkpointed"])} (chunks of {r["chunk"]})',
@@ -323,15 +319,6 @@ def format_memory_table(rows: list) -> str:
                       line(['-' * w for w in widths])] + [line(x) for x in body])
 
 # %% ../nbs/12a_memory.ipynb #95bc7c2b
-def device_name(device='cpu') -> str:
-    "A readable name of `device`: the GPU's name, or the CPU model with its cores and torch threads."
-    device = torch.device(device)
-    if device.type == 'cuda': return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try: model = next(l.split(':', 1)[1].strip() for l in Path('/proc/cpuinfo').read_text().splitlines() if l.startswith('model name'))
-    except (OSError, StopIteration): pass
-    return f'{device.type}: {model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)'
-
 def measure_all(keys: Sequence[str] = tuple(MEASURED),  # stored keys to measure ('RN50', 'ViT-B/16', 'tiny-vit', 'tiny-rn')
                 frames: Sequence[int] = (8, 16), chunk: int = 2,
                 base: Optional[dict] = None,  # figures to keep for keys not measured (default: the stored ones)

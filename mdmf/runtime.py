@@ -6,8 +6,11 @@
 from __future__ import annotations
 
 import os
+import platform
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -17,9 +20,9 @@ from torch import Tensor
 from .core import BadInput
 
 # %% auto #0
-__all__ = ['Runtime', 'pick_device', 'amp_dtype', 'tf32_enabled', 'set_tf32', 'set_backend_flags', 'backend_flags',
-           'init_runtime', 'ddp_device_ids', 'autocast', 'set_threads', 'all_sum', 'all_max', 'barrier',
-           'broadcast_object', 'main_first']
+__all__ = ['PEAK_TFLOPS', 'Runtime', 'pick_device', 'amp_dtype', 'tf32_enabled', 'set_tf32', 'set_backend_flags', 'backend_flags',
+           'init_runtime', 'ddp_device_ids', 'autocast', 'set_threads', 'device_name', 'synchronize', 'peak_flops',
+           'all_sum', 'all_max', 'barrier', 'broadcast_object', 'main_first']
 
 # %% ../nbs/11_runtime.ipynb #a3f69422
 @dataclass
@@ -127,6 +130,39 @@ def autocast(rt: Runtime):
 def set_threads(threads: int = 0):
     "Set torch's CPU threads (0: leave torch's default)."
     if threads > 0: torch.set_num_threads(threads)
+
+# %% ../nbs/11_runtime.ipynb #af9241dd
+PEAK_TFLOPS = (  # dense bfloat16/float16 tensor-core peak, TFLOP/s; first matching name wins
+    ('H100 PCIe', 756.0), ('H100 NVL', 835.0), ('H100', 989.0), ('H200', 989.0), ('GH200', 989.0),
+    ('B200', 2250.0), ('A100', 312.0), ('L40S', 362.0), ('L40', 181.0), ('L4', 121.0), ('A10G', 70.0),
+    ('A10', 125.0), ('A6000', 155.0), ('RTX 4090', 165.0), ('RTX 3090', 71.0), ('V100', 125.0), ('T4', 65.0),
+)
+
+def device_name(device='cpu') -> str:
+    "A readable name of `device`: the GPU's name, or the CPU model with its cores and torch threads."
+    device = torch.device(device)
+    if device.type == 'cuda': return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try: model = next(l.split(':', 1)[1].strip() for l in Path('/proc/cpuinfo').read_text().splitlines() if l.startswith('model name'))
+    except (OSError, StopIteration): pass
+    return f'{device.type}: {model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)'
+
+def synchronize(device) -> None:
+    "Wait for the device's queued work (CUDA); nothing to wait for elsewhere."
+    if torch.device(device).type == 'cuda': torch.cuda.synchronize(device)
+
+def peak_flops(device) -> tuple:  # (FLOP/s or None, where the figure comes from)
+    "The device's peak: the table for known GPUs, None for unknown ones, a measured float32 matmul peak on a CPU."
+    device = torch.device(device)
+    if device.type == 'cuda':
+        name = torch.cuda.get_device_name(device)
+        return next(((tf * 1e12, f'table: {key} dense bf16/fp16') for key, tf in PEAK_TFLOPS if key in name),
+                    (None, f'unknown GPU {name!r}'))
+    if device.type != 'cpu': return None, f'unknown device {device}'
+    a, b, best = torch.randn(1024, 1024), torch.randn(1024, 1024), float('inf')
+    for _ in range(12):
+        t0 = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - t0)
+    return 2 * 1024 ** 3 / best, 'measured float32 1024x1024 matmul (best of 12)'
 
 # %% ../nbs/11_runtime.ipynb #50a22820
 def all_sum(x: Tensor, rt: Runtime) -> Tensor:

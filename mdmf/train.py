@@ -108,6 +108,13 @@ class Trainer:
 
     def _weights(self) -> dict: return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
+    def memory_metrics(self) -> dict:
+        "The memory plan and, on CUDA, the measured peak beside the predicted one (for metrics.json)."
+        p, cuda = self.memory, self.rt.device.type == 'cuda'
+        return dict(activation_checkpoint=p.activation_checkpoint, chunk=p.chunk,
+                    predicted_peak_gib=p.peak and round(p.peak / GiB, 2),
+                    peak_gib=round(torch.cuda.max_memory_allocated(self.rt.device) / GiB, 2) if cuda else None)
+
     def sync_buffers(self):
         "Give every process rank 0's buffers (BatchNorm statistics drift apart between processes)."
         if self.rt.distributed:
@@ -366,10 +373,7 @@ def train(cfg: Config,  # the run's settings
         timings = dict(data_s=round(t_data, 2), test_s=round(time.perf_counter() - t_test, 2),
                        total_s=round(time.perf_counter() - t0, 2))
         metrics = _metrics(cfg, trainer, test, rt, timings)
-        plan, cuda = trainer.memory, rt.device.type == 'cuda'  # predicted against measured peak, for the memory model
-        metrics['memory'] = dict(activation_checkpoint=plan.activation_checkpoint, chunk=plan.chunk,
-                                 predicted_peak_gib=plan.peak and round(plan.peak / GiB, 2),
-                                 peak_gib=round(torch.cuda.max_memory_allocated(rt.device) / GiB, 2) if cuda else None)
+        metrics['memory'] = trainer.memory_metrics()
         if rt.is_main: atomic_write_text(folder / METRICS, json.dumps(metrics, indent=1))
         st = trainer.state
         trainer.log.write(f'{cfg.model.model} on {cfg.data.dataset} test classes, {cfg.data.way}-way {cfg.data.shot}-shot: '

@@ -9,7 +9,7 @@ from unittest import mock
 import pytest
 import torch
 
-from mdmf.backbone import Backbone, load_clip
+from mdmf.backbone import load_clip
 from mdmf.config import preset_config
 from mdmf.memory import (CARDS, GiB, WORKSPACE, FRAGMENTATION, LiveBytes, ParamCounts, backbone_key, fits, frame_memory,
                          measure_frame_memory, memory_table, meta_model, param_counts, plan_memory, plan_training,
