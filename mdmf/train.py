@@ -297,6 +297,7 @@ def fit(self: Trainer) -> Trainer:
     if self.state['best_episode'] < 0: self.validate()  # nothing trained: select the weights as they are
     return self
 
+# %% ../nbs/16_train.ipynb #6ce8e2f4
 @patch
 def test(self: Trainer, episodes: Optional[int] = None, shot: Optional[int] = None) -> dict:
     "Test the best weights (by val accuracy) on the test split."
@@ -387,6 +388,7 @@ def train(cfg: Config,  # the run's settings
         if lock is not None: lock.release()
     return (metrics, trainer) if return_trainer else metrics
 
+# %% ../nbs/16_train.ipynb #6d97d847
 def main(argv: Optional[Sequence[str]] = None):
     "`python -m mdmf.train [flags]`: see `--help`."
     p = config_parser(description=_DESCRIPTION, epilog=_EXAMPLES)
