@@ -141,7 +141,7 @@ PRESETS = {
                                  video_text_weight=VIDEO_TEXT_WEIGHT['synthetic'])),
     **{name: _preset(PAPER, data=dict(dataset=name, data_root=f'data/{name}', flip=DATASETS[name].flip),
                      model=dict(video_text_weight=VIDEO_TEXT_WEIGHT[name]))
-       for name in ('hmdb51', 'ucf101', 'kinetics100', 'ssv2_small', 'ssv2_full', 'folder')},
+       for name in DATASETS if name != 'synthetic'},
 }
 
 def preset_config(name: str = 'synthetic') -> Config:
