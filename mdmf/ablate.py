@@ -299,7 +299,7 @@ class AblateOptions:
     plan: bool = False  # list the runs and their state (done, partial, new, shared) and stop
 
 STUDY_SCHEDULE = {  # run settings of each regime unless given as flags or in --config
-    'frozen': dict(train_episodes=800, train_draws=8, val_every=200, val_episodes=200, test_episodes=2000, progress=False),
+    'frozen': dict(train_episodes=800, train_draws=8, val_every=400, val_episodes=200, test_episodes=2000, progress=False),
     'fine-tuned': dict(progress=False),
 }
 

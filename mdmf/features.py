@@ -27,13 +27,14 @@ from .evaluate import crop_size, encode_split
 from .model import FewShotModel, MDMFOutput, build_model
 from .runs import preserved_rng
 from .runtime import Runtime, all_max, all_sum, autocast
-from .video import EpisodeDataset, crop_clip, episode_data, frame_indices, load_data, num_frames, read_frames
+from .video import (EpisodeDataset, crop_clip, episode_data, frame_indices, load_data, num_frames, random_episode,
+                        read_frames)
 
 # %% auto #0
 __all__ = ['MEMO_SIZE', 'FRAME_GFLOP', 'BENCHMARKS', 'draw_rng', 'video_draws', 'episode_draws', 'DrawEpisodes', 'check_frozen',
            'FeatureBank', 'build_bank', 'FeatureEpisodes', 'FeatureForward', 'clear_memo', 'cached_bank',
            'frozen_split_features', 'uses_features', 'feature_loader', 'bench_frozen', 'format_frozen',
-           'project_frozen', 'projection_table']
+           'bench_frozen_step', 'project_frozen', 'projection_table']
 
 # %% ../nbs/15_features.ipynb #982d2d76
 def draw_rng(seed: int,  # the run's seed
@@ -368,6 +369,39 @@ def format_frozen(r: dict) -> str:
             f'{r["bank"]["draws"]} draws in {r["bank"]["seconds"]:.1f} s; a run of {run["train_episodes"]} episodes: '
             f'{run["uncached_s"]:.0f} s uncached, {run["cached_s"]:.0f} s cached ({run["speedup"]:.1f}x); '
             f'load average {r["load"][0]} -> {r["load"][1]}')
+
+# %% ../nbs/15_features.ipynb #3d8de6c4
+def bench_frozen_step(model: FewShotModel,  # visual encoder frozen (its `cfg.freeze_visual`)
+                      way: int = 5, shot: int = 5, query: int = 5,  # the episode (paper: 5-way 5-shot, 5 queries)
+                      repeats: int = 3,  # timed steps per path (medians)
+                      warmup: int = 1,  # untimed steps per path first
+                      rt: Optional[Runtime] = None,
+                     ) -> dict:
+    "Training-step seconds of one episode with the encoder frozen: frames (encoder and heads) against cached features (heads)."
+    rt = rt or Runtime()
+    check_frozen(model)
+    model = model.to(rt.device).train()
+    ep = random_episode(way, shot, query, model.cfg.frames, model.backbone.image_size)
+    sup, qry = ep['support'].to(rt.device), ep['query'].to(rt.device)
+    with torch.no_grad(), autocast(rt): feats = model.encode_frames(torch.cat([sup, qry])).float()  # [S+Q, T, D]
+    s_feats, q_feats = feats.split([len(sup), len(qry)])
+    opt, net = torch.optim.Adam([p for p in model.parameters() if p.requires_grad]), FeatureForward(model)
+    labels = ep['support_labels'].to(rt.device), ep['query_labels'].to(rt.device)
+    def step(cached: bool) -> float:
+        t0 = time.perf_counter()
+        with autocast(rt):
+            out = net(s_feats, labels[0], q_feats, ep['class_names'], labels[1]) if cached else \
+                  model(sup, labels[0], qry, ep['class_names'], labels[1])
+        out.loss.float().backward(); opt.step(); opt.zero_grad(set_to_none=True)
+        if rt.device.type == 'cuda': torch.cuda.synchronize(rt.device)
+        return time.perf_counter() - t0
+    times = {False: [], True: []}
+    for _ in range(warmup + repeats):
+        for cached in (False, True): times[cached].append(step(cached))
+    u, c = _median(times[False][warmup:]), _median(times[True][warmup:])
+    return dict(backbone=model.cfg.backbone, dim=model.dim, frames_per_episode=len(feats) * model.cfg.frames,
+                size=model.backbone.image_size, uncached_s=u, cached_s=c, speedup=u / c, repeats=repeats,
+                device=str(rt.device), threads=torch.get_num_threads(), load=_load())
 
 # %% ../nbs/15_features.ipynb #8279f1c5
 FRAME_GFLOP = {'RN50': 11.6, 'ViT-B/16': 33.7}  # forward GFLOP per 224x224 frame (METHOD.md section 10)
