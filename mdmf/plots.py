@@ -22,7 +22,8 @@ from matplotlib.ticker import MaxNLocator, PercentFormatter
 from PIL import Image
 from torch import Tensor
 
-from .inspect import GradCAM, Inspection, distill_decision, embed_2d
+from .core import BadInput
+from .inspect import Inspection, distill_decision, embed_2d
 from .otam import otam_path
 from .video import CLIP_MEAN, CLIP_STD
 
@@ -194,7 +195,7 @@ def _view_logits(ins: Inspection, view: str) -> Tensor:
     if view in (None, 'fused'): return ins.out.logits
     if view in ins.out.view_logits: return ins.out.view_logits[view]
     if view in ins.views: return ins.out.logits  # a single-view model: its view is the fused one
-    raise ValueError(f'view {view!r} is not one of {tuple(ins.out.view_logits)} (or "fused")')
+    raise BadInput(f'view {view!r} is not one of {tuple(ins.out.view_logits)} (or "fused")')
 
 def plot_prediction(ins: Inspection,  # an inspected episode
                     query: int = 0,  # which query
@@ -243,7 +244,7 @@ def plot_posteriors(ins: Inspection,  # an inspected episode of the two-view mod
 # %% ../nbs/19_plots.ipynb #b53cceff
 def _pick_views(ins: Inspection, view: Optional[str]) -> list:
     if view in (None, 'fused'): return list(ins.views)
-    if view not in ins.views: raise ValueError(f"view {view!r} is not one of this model's views {ins.views} (or 'fused')")
+    if view not in ins.views: raise BadInput(f"view {view!r} is not one of this model's views {ins.views} (or 'fused')")
     return [view]
 
 def _positions(n: int, T: int) -> list:

@@ -16,7 +16,7 @@ from fastcore.imports import in_notebook
 from .config import Config, add_flags, cli, command_line, config_from_dict
 from .core import BadInput, MissingInput, atomic_write, atomic_write_text
 from .evaluate import crop_size
-from .inspect import (EXAMPLE_MODELS, episode_embeddings, example_run, grad_cam, inspect_episode, load_episode,
+from .inspect import (episode_embeddings, example_run, grad_cam, inspect_episode, load_episode,
                           load_run, per_class_accuracy, save_example)
 from .model import ABLATIONS, ModelConfig
 from .plots import (DPI, TABLE_COLUMNS, figure_png, plot_attention, plot_curves, plot_episode, plot_gradcam,

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.browser
 def _missing() -> str:
     if not Path(CHROMIUM).exists(): return 'chromium is not installed (apt-get install -y chromium chromium-driver)'
     if not Path(CHROMEDRIVER).exists(): return f'{CHROMEDRIVER} is missing (apt-get install -y chromium-driver)'
-    try: import selenium  # noqa: F401
+    try: import selenium  # noqa: F401  (only whether it is there)
     except ImportError: return 'selenium is not installed (pip install selenium)'
     return ''
 
@@ -159,7 +159,12 @@ def run_all(driver, url: str, token: str, name: str, timeout: float = 420) -> di
                                      ".map(w => w.title.label) : 'no window.jupyterapp'")
         raise AssertionError(f'{name} did not open with an idle kernel (open in the main area: {seen}); '
                              f'see {ARTIFACTS}') from None
+    driver.execute_script("const o = document.querySelector('.jp-OutputArea-output img, .jp-OutputArea-output "
+                          ".jupyter-widgets, .jp-OutputArea-output .lm-Widget'); if (o) o.scrollIntoView()")
     driver.save_screenshot(str(ARTIFACTS / f'{name[:2]}-0-opened.png'))  # the stored outputs, before running
+    stored = [e.text for e in driver.find_elements('css selector', '.jp-OutputArea-output')]
+    print(f'{name}: opened; {len(stored)} stored outputs shown' +
+          ''.join(f'; one reads "{t[:80]}"' for t in stored if 'Error' in t), flush=True)
     t0 = time.perf_counter()
     driver.execute_script('''const app = window.jupyterapp;
       for (const x of app.shell.widgets('main')) if (x.context && x.context.path === arguments[0]) app.shell.activateById(x.id);

@@ -7,6 +7,7 @@ did not display (`<Figure size ... with N Axes>`); stored outputs stay small eno
 import copy
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,22 @@ def test_the_checks_catch_what_they_should():
     error = dict(output_type='error', ename='SystemExit', evalue='2', traceback=[])
     assert draws(dict(cells=[cell()])) and not pictures(dict(cells=[cell(figure)]))
     assert len(problems(dict(cells=[cell(figure, error)]))) == 2 and not problems(dict(cells=[cell(picture)]))
+
+
+def test_store_outputs_runs_a_notebook_in_a_kernel(tmp_path):
+    "tools/store_outputs.py: outputs stored and clean, flagged cells left unrun, a bare Figure caught."
+    import nbformat
+    sys.path.insert(0, str(ROOT / 'tools'))
+    from store_outputs import store
+    nb = nbformat.v4.new_notebook(metadata={'kernelspec': {'name': 'python3', 'display_name': 'python3', 'language': 'python'}})
+    nb.cells = [nbformat.v4.new_code_cell('print(6 * 7)'), nbformat.v4.new_code_cell('#| slow\nprint("minutes")'),
+                nbformat.v4.new_code_cell('from matplotlib.figure import Figure\nFigure()')]
+    path = tmp_path / 'nb.ipynb'
+    nbformat.write(nb, path)
+    r = store(path)
+    stored = _nb(path)
+    cells = _code(stored)
+    assert _text(cells[0]['outputs'][0]['text']) == '42\n' and cells[1]['outputs'] == [] and r['skipped'] == 1
+    assert '#| slow' in _text(cells[1]['source'])  # the flagged cell's source is kept
+    assert len(r['problems']) == 1 and 'figure shown as text' in r['problems'][0]
+    assert all(c['execution_count'] is None for c in cells)  # nbdev_clean ran

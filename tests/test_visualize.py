@@ -10,12 +10,10 @@ import torch
 from IPython.core.formatters import DisplayFormatter
 from PIL import Image
 
-from mdmf.config import cli, config_from_dict, config_to_dict
+from mdmf.config import cli, config_from_dict
 from mdmf.core import MissingInput
-from mdmf.evaluate import crop_size
 from mdmf.explorer import TABS, EpisodeExplorer
-from mdmf.inspect import (_digest, embed_2d, example_file, example_run, grad_cam, inspect_episode, load_episode,
-                          load_run, save_example)
+from mdmf.inspect import _digest, embed_2d, example_file, example_run, grad_cam, inspect_episode, load_run
 from mdmf.model import ModelConfig, build_model
 from mdmf.plots import frames_image, plot_attention, plot_episode, plot_otam, png_size, short_names
 from mdmf.runs import load_checkpoint

@@ -5,8 +5,9 @@
 
 Each notebook runs top to bottom in a fresh `python3` kernel from its own folder (what `jupyter nbconvert --to
 notebook --execute --inplace` does, with the same engine, nbclient), except that cells flagged `#| slow` or
-`#| gpu` (nbdev's flags, which the tests skip too) are not run and keep no output. The widget state is kept, so
-that pages which render it show the widgets' last pictures. Then `nbdev_clean` tidies the file (it keeps outputs:
+`#| gpu` (nbdev's flags, which the tests skip too) are not run and keep no output. Widget state is not stored (it
+would hold every picture a widget showed); a widget that should show something on a page without a kernel gives a
+picture of its own in its display data, as `mdmf.explorer.EpisodeExplorer` does. Then `nbdev_clean` tidies the file (it keeps outputs:
 settings.ini has `clear_all = False`), and the size of what was stored is printed beside the budget that
 tests/test_outputs.py checks. The notebooks read the example runs of `mdmf.inspect.example_run` (trained models),
 made under $MDMF_HOME on first use.
@@ -31,11 +32,12 @@ SKIPPED = re.compile(r'^\s*#\|\s*(slow|gpu)\s*$', re.M)  # nbdev flags of cells 
 def store(path: Path, timeout: int = 1200) -> dict:
     "Execute `path` in place with its outputs; flagged cells are left unrun. Returns what was stored."
     nb = nbformat.read(path, as_version=4)
+    nb.metadata.pop('widgets', None)  # the state of an earlier run
     held = {}
     for i, cell in enumerate(nb.cells):
         if cell.cell_type == 'code' and SKIPPED.search(cell.source): held[i], cell.source = cell.source, ''
     t0 = time.perf_counter()
-    NotebookClient(nb, timeout=timeout, kernel_name='python3', store_widget_state=True,
+    NotebookClient(nb, timeout=timeout, kernel_name='python3', store_widget_state=False,
                    resources={'metadata': {'path': str(path.parent)}}).execute()
     for i, source in held.items(): nb.cells[i].source, nb.cells[i].outputs = source, []
     nbformat.write(nb, path)
