@@ -36,6 +36,7 @@ class OptimConfig:
     weight_decay: float = 0.0  # Adam weight decay
     accum: int = 1  # episodes whose gradients are averaged into one optimiser step
     train_episodes: int = 800  # training episodes in all (over all processes)
+    train_draws: int = 8  # with --freeze-visual: augmented draws (frame jitter, crop, flip) of each training video encoded once and reused by every episode (0: no cache, every episode encodes fresh draws)
     grad_clip: float = 0.0  # clip the gradient norm to this value (0: off)
     amp: bool = True  # mixed precision on CUDA (bfloat16 from compute capability 8.0, else float16 with loss scaling)
 
@@ -141,7 +142,7 @@ PRESETS = {
                                  video_text_weight=VIDEO_TEXT_WEIGHT['synthetic'])),
     **{name: _preset(PAPER, data=dict(dataset=name, data_root=f'data/{name}', flip=DATASETS[name].flip),
                      model=dict(video_text_weight=VIDEO_TEXT_WEIGHT[name]))
-       for name in ('hmdb51', 'ucf101', 'kinetics100', 'ssv2_small', 'ssv2_full', 'folder')},
+       for name in DATASETS if name != 'synthetic'},
 }
 
 def preset_config(name: str = 'synthetic') -> Config:

@@ -110,6 +110,35 @@ def _drawn(sampler: EpisodeSampler, n: int) -> tuple:  # (distinct videos, draws
     return distinct, len(idx) / max(distinct, 1)
 
 # %% ../nbs/14_evaluate.ipynb #96c259bb
+def _cached(model, features: Tensor, tokens: Tensor, sampler: EpisodeSampler, mine: list, gen, rt: Runtime, bar) -> dict:
+    "Predictions `[way*query]` of episodes `mine` from the cached features `[V, T, D]` (heads only)."
+    preds = {}
+    for i in mine:
+        ep = sampler.episode(i)
+        si, qi = (torch.from_numpy(x).to(rt.device, non_blocking=True) for x in (ep.support_index, ep.query_index))
+        with autocast(rt):
+            out = model.forward_features(features[si], torch.from_numpy(ep.support_labels).to(rt.device),
+                                         features[qi], tokens[torch.from_numpy(ep.class_ids).to(rt.device)],
+                                         generator=gen(i))
+        preds[i] = out.logits.argmax(-1)
+        bar.update()
+    return preds
+
+def _uncached(model, cfg: Config, s: Split, sampler: EpisodeSampler, n: int, mine: list, gen, rt: Runtime, bar) -> dict:
+    "Predictions of episodes `mine`, every episode decoded and encoded from its videos."
+    ds = EpisodeDataset(s, sampler, n, train=False, num_frames=cfg.model.frames, size=crop_size(model),
+                        short_side=cfg.data.short_side)
+    loader = DataLoader(ds, batch_size=None, sampler=mine, num_workers=cfg.data.workers, pin_memory=rt.device.type == 'cuda')
+    preds = {}
+    for i, ep in zip(mine, loader):
+        with autocast(rt):
+            out = model(ep['support'].to(rt.device, non_blocking=True), ep['support_labels'].to(rt.device),
+                        ep['query'].to(rt.device, non_blocking=True), ep['class_names'], generator=gen(i))
+        preds[i] = out.logits.argmax(-1)
+        bar.update()
+    return preds
+
+# %% ../nbs/14_evaluate.ipynb #29ff116c
 @torch.no_grad()
 def evaluate(model: nn.Module,  # a model of mdmf.model (or its DistributedDataParallel wrapper)
              cfg: Config,  # way, queries, frames, seed, data, batch, workers
@@ -123,8 +152,7 @@ def evaluate(model: nn.Module,  # a model of mdmf.model (or its DistributedDataP
              progress: Optional[bool] = None,  # default: cfg.run.progress
             ) -> EvalResult:
     "Accuracy of `model` on `episodes` episodes of `split`."
-    rt, model = rt or Runtime(), _unwrap(model)
-    d = cfg.data
+    rt, model, d = rt or Runtime(), _unwrap(model), cfg.data
     n = episodes or (cfg.eval.test_episodes if split == 'test' else cfg.eval.val_episodes)
     shot, cache = shot or d.shot, cfg.eval.cache if cache is None else cache
     progress = cfg.run.progress if progress is None else progress
@@ -137,35 +165,17 @@ def evaluate(model: nn.Module,  # a model of mdmf.model (or its DistributedDataP
     if cache and features is None: features = encode_split(model, s, cfg, rt, progress)
     t1 = time.perf_counter()
     mine = list(range(rt.rank, n, rt.world))
-    preds = torch.zeros(n, d.way * d.test_query, dtype=torch.long, device=rt.device)  # [n, way*query]
     bar = tqdm(total=len(mine), desc=f'{split} {"cached" if cache else "uncached"}', leave=False,
                disable=not (progress and rt.is_main), dynamic_ncols=True)
     gen = lambda i: episode_generator(cfg.run.seed, s.split, i, rt.device)
-    if cache:
-        for i in mine:
-            ep = sampler.episode(i)
-            si, qi = (torch.from_numpy(x).to(rt.device, non_blocking=True) for x in (ep.support_index, ep.query_index))
-            with autocast(rt):
-                out = model.forward_features(features[si], torch.from_numpy(ep.support_labels).to(rt.device),
-                                             features[qi], tokens[torch.from_numpy(ep.class_ids).to(rt.device)],
-                                             generator=gen(i))
-            preds[i] = out.logits.argmax(-1)
-            bar.update()
-    else:
-        ds = EpisodeDataset(s, sampler, n, train=False, num_frames=cfg.model.frames, size=crop_size(model),
-                            short_side=d.short_side)
-        loader = DataLoader(ds, batch_size=None, sampler=mine, num_workers=d.workers, pin_memory=rt.device.type == 'cuda')
-        for i, ep in zip(mine, loader):
-            with autocast(rt):
-                out = model(ep['support'].to(rt.device, non_blocking=True), ep['support_labels'].to(rt.device),
-                            ep['query'].to(rt.device, non_blocking=True), ep['class_names'], generator=gen(i))
-            preds[i] = out.logits.argmax(-1)
-            bar.update()
+    got = (_cached(model, features, tokens, sampler, mine, gen, rt, bar) if cache
+           else _uncached(model, cfg, s, sampler, n, mine, gen, rt, bar))
     bar.close()
-    all_sum(preds, rt)
+    preds = torch.zeros(n, d.way * d.test_query, dtype=torch.long, device=rt.device)  # [n, way*query]
+    for i, p in got.items(): preds[i] = p
+    all_sum(preds, rt)  # every process filled its own rows
     preds = preds.cpu().numpy()
-    labels = np.repeat(np.arange(d.way), d.test_query)  # [way*query], class-major
-    per_episode = (preds == labels).mean(1)
+    per_episode = (preds == np.repeat(np.arange(d.way), d.test_query)).mean(1)  # labels are class-major
     t2 = time.perf_counter()
     model.train(was_training)
     m = summarize(per_episode)

@@ -186,9 +186,10 @@ class MDMF(FewShotModel):
                   b: str,  # the view: 'gtc', 'ltc' or 'ntc'
                   tokens: Tensor,  # [V, D] one prompt token per video
                   feats: Tensor,  # [V, T, D] frame features F
+                  visual_hat: Tensor = None,  # [V, T+1, D] F_hat, shared by the views (default: made here)
                  ) -> tuple:  # (fused [V, T+1, D] = F_tilde^b, attention [V, T+1, T+1] or None)
         "One view of Eq. 3-7: the view's extractor, the token in front (Eq. 5), its MMFE (Eq. 6-7)."
-        visual_hat = fuse_token(tokens, feats)  # [V, T+1, D] F_hat
+        if visual_hat is None: visual_hat = fuse_token(tokens, feats)  # [V, T+1, D] F_hat
         context = self.extractors[b](feats)  # [V, T, D] F^b
         context_hat = visual_hat if b == 'ntc' else fuse_token(tokens, context)  # [V, T+1, D] F_hat^b
         return self.mmfe[b](context_hat, visual_hat, return_attn=self.cfg.return_attention)
@@ -210,8 +211,9 @@ def forward_features(self: MDMF,
     tokens = torch.cat([class_tokens[support_labels], query_tokens])  # [S+Q, D]
     feats = torch.cat([support_feats, query_feats])  # [S+Q, T, D]
     seqs, extras = {}, dict(pps_probs=probs, pps_drawn=drawn, query_tokens=query_tokens, attention={}, cost={})
+    visual_hat = fuse_token(tokens, feats)  # [S+Q, T+1, D] F_hat, the key/value stream of both views
     for b in self.views:
-        fused, attn = self.fuse_view(b, tokens, feats)  # [S+Q, T+1, D] F_tilde^b
+        fused, attn = self.fuse_view(b, tokens, feats, visual_hat)  # [S+Q, T+1, D] F_tilde^b
         support_b, query_b = fused.split([S, len(query_feats)])  # [S, T+1, D], [Q, T+1, D]
         U = prototypes(support_b, support_labels, N)  # [N, T+1, D]
         seqs[b] = (query_b, U)

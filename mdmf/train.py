@@ -26,6 +26,7 @@ from .config import Config, cli, config_from_dict, config_parser, config_to_dict
 from .core import BadInput, atomic_write_text
 from .episodes import episode_generator
 from .evaluate import crop_size, evaluate
+from .features import FeatureForward, feature_loader, frozen_split_features, uses_features
 from .model import build_model
 from .runs import (BEST, CONFIG, LAST, LOCK, METRICS, SPLITS, RunLog, load_checkpoint, open_run, preserved_rng, rng_state,
                        save_checkpoint, seed_everything, set_rng_state)
@@ -85,10 +86,12 @@ class Trainer:
                           seconds=dict(train=0.0, val=0.0), history=[])
         self.best_weights = None  # CPU copy of the best weights so far
         self._sums = self._zero_sums()
+        self.fast = uses_features(cfg)  # frozen visual encoder: training episodes of cached features (features notebook)
+        self.net = FeatureForward(self.model) if self.fast else self.model
         self.ddp = None
         if self.rt.distributed and self.params:
             ids = [self.rt.device.index] if self.rt.device.type == 'cuda' else None
-            self.ddp = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
+            self.ddp = DistributedDataParallel(self.net, device_ids=ids, find_unused_parameters=True)
         self.train_split = self.val_split = None
 
     def _zero_sums(self) -> dict:
@@ -154,10 +157,11 @@ def load(self: Trainer, path: Path):
 @patch
 def episode_loss(self: Trainer, i: int, batch: dict, scale: float = 1.0):
     "Forward and backward of training episode `i`; sums loss, accuracy and loss parts on the device."
-    net, rt = self.ddp or self.model, self.rt
+    net, rt = self.ddp or self.net, self.rt
     b = to_device(batch, rt.device)
+    x = (b['support_feats'], b['query_feats']) if self.fast else (b['support'], b['query'])
     with autocast(rt):
-        out = net(b['support'], b['support_labels'], b['query'], b['class_names'], b['query_labels'],
+        out = net(x[0], b['support_labels'], x[1], b['class_names'], b['query_labels'],
                   generator=episode_generator(self.cfg.run.seed, 'train', i, rt.device))
     loss = out.loss.float()
     if self.loss_hook is not None: loss = self.loss_hook(i, loss)
@@ -217,8 +221,9 @@ def validate(self: Trainer) -> dict:
     t0 = time.perf_counter()
     self.sync_buffers()
     with preserved_rng():
+        feats = frozen_split_features(self.model, self.val_split, self.cfg, self.rt) if self.fast else None
         r = evaluate(self.model, self.cfg, 'val', self.cfg.eval.val_episodes, rt=self.rt, data=self.val_split,
-                     progress=self.cfg.run.progress)
+                     features=feats, progress=self.cfg.run.progress)
     self.state['seconds']['val'] += time.perf_counter() - t0
     better = r.accuracy > self.state['best_accuracy']
     if better:
@@ -248,10 +253,11 @@ def fit(self: Trainer) -> Trainer:
     self.model.set_text_classes(self.train_split.class_names)  # CLIP-FSAR's video-text loss covers every training class
     mine = episode_indices(start, total, A, rt.rank, W)
     last_of_window = {i // A: i for i in mine}
-    loader = DataLoader(episode_data(cfg.data, self.train_split, cfg.model.frames, crop_size(self.model), cfg.optim.train_episodes,
-                                     cfg.run.seed), batch_size=None, sampler=mine,
-                        num_workers=cfg.data.workers, pin_memory=rt.device.type == 'cuda',
-                        generator=torch.Generator().manual_seed(cfg.run.seed))
+    if self.fast: loader = feature_loader(self.model, self.train_split, cfg, rt, mine, self.log.write)
+    else: loader = DataLoader(episode_data(cfg.data, self.train_split, cfg.model.frames, crop_size(self.model),
+                                           cfg.optim.train_episodes, cfg.run.seed), batch_size=None, sampler=mine,
+                              num_workers=cfg.data.workers, pin_memory=rt.device.type == 'cuda',
+                              generator=torch.Generator().manual_seed(cfg.run.seed))
     bar = tqdm(total=total, initial=start, desc='train', disable=not (cfg.run.progress and rt.is_main),
                dynamic_ncols=True, unit='ep')
     self.model.train()
@@ -284,13 +290,16 @@ def fit(self: Trainer) -> Trainer:
     if self.state['best_episode'] < 0: self.validate()  # nothing trained: select the weights as they are
     return self
 
+# %% ../nbs/16_train.ipynb #6ce8e2f4
 @patch
 def test(self: Trainer, episodes: Optional[int] = None, shot: Optional[int] = None) -> dict:
     "Test the best weights (by val accuracy) on the test split."
     if self.best_weights is not None: self.model.load_state_dict(self.best_weights)
     self.sync_buffers()
+    split = load_data(self.cfg.data, 'test')
+    feats = frozen_split_features(self.model, split, self.cfg, self.rt) if self.fast else None
     r = evaluate(self.model, self.cfg, 'test', episodes or self.cfg.eval.test_episodes, shot=shot, rt=self.rt,
-                 progress=self.cfg.run.progress)
+                 data=split, features=feats, progress=self.cfg.run.progress)
     self.test_result = r
     entry = dict(kind='test', **r.metrics(), seconds=r.seconds)
     self.log.record(**entry)
@@ -373,6 +382,7 @@ def train(cfg: Config,  # the run's settings
         if lock is not None: lock.release()
     return (metrics, trainer) if return_trainer else metrics
 
+# %% ../nbs/16_train.ipynb #6d97d847
 def main(argv: Optional[Sequence[str]] = None):
     "`python -m mdmf.train [flags]`: see `--help`."
     p = config_parser(description=_DESCRIPTION, epilog=_EXAMPLES)

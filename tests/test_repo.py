@@ -38,3 +38,66 @@ def test_plain_install_ships_the_splits(tmp_path):
                          env={'PYTHONPATH': str(site), 'PATH': '/usr/bin:/bin'}, check=True).stdout.split()
     assert out[0].startswith(str(site)), out
     assert out[1] == '1292'
+
+
+def _imports(path: Path) -> set:
+    "The mdmf modules a module imports (absolute `mdmf.x` or relative `.x`), anywhere in its code."
+    import ast
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding='utf-8'))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1 and node.module: names.add(node.module.split('.')[0])
+            elif node.level == 0 and node.module and node.module.startswith('mdmf.'): names.add(node.module.split('.')[1])
+            elif node.level == 0 and node.module == 'mdmf': names.update(a.name for a in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(a.name.split('.')[1] for a in node.names if a.name.startswith('mdmf.'))
+    return names
+
+
+def _modules() -> dict:
+    pkg = ROOT / 'mdmf'
+    mods = {p.stem: p for p in pkg.glob('*.py') if not p.stem.startswith('_')}
+    return {m: sorted(_imports(p) & set(mods) - {m}) for m, p in mods.items()}
+
+
+def test_no_import_cycle():
+    "The package's import graph (imports inside functions included) has no cycle."
+    graph, state, path = _modules(), {}, []
+    def visit(m):
+        state[m] = 'open'; path.append(m)
+        for n in graph[m]:
+            if state.get(n) == 'open': raise AssertionError('import cycle: ' + ' -> '.join(path[path.index(n):] + [n]))
+            if n not in state: visit(n)
+        state[m] = 'done'; path.pop()
+    for m in graph:
+        if m not in state: visit(m)
+
+
+def test_imports_follow_the_notebook_order():
+    "A module imports only modules exported by earlier notebooks: data flows one way."
+    import re
+    order = {}
+    for nb in sorted((ROOT / 'nbs').glob('[0-9]*.ipynb')):
+        m = re.search(r'#\|\s*default_exp\s+(\w+)', nb.read_text(encoding='utf-8'))
+        if m: order[m.group(1)] = int(nb.name.split('_')[0])
+    late = [(m, n) for m, deps in _modules().items() for n in deps if m in order and n in order and order[n] >= order[m]]
+    assert not late, f'modules importing from later notebooks: {late}'
+
+
+def test_no_module_is_too_long():
+    "No module of the package over 450 lines (one concern per module)."
+    long = {p.name: n for p in (ROOT / 'mdmf').glob('*.py') if not p.name.startswith('_')
+            if (n := len(p.read_text(encoding='utf-8').splitlines())) > 450}
+    assert not long, long
+
+
+def test_no_notebook_cell_is_too_long():
+    "Cells a reader can hold in their head: at most 60 lines of code."
+    import json
+    long = []
+    for nb in sorted((ROOT / 'nbs').glob('*.ipynb')) + [ROOT / 'index.ipynb']:
+        for c in json.loads(nb.read_text(encoding='utf-8'))['cells']:
+            src = ''.join(c['source']).splitlines()
+            code = [l for l in src if l.strip() and not l.lstrip().startswith('#')]
+            if c['cell_type'] == 'code' and len(code) > 60: long.append((nb.name, len(code), src[0][:60]))
+    assert not long, long

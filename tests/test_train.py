@@ -232,3 +232,17 @@ def test_user_errors_are_one_or_two_lines(tmp_path):
     assert r.returncode != 0 and 'Traceback' in r.stderr
     r = run_cli(['--views', 'sideways'])
     assert r.returncode == 2 and 'sideways' in r.stderr  # argparse's own message for a bad choice
+
+
+def test_frozen_run_uses_cached_features_and_matches_the_plain_path(data_root, tmp_path):
+    "--freeze-visual trains on cached features; the selected weights test the same through the uncached path."
+    from mdmf.runs import load_model
+    cfg = tiny_cfg(data_root, tmp_path, freeze_visual=True, train_draws=2, name='frozen')
+    metrics, trainer = train(cfg, quiet=True, return_trainer=True)
+    assert trainer.fast
+    model, saved = load_model(tmp_path / 'frozen')
+    r = evaluate(model, saved, 'test', saved.eval.test_episodes, cache=False)
+    assert (r.predictions == trainer.test_result.predictions).all()
+    assert r.accuracy == metrics['test']['accuracy']
+    resumed = train(cfg.replace(resume=True, train_episodes=8), quiet=True)  # a frozen run resumes too
+    assert resumed['train']['episodes'] == 6  # --resume keeps the run's own settings
