@@ -209,7 +209,8 @@ def plot_prediction(ins: Inspection,  # an inspected episode
     bars, = _class_bars(ax, [p.numpy()], names, truth, colours=['lightgray'])
     bars[pred].set_facecolor('tab:green' if pred == truth else 'tab:red')
     ax.set_xlabel('probability', fontsize=LABEL)
-    ax.set_title(f'{view or "fused"} prediction for query {query}: ' + ('right' if pred == truth else 'wrong')
+    name = 'fused' if view in (None, 'fused') else view.upper()
+    ax.set_title(f'{name} prediction for query {query}: ' + ('right' if pred == truth else 'wrong')
                  + '\n(truth in green)', fontsize=TITLE, color='tab:green' if pred == truth else 'tab:red')
     return fig
 
