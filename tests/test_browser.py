@@ -29,6 +29,16 @@ CHROMIUM, CHROMEDRIVER = shutil.which('chromium') or '/usr/bin/chromium', '/usr/
 NOTEBOOKS = ('19_plots.ipynb', '20_explorer.ipynb')  # run all; the explorer's controls are operated in the second
 
 pytestmark = pytest.mark.browser
+LOG = ARTIFACTS / 'log.txt'  # what the test printed: CI shows it after the suite
+
+
+def say(*parts, **kw):
+    "Print a line of the test's story and keep it in tests/artifacts/browser/log.txt."
+    kw.pop('flush', None)
+    line = ' '.join(str(p) for p in parts)
+    print(line, flush=True, **kw)
+    LOG.parent.mkdir(parents=True, exist_ok=True)
+    with open(LOG, 'a', encoding='utf-8') as f: f.write(line + '\n')
 
 
 def _missing() -> str:
@@ -163,7 +173,7 @@ def run_all(driver, url: str, token: str, name: str, timeout: float = 420) -> di
                           ".jupyter-widgets, .jp-OutputArea-output .lm-Widget'); if (o) o.scrollIntoView()")
     driver.save_screenshot(str(ARTIFACTS / f'{name[:2]}-0-opened.png'))  # the stored outputs, before running
     stored = [e.text for e in driver.find_elements('css selector', '.jp-OutputArea-output')]
-    print(f'{name}: opened; {len(stored)} stored outputs shown' +
+    say(f'{name}: opened; {len(stored)} stored outputs shown' +
           ''.join(f'; one reads "{t[:80]}"' for t in stored if 'Error' in t), flush=True)
     t0 = time.perf_counter()
     driver.execute_script('''const app = window.jupyterapp;
@@ -181,7 +191,7 @@ def run_all(driver, url: str, token: str, name: str, timeout: float = 420) -> di
         time.sleep(0.5)
     else:
         raise AssertionError(f'{name}: Run All did not finish within {timeout} s')
-    print(f'{name}: Run All finished in {time.perf_counter() - t0:.0f} s', flush=True)
+    say(f'{name}: Run All finished in {time.perf_counter() - t0:.0f} s', flush=True)
     driver.save_screenshot(str(ARTIFACTS / f'{name[:2]}-1-ran.png'))
     return s
 
@@ -199,7 +209,7 @@ def check_outputs(driver, name: str, s: dict) -> int:
     assert images, f'{name}: no picture is shown'
     shrunk = [i for i in images if i[2] < i[0] - 1]
     assert not shrunk, f'{name}: pictures shown smaller than their own size (natural, shown): {shrunk}'
-    print(f'{name}: {len(images)} pictures shown, none shrunk; widths {sorted({i[0] for i in images})} px', flush=True)
+    say(f'{name}: {len(images)} pictures shown, none shrunk; widths {sorted({i[0] for i in images})} px', flush=True)
     return len(images)
 
 
@@ -228,13 +238,14 @@ class Explorer:
         _wait(lambda: all(changed(k) for k in watch) and expect in self.status(), timeout, f'{step}: {watch} to change')
         seconds = time.perf_counter() - t0
         drawn = self.status().rsplit('drawn in ', 1)[-1]
-        print(f'{step}: {", ".join(watch)} changed after {seconds:.2f} s in the browser (kernel: drawn in {drawn}); '
+        say(f'{step}: {", ".join(watch)} changed after {seconds:.2f} s in the browser (kernel: drawn in {drawn}); '
               f'status: {self.status()[:110]}', flush=True)
         self.d.save_screenshot(str(ARTIFACTS / f'20-{step.split(":")[0]}.png'))
         return seconds
 
 
 def test_visualisation_notebooks_in_jupyterlab(lab, browser):
+    LOG.unlink(missing_ok=True)  # this run's story only
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select
     url, token = lab
@@ -269,10 +280,10 @@ def test_visualisation_notebooks_in_jupyterlab(lab, browser):
         except AssertionError: pass
     times['6-gradcam'] = ex.act('6-gradcam: clicked "Grad-CAM"', gradcam, ['gradcam'], timeout=120)
     _wait(lambda: button.text.strip() == 'Grad-CAM' and button.is_enabled(), 30, 'the button to be free again')
-    print(f'6-gradcam: the button said "computing Grad-CAM…" while busy: {bool(busy)}', flush=True)
+    say(f'6-gradcam: the button said "computing Grad-CAM…" while busy: {bool(busy)}', flush=True)
     assert busy, 'the Grad-CAM button showed no busy state'
     shown = browser.execute_script(_IMAGES, '.mdmf-explorer img')
     assert shown and all(w >= nat - 1 for nat, _, w, _ in shown), f'explorer pictures shrunk: {shown}'
     kinds = [(next(x for x in c.split() if x.startswith('mdmf-img'))[9:], w) for _, _, w, c in shown]
-    print(f'pictures after Run All: {pictures}; explorer pictures at their own width: {kinds}; '
+    say(f'pictures after Run All: {pictures}; explorer pictures at their own width: {kinds}; '
           f'browser answer times: {json.dumps({k: round(v, 2) for k, v in times.items()})}', flush=True)
