@@ -227,14 +227,14 @@ def plan_memory(figures: Optional[dict],  # the backbone's stored figures (None:
                           if on or budget is not None else '')
     peak_with = lambda c: predict_peak(figures, precision, frames, image_size, counts, c, world)['total']
     without = peak_with(0)
-    room = '' if budget is None else f' of {_gib(budget)} usable'
+    room = '' if budget is None else f' the {_gib(budget)} usable'
     if mode == 'off' or (mode == 'auto' and (budget is None or fits(without, budget))):
         plan = MemoryPlan(False, 64, without, without, budget)
         if budget is not None and not fits(without, budget):
-            plan.message = (f'{head}: predicted peak {_gib(without)}{room} does not fit and activation checkpointing is '
-                            'off as asked: expect CUDA out of memory (--activation-checkpoint auto would turn it on)')
+            plan.message = (f'{head}: the predicted peak {_gib(without)} does not fit{room}, and activation checkpointing '
+                            'is off as asked: expect CUDA out of memory (--activation-checkpoint auto would turn it on)')
         elif budget is not None:
-            plan.message = f'{head}: predicted peak {_gib(without)}{room}, no activation checkpointing needed'
+            plan.message = f'{head}: the predicted peak {_gib(without)} fits{room}, no activation checkpointing needed'
         return plan
     chunk = _best_chunk(peak_with, frames, budget)
     plan = MemoryPlan(True, chunk, peak_with(chunk), without, budget)
