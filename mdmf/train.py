@@ -155,7 +155,10 @@ def load(self: Trainer, path: Path):
     "Continue from a checkpoint written by `save_last`."
     ck = load_checkpoint(path, self.rt.device)
     self.model.load_state_dict(ck['model'])
-    if self.opt and ck['optimizer']: self.opt.load_state_dict(ck['optimizer'])
+    if self.opt and ck['optimizer']:
+        fused = [g.get('fused') for g in self.opt.param_groups]
+        self.opt.load_state_dict(ck['optimizer'])  # restores the saved run's `fused` too: keep this device's choice
+        for g, f in zip(self.opt.param_groups, fused): g['fused'] = f
     if self.scaler.is_enabled() and ck.get('scaler'): self.scaler.load_state_dict(ck['scaler'])
     self.state = ck['state']
     if ck['grads'] is not None:  # stopped inside an accumulation window
@@ -251,6 +254,17 @@ def validate(self: Trainer) -> dict:
 
 # %% ../nbs/16_train.ipynb #895094e9
 @patch
+def _loader(self: Trainer, episodes: list):
+    "A loader of the training episodes `episodes`, one per batch: decoded clips, or cached features (frozen encoder)."
+    cfg, rt = self.cfg, self.rt
+    if self.fast: return feature_loader(self.model, self.train_split, cfg, rt, episodes, self.log.write)
+    data = episode_data(cfg.data, self.train_split, cfg.model.frames, crop_size(self.model), cfg.optim.train_episodes,
+                        cfg.run.seed)
+    return DataLoader(data, batch_size=None, sampler=episodes, num_workers=cfg.data.workers,
+                      pin_memory=rt.device.type == 'cuda', generator=torch.Generator().manual_seed(cfg.run.seed))
+
+# %% ../nbs/16_train.ipynb #0db95dd7
+@patch
 def fit(self: Trainer) -> Trainer:
     "Train for `train_episodes` episodes (from where a resumed run stopped), with val rounds and checkpoints."
     cfg, rt = self.cfg, self.rt
@@ -266,38 +280,39 @@ def fit(self: Trainer) -> Trainer:
     self.model.set_text_classes(self.train_split.class_names)  # CLIP-FSAR's video-text loss covers every training class
     mine = episode_indices(start, total, A, rt.rank, W)
     last_of_window = {i // A: i for i in mine}
-    if self.fast: loader = feature_loader(self.model, self.train_split, cfg, rt, mine, self.log.write)
-    else: loader = DataLoader(episode_data(cfg.data, self.train_split, cfg.model.frames, crop_size(self.model),
-                                           cfg.optim.train_episodes, cfg.run.seed), batch_size=None, sampler=mine,
-                              num_workers=cfg.data.workers, pin_memory=rt.device.type == 'cuda',
-                              generator=torch.Generator().manual_seed(cfg.run.seed))
     bar = tqdm(total=total, initial=start, desc='train', disable=not (cfg.run.progress and rt.is_main),
                dynamic_ncols=True, unit='ep')
     self.model.train()
-    t_last, boundary = time.perf_counter(), (start // A) * A  # episodes done at the last window end
-    for i, batch in zip(mine, loader):
-        w = i // A
-        w_start, w_end = w * A, min(w * A + A, total)
-        sync = last_of_window[w] == i
-        with (self.ddp.no_sync() if self.ddp is not None and not sync else nullcontext()):
-            self.episode_loss(i, batch, scale=W / (w_end - w_start))
-        before, now = self.state['episode'], (w_end if sync else i + 1)
-        bar.update(min(W, total - bar.n) if W > 1 else 1)
-        if sync:
-            self._check_finite(i)
-            self.step()
-            self.state['episode'] = now
-        elif W == 1:
-            self.state['episode'] = now
-        t = time.perf_counter()
-        self.state['seconds']['train'] += t - t_last
-        if sync and (_crossed(boundary, now, cfg.run.log_every) or now == total): self._log_train(bar)
-        if sync and (_crossed(boundary, now, cfg.eval.val_every) or now == total): self.validate()
-        if sync: boundary = now
-        if _crossed(before, now, cfg.run.checkpoint_every) and (sync or W == 1):
-            if not sync: self._check_finite(i)
-            self.save_last(grads=not sync)
-        t_last = time.perf_counter()
+    t_last, boundary, pos = time.perf_counter(), (start // A) * A, 0  # boundary: episodes done at the last window end
+    while pos < len(mine):  # one loader per stretch between val rounds (see `_loader`)
+        batches, val_round = iter(self._loader(mine[pos:])), False
+        for i in mine[pos:]:
+            batch, pos = next(batches), pos + 1
+            w = i // A
+            w_start, w_end = w * A, min(w * A + A, total)
+            sync = last_of_window[w] == i
+            with (self.ddp.no_sync() if self.ddp is not None and not sync else nullcontext()):
+                self.episode_loss(i, batch, scale=W / (w_end - w_start))
+            before, now = self.state['episode'], (w_end if sync else i + 1)
+            bar.update(min(W, total - bar.n) if W > 1 else 1)
+            if sync:
+                self._check_finite(i)
+                self.step()
+                self.state['episode'] = now
+            elif W == 1:
+                self.state['episode'] = now
+            self.state['seconds']['train'] += time.perf_counter() - t_last
+            if sync and (_crossed(boundary, now, cfg.run.log_every) or now == total): self._log_train(bar)
+            if sync and (_crossed(boundary, now, cfg.eval.val_every) or now == total):
+                batches = val_round = None  # end the training workers and their prefetched episodes first
+                self.validate()
+                val_round = True
+            if sync: boundary = now
+            if _crossed(before, now, cfg.run.checkpoint_every) and (sync or W == 1):
+                if not sync: self._check_finite(i)
+                self.save_last(grads=not sync)
+            t_last = time.perf_counter()
+            if val_round: break
     bar.close()
     if self.state.get('saved_episode') != total: self.save_last()
     if self.state['best_episode'] < 0: self.validate()  # nothing trained: select the weights as they are

@@ -252,10 +252,8 @@ def test_episodes_travel_as_uint8_from_pinned_memory(folder_videos, tmp_path):
     assert (torch.uint8, True) in seen and all(nb for _, nb in seen)  # asynchronous copies, frames still uint8
 
 
-@pytest.mark.xfail(strict=True, reason="fit() keeps the training DataLoader's workers (each holding prefetched episodes in "
-                   "shared memory) alive while validate() starts the evaluation loader's own workers; the fix belongs "
-                   "in Trainer.fit: end the training iterator before a val round and start it again after")
 def test_validation_does_not_run_beside_the_training_workers(folder_videos, tmp_path):
+    "fit() ends the training loader's workers (and their episodes in shared memory) before a val round starts its own."
     import multiprocessing
     from mdmf.config import preset_config
     from mdmf.train import Trainer, train
