@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .backbone import CLIP, RANDOM_CONFIGS, TINY_CONFIGS
 from .config import Config, add_flags, cli, command_line, preset_config
 from .core import BadInput, atomic_write_text
+from .data import EpisodeDataset, episode_loader, load_data, random_episode
 from .episodes import EpisodeSampler, splits_dir
 from .evaluate import encode_split, evaluate, summarize
 from .memory import GiB, LiveBytes, format_memory_table, memory_table
@@ -34,7 +35,7 @@ from .model import build_model
 from .otam import otam, otam_bidirectional, otam_reference
 from .runtime import Runtime, backend_flags, device_name, init_runtime, peak_flops, synchronize, tf32_enabled
 from .train import Trainer
-from .video import EpisodeDataset, episode_loader, load_data, num_frames, random_episode, read_frames, write_frames
+from .video import num_frames, read_frames, write_frames
 
 # %% auto #0
 __all__ = ['SIZES', 'PARTS', 'BenchSize', 'time_interleaved', 'bench_otam', 'bench_config', 'bench_data_root', 'frames_split',

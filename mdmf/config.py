@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .core import BadInput, MissingInput, UserError
+from .data import DataConfig, dataset_label
 from .episodes import DATASETS
 from .model import MODELS, ModelConfig, _CHOICES as _MODEL_CHOICES
-from .video import DataConfig, dataset_label
 
 # %% auto #0
 __all__ = ['SECTIONS', 'PAPER', 'VIDEO_TEXT_WEIGHT', 'PRESETS', 'CHOICES', 'OptimConfig', 'EvalConfig', 'RunConfig', 'Config',

@@ -22,10 +22,10 @@ from fastcore.imports import in_notebook
 
 from .config import Config, EvalConfig, RunConfig, add_flags, cli, command_line, with_values
 from .core import atomic_write_text
+from .data import ClipDataset, DataConfig, EpisodeDataset, load_data
 from .episodes import EpisodeSampler, Split, episode_generator
 from .runs import load_model
 from .runtime import Runtime, all_max, all_sum, autocast, init_runtime, set_threads
-from .video import ClipDataset, DataConfig, EpisodeDataset, load_data
 
 # %% auto #0
 __all__ = ['SMALL_SPLIT', 'summarize', 'crop_size', 'encode_split', 'EvalResult', 'evaluate', 'evaluate_run', 'main']

@@ -22,13 +22,13 @@ from tqdm.auto import tqdm
 
 from .config import Config, preset_config
 from .core import BadInput, PathLike
+from .data import EpisodeDataset, episode_data, load_data, random_episode
 from .episodes import Split, episode_rng, read_split, splits_dir
 from .evaluate import crop_size, encode_split
 from .model import FewShotModel, MDMFOutput, build_model
 from .runs import preserved_rng
 from .runtime import Runtime, all_max, all_sum, autocast
-from .video import (EpisodeDataset, crop_clip, episode_data, frame_indices, load_data, num_frames, random_episode,
-                        read_frames)
+from .video import crop_clip, frame_indices, num_frames, read_frames
 
 # %% auto #0
 __all__ = ['MEMO_SIZE', 'FRAME_GFLOP', 'BENCHMARKS', 'draw_rng', 'video_draws', 'episode_draws', 'DrawEpisodes', 'check_frozen',

@@ -23,13 +23,14 @@ from torch.nn import functional as nnf
 
 from .config import Config, config_from_dict, config_to_dict, preset_config
 from .core import BadInput, MissingInput, atomic_write_text
+from .data import EpisodeDataset, load_data
 from .episodes import EpisodeSampler, Split, episode_generator
 from .evaluate import crop_size, evaluate
 from .model import MDMFOutput, build_model
 from .runs import (BEST, CONFIG, LOG, METRICS, RunLock, checkpoint_path, load_checkpoint, load_model, read_log,
                        save_checkpoint)
 from .runtime import Runtime
-from .video import EpisodeDataset, load_data, to_clip_input
+from .video import to_clip_input
 
 # %% auto #0
 __all__ = ['EXAMPLE_MODELS', 'mdmf_home', 'example_file', 'save_example', 'example_run', 'load_run', 'load_episode', 'Inspection',

@@ -27,11 +27,12 @@ from tqdm.auto import tqdm
 
 from .backbone import load_clip
 import clip  # after mdmf.backbone, which imports it with its setuptools warning silenced
-from .episodes import EpisodeSampler, load_split, resolve_videos
+from .data import ClipDataset, resolve_videos
+from .episodes import EpisodeSampler, load_split
 from .evaluate import episode_generator
 from .pps import PPS
 from .synthetic import CLASSES, ClipParams, assign_splits, render, sample_params, video_params
-from .video import ClipDataset, normalize, resize_short
+from .video import normalize, resize_short
 from torch.utils.data import DataLoader
 
 # %% ../nbs/24_pretrain.ipynb #f76ab1ce

@@ -24,6 +24,7 @@ from fastcore.imports import in_notebook
 
 from .config import Config, cli, config_from_dict, config_parser, config_to_dict, config_from_args
 from .core import BadInput, atomic_write_text
+from .data import episode_data, freeze_split, load_data
 from .episodes import episode_generator
 from .evaluate import crop_size, evaluate
 from .features import FeatureForward, feature_loader, frozen_split_features, uses_features
@@ -32,7 +33,6 @@ from .model import build_model
 from .runs import (BEST, CONFIG, LAST, LOCK, METRICS, SPLITS, RunLog, load_checkpoint, open_run, preserved_rng, rng_state,
                        save_checkpoint, seed_everything, set_rng_state)
 from .runtime import Runtime, autocast, barrier, ddp_device_ids, init_runtime, main_first, set_threads
-from .video import episode_data, freeze_split, load_data
 
 # %% auto #0
 __all__ = ['prepare_data', 'episode_indices', 'to_device', 'NonFiniteLoss', 'Trainer', 'train', 'main']

@@ -17,6 +17,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .config import Config, add_flags, cli, command_line, config_from_dict
 from .core import BadInput, MissingInput, atomic_write, atomic_write_text
+from .data import load_data
 from .evaluate import crop_size
 from .inspect import (episode_embeddings, example_run, grad_cam, inspect_episode, load_episode,
                           load_run, per_class_accuracy, save_example)
@@ -25,7 +26,6 @@ from .plots import (DPI, LABEL, TICK, TITLE, Picture, figure_png, new_figure, pl
                         plot_gradcam, plot_otam, plot_per_class, plot_posteriors, plot_pps, plot_prediction, plot_tsne)
 from .runs import CONFIG, METRICS, read_log
 from .runtime import pick_device
-from .video import load_data
 
 # %% auto #0
 __all__ = ['TABLE_COLUMNS', 'read_run', 'run_label', 'run_table', 'table_markdown', 'plot_curves', 'plot_table',

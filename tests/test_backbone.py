@@ -139,7 +139,8 @@ def test_import_is_quiet():
 @pytest.mark.parametrize('name', list(TINY_CONFIGS))
 def test_uint8_frames_normalised_on_the_device(name):
     "uint8 frames (what the data layer serves) give the features of the float path of the same frames."
-    from mdmf.video import normalize, random_episode, to_clip_input
+    from mdmf.data import random_episode
+    from mdmf.video import normalize, to_clip_input
     bb = Backbone(load_clip(name))
     u = random_episode(way=2, shot=1, query=1, frames=3, size=bb.image_size, seed=4)['support']  # [2, 3, 3, S, S] uint8
     assert u.dtype == torch.uint8

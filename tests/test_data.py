@@ -1,4 +1,4 @@
-"""The data pipeline (mdmf.episodes, mdmf.video) on small fixtures in the real storage layouts."""
+"""The data pipeline (mdmf.episodes, mdmf.video, mdmf.data) on small fixtures in the real storage layouts."""
 import json
 import re
 import warnings
@@ -11,12 +11,13 @@ import torch
 from PIL import Image
 
 from mdmf.core import BadInput, MissingInput
-from mdmf.episodes import (DATASETS, SPLITS, EpisodeSampler, Split, episode_generator, get_dataset, index_videos,
-                           load_split, parse_split_classes, read_split, readable_name, resolve_videos, split_class_folders,
-                           splits_dir, ssv2_label_names, write_split_lists)
-from mdmf.video import (CLIP_MEAN, CLIP_STD, ClipDataset, DataConfig, EpisodeDataset, crop_clip, dataset_label,
-                        episode_data, episode_dataset, episode_loader, frame_files, frame_indices, freeze_split, load_data,
-                        normalize, num_frames, random_episode, read_clip, read_frames, to_clip_input, transform_clip)
+from mdmf.data import (ClipDataset, DataConfig, EpisodeDataset, dataset_label, episode_data, episode_dataset,
+                       episode_loader, freeze_split, index_videos, load_data, random_episode, resolve_videos)
+from mdmf.episodes import (DATASETS, SPLITS, EpisodeSampler, Split, episode_generator, get_dataset, load_split,
+                           parse_split_classes, read_split, readable_name, split_class_folders, splits_dir,
+                           ssv2_label_names, write_split_lists)
+from mdmf.video import (CLIP_MEAN, CLIP_STD, crop_clip, frame_files, frame_indices, normalize, num_frames, read_clip,
+                        read_frames, to_clip_input, transform_clip)
 
 ROOT = Path(__file__).resolve().parents[1]
 

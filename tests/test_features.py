@@ -8,6 +8,7 @@ import torch
 
 from mdmf.config import preset_config
 from mdmf.core import BadInput
+from mdmf.data import episode_data, load_data
 from mdmf.episodes import episode_generator
 from mdmf.evaluate import crop_size, encode_split
 from mdmf.features import (DrawEpisodes, FeatureEpisodes, FeatureForward, build_bank, cached_bank, check_frozen,
@@ -16,7 +17,7 @@ from mdmf.features import (DrawEpisodes, FeatureEpisodes, FeatureForward, build_
 from mdmf.model import build_model
 from mdmf.runs import rng_state
 from mdmf.synthetic import make_synthetic
-from mdmf.video import episode_data, load_data, read_clip
+from mdmf.video import read_clip
 
 
 @pytest.fixture(scope='session')

@@ -238,8 +238,7 @@ def test_episodes_travel_as_uint8_from_pinned_memory(folder_videos, tmp_path):
     "The training loader serves uint8 frames (4x smaller than float32) and pins them when CUDA is there."
     from mdmf.config import preset_config
     from mdmf.train import to_device
-    from mdmf.video import episode_data, load_data
-    from mdmf.video import freeze_split
+    from mdmf.data import episode_data, freeze_split, load_data
     cfg = preset_config('synthetic').replace(dataset='folder', data_root=str(folder_videos), split_classes='2/2/2',
                                              way=2, shot=1, train_query=1)
     cfg = cfg.replace(data=freeze_split(cfg.data, tmp_path / 'splits'))

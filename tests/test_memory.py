@@ -125,7 +125,7 @@ def test_memory_table_rows_and_cards():
 def test_trainer_follows_the_plan_and_logs_it(tmp_path):
     "With a budget that the episode does not fit (faked on the CPU), the trainer checkpoints and says so; it still trains."
     from mdmf.train import Trainer
-    from mdmf.video import random_episode
+    from mdmf.data import random_episode
     cfg = preset_config('synthetic').replace(backbone='tiny-vit', way=2, shot=2, train_query=2, ffn_dim=64, progress=False,
                                              runs=str(tmp_path))
     rt = Runtime()

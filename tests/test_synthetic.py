@@ -190,13 +190,13 @@ def test_video_ids_unique():
 
 def test_project_loader_reads_every_split(data):
     episodes = pytest.importorskip('mdmf.episodes')
-    video = pytest.importorskip('mdmf.video')
+    loader = pytest.importorskip('mdmf.data')
     for split in SPLITS:
         s = episodes.load_split('synthetic', split, data)
         assert len(s.classes) == {'train': 20, 'val': 8, 'test': 12}[split]
         assert s.class_names == s.classes  # the sentences are already readable prompts
-        ds = video.episode_dataset('synthetic', split, data, way=5, shot=5, query=5, episodes=2, seed=0,
-                                   num_frames=8, size=32, short_side=32)
+        ds = loader.episode_dataset('synthetic', split, data, way=5, shot=5, query=5, episodes=2, seed=0,
+                                    num_frames=8, size=32, short_side=32)
         b = ds[1]
         assert b['support'].shape == (25, 8, 3, 32, 32) and b['query'].shape == (25, 8, 3, 32, 32)
         assert set(b['class_names']) <= set(s.classes) and len(set(b['class_names'])) == 5

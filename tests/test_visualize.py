@@ -12,13 +12,13 @@ from PIL import Image
 
 from mdmf.config import cli, config_from_dict
 from mdmf.core import MissingInput
+from mdmf.data import random_episode
 from mdmf.explorer import TABS, EpisodeExplorer
 from mdmf.inspect import _digest, embed_2d, example_file, example_run, grad_cam, inspect_episode, load_run
 from mdmf.model import ModelConfig, build_model
 from mdmf.plots import frames_image, plot_attention, plot_episode, plot_otam, png_size, short_names
 from mdmf.runs import load_checkpoint
 from mdmf.synthetic import assign_splits
-from mdmf.video import random_episode
 from mdmf.visualize import main, run_label
 
 
