@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['PAIRS', 'SINGLES', 'CLASSES', 'CLASS_BY_NAME', 'SHAPES', 'COLOURS', 'BACKGROUNDS', 'DATASET_VERSION', 'FPS',
-           'ActionClass', 'assign_splits', 'ClipParams', 'sample_params', 'render', 'caption', 'write_video',
+           'ActionClass', 'assign_splits', 'ClipParams', 'sample_params', 'render_scene', 'render', 'write_video',
            'video_rng', 'video_params', 'video_id', 'is_complete', 'make_synthetic', 'read_classes', 'main']
 
 # %% ../nbs/03_synthetic.ipynb #6799be2b
@@ -218,9 +218,9 @@ def sample_params(rng: np.random.Generator, action: Union[str, ActionClass]) -> 
         reverse=c.reverse, mirror=c.mirror, seed=int(rng.integers(2**31)))
 
 # %% ../nbs/03_synthetic.ipynb #71116637
-def _obj(shape, colour, r, cx, cy, t, scale=1.0, sx=1.0, sy=1.0, angle=0.0, alpha=1.0):
+def _obj(shape, colour, r, cx, cy, t, scale=1.0, sx=1.0, sy=1.0, angle=0.0, alpha=1.0, role='main'):
     f = lambda a: np.broadcast_to(np.asarray(a, dtype=np.float32), t.shape)
-    return dict(shape=shape, colour=colour, r=r, cx=f(cx), cy=f(cy), scale=f(scale),
+    return dict(role=role, shape=shape, colour=colour, r=r, cx=f(cx), cy=f(cy), scale=f(scale),
                 sx=f(sx), sy=f(sy), angle=f(angle), alpha=f(alpha))
 
 def _ease(x):
@@ -233,7 +233,7 @@ def _motion(p: ClipParams, t: np.ndarray, rng: np.random.Generator) -> list:
     x0, y0 = p.position
     r, s, a0 = p.size, p.speed, np.deg2rad(p.angle)
     main = lambda cx, cy, **kw: _obj(p.shape, p.colour, r, cx, cy, t, **kw)
-    other = lambda cx, cy, **kw: _obj(p.other_shape, p.other_colour, r, cx, cy, t, **kw)
+    other = lambda cx, cy, **kw: _obj(p.other_shape, p.other_colour, r, cx, cy, t, role='other', **kw)
     fam = p.family
     lines = {'translate_horizontal': (1, 0), 'translate_vertical': (0, -1),
              'translate_diagonal_down': (1, 1), 'translate_diagonal_up': (1, -1)}
@@ -300,7 +300,8 @@ def _distractor(p: ClipParams, n: int, rng: np.random.Generator) -> dict:
     path = rng.uniform(0.15, 0.85, 2) + np.cumsum(steps, axis=0)
     path = 0.1 + np.abs((path - 0.1) % 1.6 - 0.8)                   # reflect into [0.1, 0.9]
     spin = rng.uniform(0, 2 * np.pi) + np.cumsum(rng.normal(0, 0.3, n))
-    return _obj(p.distractor, p.distractor_colour, 0.055, path[:, 0], path[:, 1], np.zeros(n), angle=spin)
+    return _obj(p.distractor, p.distractor_colour, 0.055, path[:, 0], path[:, 1], np.zeros(n), angle=spin,
+                role='distractor')
 
 def _paint(frames: np.ndarray, o: dict, grid: tuple, size: int):
     "Alpha-blend object `o` (with its eye dot) into `frames` [T, H, W, 3] in place."
@@ -319,8 +320,8 @@ def _paint(frames: np.ndarray, o: dict, grid: tuple, size: int):
     eye = np.clip(0.5 - (np.sqrt((u - 0.42) ** 2 + v ** 2) - eye_r) * px, 0, 1) * e('alpha') * (cover > 0)
     frames += (eye_rgb - frames) * eye[..., None]
 
-def render(p: ClipParams, frames: int = 16, size: int = 64) -> np.ndarray:
-    "Render clip `p` as uint8 [T, H, W, 3] with T=`frames`, H=W=`size`."
+def render_scene(p: ClipParams, frames: int = 16, size: int = 64) -> tuple:
+    "Render clip `p`: uint8 frames `[T, H, W, 3]` and the painted objects, back to front, with their per-frame state."
     rng = np.random.default_rng(p.seed)
     bg = _background(p.background, rng, size)                       # [H, W, 3]
     if p.mirror: bg = bg[:, ::-1]
@@ -334,27 +335,11 @@ def render(p: ClipParams, frames: int = 16, size: int = 64) -> np.ndarray:
     grid = tuple(a[None].astype(np.float32) for a in (np.mgrid[0:size, 0:size] + 0.5) / size)
     for o in objs: _paint(out, o, grid, size)
     if p.noise: out += np.float32(p.noise) * rng.standard_normal(out.shape, dtype=np.float32)
-    return np.round(np.clip(out, 0, 1) * 255).astype(np.uint8)
+    return np.round(np.clip(out, 0, 1) * 255).astype(np.uint8), objs
 
-# %% ../nbs/03_synthetic.ipynb #05743d5d
-_BG_WORDS = {'plain': 'a plain', 'gradient': 'a gradient', 'stripes': 'a striped', 'checker': 'a checkered',
-             'noise': 'a noisy'}
-
-def caption(p: ClipParams) -> str:
-    "A sentence describing clip `p`, e.g. 'moving a red circle from left to right on a striped background'."
-    first, second = f'a {p.colour} {p.shape}', f'a {p.other_colour} {p.other_shape}'
-    text = p.action
-    if text.startswith('two things'):
-        text = f'{first} and {second}' + text[len('two things'):]
-    elif text.count('something') == 2:  # 'covering something with something': the mover comes second
-        movers_first = p.family in ('stack',)
-        a, b = (first, second) if movers_first else (second, first)
-        text = text.replace('something', a, 1).replace('something', b, 1)
-    else:
-        text = text.replace('something', first, 1)
-    text += f' on {_BG_WORDS[p.background]} background'
-    if p.distractor: text += f', with a small {p.distractor_colour} {p.distractor} wandering around'
-    return text
+def render(p: ClipParams, frames: int = 16, size: int = 64) -> np.ndarray:
+    "Render clip `p` as uint8 [T, H, W, 3] with T=`frames`, H=W=`size`."
+    return render_scene(p, frames, size)[0]
 
 # %% ../nbs/03_synthetic.ipynb #7013baf3
 DATASET_VERSION = 1  # bump when a change to the renderer changes pixels
