@@ -66,6 +66,10 @@ _MOTIONS = {  # (family, direction) -> phrasings; {a}: main object, {b}: second 
         '{a} and {b} getting closer', 'two shapes moving towards each other'],
     ('scale', 'bigger'): ['{a} growing', '{a} getting larger', '{a} expanding', '{a} becoming bigger and bigger'],
     ('scale', 'smaller'): ['{a} shrinking', '{a} getting smaller', '{a} contracting', '{a} becoming smaller and smaller'],
+}
+
+# %% ../nbs/23_captions.ipynb #4196ea3b
+_MOTIONS.update({  # the other families
     ('fade', 'appear'): ['{a} fading in', '{a} slowly becoming visible', '{a} materialising out of nothing'],
     ('fade', 'disappear'): ['{a} fading out', '{a} vanishing', '{a} slowly becoming invisible'],
     ('translate_diagonal_down', 'top_left_to_bottom_right'): ['{a} moving diagonally down to the right',
@@ -115,7 +119,9 @@ _MOTIONS = {  # (family, direction) -> phrasings; {a}: main object, {b}: second 
     ('blink', 'none'): ['{a} flashing on and off', '{a} flickering', '{a} appearing and disappearing repeatedly'],
     ('pulse', 'none'): ['{a} throbbing', '{a} repeatedly growing and shrinking', '{a} pulsating'],
     ('bounce', 'none'): ['{a} bouncing', '{a} hopping up and down', '{a} bouncing on the floor'],
-}
+})
+
+# %% ../nbs/23_captions.ipynb #5ffd6507
 _GENERIC = ('something', 'an object', 'a shape', 'a thing')
 _GENERIC_OTHER = ('something else', 'another object', 'another shape')
 _GENERIC_PAIR = ('two things', 'two objects', 'two shapes')
