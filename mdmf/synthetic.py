@@ -4,13 +4,12 @@
 
 # %% auto #0
 __all__ = ['PAIRS', 'SINGLES', 'CLASSES', 'CLASS_BY_NAME', 'SHAPES', 'COLOURS', 'BACKGROUNDS', 'DATASET_VERSION', 'FPS',
-           'ActionClass', 'assign_splits', 'ClipParams', 'sample_params', 'render', 'caption', 'write_video',
-           'video_rng', 'video_params', 'video_id', 'is_complete', 'make_synthetic', 'read_classes', 'main']
+           'ActionClass', 'assign_splits', 'ClipParams', 'sample_params', 'render_scene', 'render', 'video_rng',
+           'video_params', 'video_id', 'is_complete', 'make_synthetic', 'read_classes', 'main']
 
 # %% ../nbs/03_synthetic.ipynb #6799be2b
 import argparse
 import json
-import os
 import shutil
 import time
 import zlib
@@ -19,8 +18,10 @@ from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 from typing import Optional, Union
 
-import av
 import numpy as np
+
+from .core import atomic_write_text
+from .video import write_mp4
 
 # %% ../nbs/03_synthetic.ipynb #9472ae82
 @dataclass(frozen=True)
@@ -218,9 +219,9 @@ def sample_params(rng: np.random.Generator, action: Union[str, ActionClass]) -> 
         reverse=c.reverse, mirror=c.mirror, seed=int(rng.integers(2**31)))
 
 # %% ../nbs/03_synthetic.ipynb #71116637
-def _obj(shape, colour, r, cx, cy, t, scale=1.0, sx=1.0, sy=1.0, angle=0.0, alpha=1.0):
+def _obj(shape, colour, r, cx, cy, t, scale=1.0, sx=1.0, sy=1.0, angle=0.0, alpha=1.0, role='main'):
     f = lambda a: np.broadcast_to(np.asarray(a, dtype=np.float32), t.shape)
-    return dict(shape=shape, colour=colour, r=r, cx=f(cx), cy=f(cy), scale=f(scale),
+    return dict(role=role, shape=shape, colour=colour, r=r, cx=f(cx), cy=f(cy), scale=f(scale),
                 sx=f(sx), sy=f(sy), angle=f(angle), alpha=f(alpha))
 
 def _ease(x):
@@ -228,13 +229,10 @@ def _ease(x):
     x = np.clip(x, 0, 1)
     return x * x * (3 - 2 * x)
 
-def _motion(p: ClipParams, t: np.ndarray, rng: np.random.Generator) -> list:
-    "Objects of clip `p` at times `t` [T] (forward-time motion of the family), painted in list order."
+def _one_object(p: ClipParams, t: np.ndarray, rng: np.random.Generator, main) -> Optional[list]:
+    "The object of a one-object family at times `t` [T] (None for two-object families)."
     x0, y0 = p.position
-    r, s, a0 = p.size, p.speed, np.deg2rad(p.angle)
-    main = lambda cx, cy, **kw: _obj(p.shape, p.colour, r, cx, cy, t, **kw)
-    other = lambda cx, cy, **kw: _obj(p.other_shape, p.other_colour, r, cx, cy, t, **kw)
-    fam = p.family
+    s, a0, fam = p.speed, np.deg2rad(p.angle), p.family
     lines = {'translate_horizontal': (1, 0), 'translate_vertical': (0, -1),
              'translate_diagonal_down': (1, 1), 'translate_diagonal_up': (1, -1)}
     if fam in lines:
@@ -254,33 +252,14 @@ def _motion(p: ClipParams, t: np.ndarray, rng: np.random.Generator) -> list:
     if fam == 'stretch':
         w = 0.55 * np.exp(np.log(3.0) * s * t)
         return [main(x0, y0, sx=w, sy=1 / np.sqrt(w), angle=a0)]
-    if fam == 'two_apart':
-        h = 0.7 * r + 0.25 * s * t
-        c, sn = np.cos(a0), np.sin(a0)
-        return [main(x0 + h * c, y0 + h * sn, scale=0.85), other(x0 - h * c, y0 - h * sn, scale=0.85)]
     if fam == 'gravity':
         return [main(x0, 0.15 + 0.65 * min(s, 1.15) * t ** 2, angle=a0)]
     if fam == 'fade':
         return [main(x0, y0, angle=a0, alpha=_ease((t - 0.15) * s / 0.6))]
-    if fam == 'push':
-        target = 0.5 + 0.5 * (x0 - 0.5)
-        pusher = 0.08 + 0.55 * s * t
-        gap = 1.7 * r
-        return [other(np.maximum(target, pusher + gap), y0), main(pusher, y0, angle=a0)]
-    if fam == 'cover':
-        k = 1 - _ease(t * s / 0.7)
-        return [other(x0, y0), main(x0 + 0.45 * np.cos(a0) * k, y0 + 0.45 * np.sin(a0) * k, scale=1.4)]
-    if fam == 'stack':
-        rest = 0.72 - 1.9 * r
-        return [other(x0, 0.72), main(x0, rest + (0.12 - rest) * (1 - _ease(t * s / 0.75)), angle=a0)]
     if fam == 'enter':
         return [main(-0.15 + (x0 + 0.15) * _ease(t * s / 0.7), y0, angle=a0)]
     if fam == 'arc':
         return [main(x0 + (t - 0.5) * 0.7 * min(s, 1.1), 0.8 - min(0.5 * s, 0.6) * 4 * t * (1 - t), angle=a0)]
-    if fam == 'swap':
-        phi, e = np.pi * t, 0.15 * (1 if rng.random() < 0.5 else -1)
-        return [main(0.5 - 0.28 * np.cos(phi), 0.5 - e * np.sin(phi)),
-                other(0.5 + 0.28 * np.cos(phi), 0.5 + e * np.sin(phi))]
     if fam == 'shake':
         return [main(x0 + 0.07 * np.sin(2 * np.pi * 2.5 * s * t), y0, angle=a0)]
     if fam == 'still':
@@ -291,6 +270,32 @@ def _motion(p: ClipParams, t: np.ndarray, rng: np.random.Generator) -> list:
         return [main(x0, y0, angle=a0, scale=1 + 0.4 * np.sin(2 * np.pi * (2 * s * t + rng.random())))]
     if fam == 'bounce':
         return [main(x0, 0.78 - 0.45 * np.abs(np.sin(np.pi * 2 * s * t)), angle=a0)]
+    return None
+
+# %% ../nbs/03_synthetic.ipynb #a004d27a
+def _motion(p: ClipParams, t: np.ndarray, rng: np.random.Generator) -> list:
+    "Objects of clip `p` at times `t` [T] (forward-time motion of the family), painted in list order."
+    x0, y0 = p.position
+    r, s, a0, fam = p.size, p.speed, np.deg2rad(p.angle), p.family  # noqa: the two-object families use r
+    main = lambda cx, cy, **kw: _obj(p.shape, p.colour, r, cx, cy, t, **kw)
+    other = lambda cx, cy, **kw: _obj(p.other_shape, p.other_colour, r, cx, cy, t, role='other', **kw)
+    if (one := _one_object(p, t, rng, main)) is not None: return one
+    if fam == 'two_apart':
+        h, c, sn = 0.7 * r + 0.25 * s * t, np.cos(a0), np.sin(a0)
+        return [main(x0 + h * c, y0 + h * sn, scale=0.85), other(x0 - h * c, y0 - h * sn, scale=0.85)]
+    if fam == 'push':
+        pusher, target = 0.08 + 0.55 * s * t, 0.5 + 0.5 * (x0 - 0.5)  # the pushed object waits at target
+        return [other(np.maximum(target, pusher + 1.7 * r), y0), main(pusher, y0, angle=a0)]
+    if fam == 'cover':
+        k = 1 - _ease(t * s / 0.7)
+        return [other(x0, y0), main(x0 + 0.45 * np.cos(a0) * k, y0 + 0.45 * np.sin(a0) * k, scale=1.4)]
+    if fam == 'stack':
+        rest = 0.72 - 1.9 * r
+        return [other(x0, 0.72), main(x0, rest + (0.12 - rest) * (1 - _ease(t * s / 0.75)), angle=a0)]
+    if fam == 'swap':
+        phi, e = np.pi * t, 0.15 * (1 if rng.random() < 0.5 else -1)
+        return [main(0.5 - 0.28 * np.cos(phi), 0.5 - e * np.sin(phi)),
+                other(0.5 + 0.28 * np.cos(phi), 0.5 + e * np.sin(phi))]
     raise ValueError(f'unknown motion family {fam!r}')
 
 # %% ../nbs/03_synthetic.ipynb #037fa911
@@ -300,7 +305,8 @@ def _distractor(p: ClipParams, n: int, rng: np.random.Generator) -> dict:
     path = rng.uniform(0.15, 0.85, 2) + np.cumsum(steps, axis=0)
     path = 0.1 + np.abs((path - 0.1) % 1.6 - 0.8)                   # reflect into [0.1, 0.9]
     spin = rng.uniform(0, 2 * np.pi) + np.cumsum(rng.normal(0, 0.3, n))
-    return _obj(p.distractor, p.distractor_colour, 0.055, path[:, 0], path[:, 1], np.zeros(n), angle=spin)
+    return _obj(p.distractor, p.distractor_colour, 0.055, path[:, 0], path[:, 1], np.zeros(n), angle=spin,
+                role='distractor')
 
 def _paint(frames: np.ndarray, o: dict, grid: tuple, size: int):
     "Alpha-blend object `o` (with its eye dot) into `frames` [T, H, W, 3] in place."
@@ -319,8 +325,8 @@ def _paint(frames: np.ndarray, o: dict, grid: tuple, size: int):
     eye = np.clip(0.5 - (np.sqrt((u - 0.42) ** 2 + v ** 2) - eye_r) * px, 0, 1) * e('alpha') * (cover > 0)
     frames += (eye_rgb - frames) * eye[..., None]
 
-def render(p: ClipParams, frames: int = 16, size: int = 64) -> np.ndarray:
-    "Render clip `p` as uint8 [T, H, W, 3] with T=`frames`, H=W=`size`."
+def render_scene(p: ClipParams, frames: int = 16, size: int = 64) -> tuple:
+    "Render clip `p`: uint8 frames `[T, H, W, 3]` and the painted objects, back to front, with their per-frame state."
     rng = np.random.default_rng(p.seed)
     bg = _background(p.background, rng, size)                       # [H, W, 3]
     if p.mirror: bg = bg[:, ::-1]
@@ -334,55 +340,15 @@ def render(p: ClipParams, frames: int = 16, size: int = 64) -> np.ndarray:
     grid = tuple(a[None].astype(np.float32) for a in (np.mgrid[0:size, 0:size] + 0.5) / size)
     for o in objs: _paint(out, o, grid, size)
     if p.noise: out += np.float32(p.noise) * rng.standard_normal(out.shape, dtype=np.float32)
-    return np.round(np.clip(out, 0, 1) * 255).astype(np.uint8)
+    return np.round(np.clip(out, 0, 1) * 255).astype(np.uint8), objs
 
-# %% ../nbs/03_synthetic.ipynb #05743d5d
-_BG_WORDS = {'plain': 'a plain', 'gradient': 'a gradient', 'stripes': 'a striped', 'checker': 'a checkered',
-             'noise': 'a noisy'}
-
-def caption(p: ClipParams) -> str:
-    "A sentence describing clip `p`, e.g. 'moving a red circle from left to right on a striped background'."
-    first, second = f'a {p.colour} {p.shape}', f'a {p.other_colour} {p.other_shape}'
-    text = p.action
-    if text.startswith('two things'):
-        text = f'{first} and {second}' + text[len('two things'):]
-    elif text.count('something') == 2:  # 'covering something with something': the mover comes second
-        movers_first = p.family in ('stack',)
-        a, b = (first, second) if movers_first else (second, first)
-        text = text.replace('something', a, 1).replace('something', b, 1)
-    else:
-        text = text.replace('something', first, 1)
-    text += f' on {_BG_WORDS[p.background]} background'
-    if p.distractor: text += f', with a small {p.distractor_colour} {p.distractor} wandering around'
-    return text
+def render(p: ClipParams, frames: int = 16, size: int = 64) -> np.ndarray:
+    "Render clip `p` as uint8 [T, H, W, 3] with T=`frames`, H=W=`size`."
+    return render_scene(p, frames, size)[0]
 
 # %% ../nbs/03_synthetic.ipynb #7013baf3
 DATASET_VERSION = 1  # bump when a change to the renderer changes pixels
 FPS = 8
-
-def _atomic_target(path: Path) -> Path:
-    return path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-
-def write_video(path: Union[str, Path], frames: np.ndarray, fps: int = FPS) -> Path:
-    "Encode uint8 `frames` [T, H, W, 3] (even H, W) to the mp4 `path`, atomically."
-    path = Path(path)
-    T, H, W, _ = frames.shape
-    if H % 2 or W % 2: raise ValueError(f'yuv420p needs even frame sizes, got {H}x{W}')
-    tmp = _atomic_target(path)
-    with av.open(str(tmp), 'w', format='mp4') as box:
-        st = box.add_stream('mpeg4', rate=fps)                      # deterministic, unlike libx264 here
-        st.width, st.height, st.pix_fmt = W, H, 'yuv420p'
-        st.thread_count, st.bit_rate = 1, 2_000_000
-        for f in frames:
-            for pkt in st.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format='rgb24')): box.mux(pkt)
-        for pkt in st.encode(): box.mux(pkt)
-    os.replace(tmp, path)
-    return path
-
-def _write_text(path: Path, text: str):
-    tmp = _atomic_target(path)
-    tmp.write_text(text, encoding='utf-8')
-    os.replace(tmp, path)
 
 def video_rng(seed: int, name: str, index: int) -> np.random.Generator:
     "The random generator of video `index` of class `name` in a dataset made with `seed`."
@@ -401,12 +367,8 @@ def _render_job(job) -> str:
     root, name, index, seed, frames, size = job
     path = Path(root) / 'videos' / name / f'{video_id(name, index)}.mp4'
     if not path.exists():
-        write_video(path, render(video_params(seed, name, index), frames, size))
+        write_mp4(path, render(video_params(seed, name, index), frames, size), FPS, codec='mpeg4')
     return str(path)
-
-def _params(seed, videos_per_class, frames, size, val_classes, test_classes) -> dict:
-    return dict(version=DATASET_VERSION, seed=seed, videos_per_class=videos_per_class, frames=frames,
-                size=size, val_classes=val_classes, test_classes=test_classes)
 
 def _read_json(path: Path):
     try: return json.loads(path.read_text(encoding='utf-8'))
@@ -415,7 +377,7 @@ def _read_json(path: Path):
 def is_complete(root: Union[str, Path], **params) -> bool:
     "Whether `root` holds a finished dataset made with `params` (the keyword arguments of `make_synthetic`)."
     marker = _read_json(Path(root) / '.complete')
-    return marker is not None and marker.get('params') == _params(**params)
+    return marker is not None and marker.get('params') == dict(version=DATASET_VERSION, **params)
 
 def _clear(root: Path):
     "Remove what a previous run of `make_synthetic` wrote to `root`, and nothing else."
@@ -431,7 +393,8 @@ def make_synthetic(root: Union[str, Path] = 'data/synthetic', seed: int = 0, vid
                    workers: int = 2, force: bool = False, verbose: bool = False) -> Path:
     "Render the synthetic dataset into `root` (or return at once if it is already complete) and return `root`."
     root = Path(root)
-    params = _params(seed, videos_per_class, frames, size, val_classes, test_classes)
+    params = dict(version=DATASET_VERSION, seed=seed, videos_per_class=videos_per_class, frames=frames, size=size,
+                  val_classes=val_classes, test_classes=test_classes)
     if not force and is_complete(root, **{k: v for k, v in params.items() if k != 'version'}): return root
     if size % 2: raise ValueError(f'size must be even (yuv420p), got {size}')
     if frames < 2 or videos_per_class < 1: raise ValueError('need frames >= 2 and videos_per_class >= 1')
@@ -443,7 +406,7 @@ def make_synthetic(root: Union[str, Path] = 'data/synthetic', seed: int = 0, vid
     (root / '.complete').unlink(missing_ok=True)
     classes = [dict(name=c.name, split=s, family=c.family, direction=c.direction, partner=c.partner,
                     reverse=c.reverse, mirror=c.mirror) for s, cs in splits.items() for c in cs]
-    _write_text(root / 'classes.json', json.dumps(
+    atomic_write_text(root / 'classes.json', json.dumps(
         dict(generator='mdmf.synthetic', params=params, classes=classes), indent=1))
     for c in classes: (root / 'videos' / c['name']).mkdir(parents=True, exist_ok=True)
     jobs = [(str(root), c['name'], i, seed, frames, size) for c in classes for i in range(videos_per_class)]
@@ -455,9 +418,9 @@ def make_synthetic(root: Union[str, Path] = 'data/synthetic', seed: int = 0, vid
     (root / 'splits').mkdir(exist_ok=True)
     for s, cs in splits.items():
         lines = [f'{c.name}/{video_id(c.name, i)}' for c in cs for i in range(videos_per_class)]
-        _write_text(root / 'splits' / f'{s}.txt', '\n'.join(lines) + '\n')
+        atomic_write_text(root / 'splits' / f'{s}.txt', '\n'.join(lines) + '\n')
     secs = round(time.time() - start, 2)
-    _write_text(root / '.complete', json.dumps(dict(params=params, videos=len(jobs), seconds=secs), indent=1))
+    atomic_write_text(root / '.complete', json.dumps(dict(params=params, videos=len(jobs), seconds=secs), indent=1))
     if verbose: print(f'wrote {len(jobs)} videos of {len(classes)} classes to {root} in {secs:.1f} s')
     return root
 
@@ -466,23 +429,18 @@ def read_classes(root: Union[str, Path]) -> list:
     return json.loads((Path(root) / 'classes.json').read_text(encoding='utf-8'))['classes']
 
 # %% ../nbs/03_synthetic.ipynb #7aaed89f
+_FLAGS = dict(root=('data/synthetic', 'output folder'), seed=(0, 'dataset seed'), videos_per_class=(30, 'videos per class'),
+              frames=(16, 'frames per video'), size=(64, 'frame height and width, even'), val_classes=(8, 'classes in val'),
+              test_classes=(8, 'classes in test; train keeps the rest'), workers=(2, 'processes rendering videos'))
+
 def main(argv=None):
     "Command line: `python -m mdmf.synthetic --root DIR [...]`."
     ap = argparse.ArgumentParser(prog='python -m mdmf.synthetic',
                                  description='Render the synthetic few-shot action dataset (mp4 files and split lists).')
-    ap.add_argument('--root', default='data/synthetic', help='output folder (default: data/synthetic)')
-    ap.add_argument('--seed', type=int, default=0, help='dataset seed (default: 0)')
-    ap.add_argument('--videos-per-class', type=int, default=30, help='videos per class (default: 30)')
-    ap.add_argument('--frames', type=int, default=16, help='frames per video (default: 16)')
-    ap.add_argument('--size', type=int, default=64, help='frame height and width, even (default: 64)')
-    ap.add_argument('--val-classes', type=int, default=8, help='classes in val (default: 8)')
-    ap.add_argument('--test-classes', type=int, default=8, help='classes in test (default: 8); train keeps the rest')
-    ap.add_argument('--workers', type=int, default=2, help='processes rendering videos (default: 2)')
+    for k, (default, text) in _FLAGS.items():
+        ap.add_argument('--' + k.replace('_', '-'), type=type(default), default=default, help=f'{text} (default: {default})')
     ap.add_argument('--force', action='store_true', help='regenerate even if a complete dataset is there')
-    a = ap.parse_args(argv)
-    root = make_synthetic(a.root, seed=a.seed, videos_per_class=a.videos_per_class, frames=a.frames, size=a.size,
-                          val_classes=a.val_classes, test_classes=a.test_classes, workers=a.workers,
-                          force=a.force, verbose=True)
+    root = make_synthetic(**vars(ap.parse_args(argv)), verbose=True)
     print(f'dataset ready: {root}')
     return root
 

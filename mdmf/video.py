@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from .core import BadInput, MissingInput, PathLike
+from .core import BadInput, MissingInput, PathLike, atomic_write
 from .episodes import IMAGE_EXTS, natural_key
 
 # %% auto #0
@@ -28,15 +28,20 @@ __all__ = ['CLIP_MEAN', 'CLIP_STD', 'FRAME_MODES', 'write_mp4', 'write_frames', 
 def write_mp4(path: PathLike,  # the .mp4 file to write
               frames: np.ndarray,  # uint8 [T, H, W, 3], H and W even
               fps: int = 8,  # frames per second
+              codec: str = 'libx264',  # 'mpeg4' writes the same bytes on every run and machine
              ) -> Path:
-    "Write uint8 frames `[T, H, W, 3]` (H and W even) as an H.264 `.mp4`."
+    "Write uint8 frames `[T, H, W, 3]` (H and W even) as an `.mp4`, whole or not at all."
+    T, H, W, _ = frames.shape
+    if H % 2 or W % 2: raise ValueError(f'yuv420p needs even frame sizes, got {H}x{W}')
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), 'w') as out:
-        stream = out.add_stream('libx264', rate=fps)
-        stream.height, stream.width, stream.pix_fmt = frames.shape[1], frames.shape[2], 'yuv420p'
-        for f in frames: out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format='rgb24')))
-        out.mux(stream.encode())
-    return path
+    def write(f):
+        with av.open(f, 'w', format='mp4') as out:
+            stream = out.add_stream(codec, rate=fps)
+            stream.height, stream.width, stream.pix_fmt, stream.thread_count = H, W, 'yuv420p', 1
+            if codec == 'mpeg4': stream.bit_rate = 2_000_000
+            for x in frames: out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(x), format='rgb24')))
+            out.mux(stream.encode())
+    return atomic_write(path, write)
 
 def write_frames(folder: PathLike,  # the frame folder to write
                  frames: np.ndarray,  # uint8 [T, H, W, 3]
