@@ -101,3 +101,11 @@ def test_no_notebook_cell_is_too_long():
             code = [l for l in src if l.strip() and not l.lstrip().startswith('#')]
             if c['cell_type'] == 'code' and len(code) > 60: long.append((nb.name, len(code), src[0][:60]))
     assert not long, long
+
+
+def test_every_notebook_opens_in_colab():
+    "Each notebook has the current Colab badge and install cell (`python tools/colab_cells.py` writes them)."
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('colab_cells', ROOT / 'tools' / 'colab_cells.py')
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    assert mod.main(['--check']) == 0, 'run `python tools/colab_cells.py && nbdev_clean`'
