@@ -22,7 +22,7 @@ from fastcore.imports import in_notebook
 
 from .config import Config, EvalConfig, RunConfig, add_flags, cli, command_line, with_values
 from .core import atomic_write_text
-from .data import ClipDataset, DataConfig, EpisodeDataset, load_data
+from .data import ClipDataset, DataConfig, EpisodeDataset, dataset_label, load_data
 from .episodes import EpisodeSampler, Split, episode_generator
 from .runs import load_model
 from .runtime import Runtime, all_max, all_sum, autocast, init_runtime, set_threads
@@ -197,7 +197,7 @@ def evaluate_run(model: nn.Module, cfg: Config,  # a model and its run's config 
                'checkpoint': str(checkpoint), 'model': cfg.model.model, 'dataset': cfg.data.dataset}
     if rt.is_main:
         if out: atomic_write_text(out, json.dumps(metrics, indent=1))
-        print(f'{cfg.model.model} on {cfg.data.dataset} {split}, {cfg.data.way}-way {shot}-shot: {r.summary()}'
+        print(f'{cfg.model.model} on {dataset_label(cfg.data)} {split}, {cfg.data.way}-way {shot}-shot: {r.summary()}'
               + (f'; written to {out}' if out else ''))
     return metrics
 

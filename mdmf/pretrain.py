@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
+from fastcore.imports import in_notebook
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -437,4 +438,4 @@ def main(argv=None):
 
 # %% ../nbs/26_pretrain.ipynb #6b8edb8c
 #| eval: false
-if __name__ == '__main__': main()
+if __name__ == '__main__' and not in_notebook(): main()  # a notebook kernel's __name__ is '__main__' too

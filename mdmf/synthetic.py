@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
+from fastcore.imports import in_notebook
 
 from .core import atomic_write_text
 from .video import write_mp4
@@ -446,5 +447,4 @@ def main(argv=None):
 
 # %% ../nbs/04_synthetic.ipynb #5c023a8c
 #| eval: false
-if __name__ == '__main__':
-    main()
+if __name__ == '__main__' and not in_notebook(): main()  # a notebook kernel's __name__ is '__main__' too

@@ -24,7 +24,7 @@ from fastcore.imports import in_notebook
 
 from .config import Config, cli, config_from_dict, config_parser, config_to_dict, config_from_args
 from .core import BadInput, atomic_write_text
-from .data import episode_data, freeze_split, load_data
+from .data import dataset_label, episode_data, freeze_split, load_data
 from .episodes import episode_generator
 from .evaluate import crop_size, evaluate
 from .features import FeatureForward, feature_loader, frozen_split_features, uses_features
@@ -388,7 +388,7 @@ def train(cfg: Config,  # the run's settings
         if not cfg.run.resume:
             n = sum(p.numel() for p in trainer.params)
             trainer.log.write(f'{cfg.model.model} ({cfg.model.backbone}, {n / 1e6:.2f}M trainable parameters) on '
-                              f'{cfg.data.dataset}: {cfg.data.way}-way {cfg.data.shot}-shot, {cfg.optim.train_episodes} '
+                              f'{dataset_label(cfg.data)}: {cfg.data.way}-way {cfg.data.shot}-shot, {cfg.optim.train_episodes} '
                               f'training episodes, {rt.device}{f" x{rt.world}" if rt.distributed else ""}, '
                               f'{rt.amp_dtype or torch.float32}; run folder {folder}')
         trainer.fit()
@@ -400,7 +400,7 @@ def train(cfg: Config,  # the run's settings
         metrics['memory'] = trainer.memory_metrics()
         if rt.is_main: atomic_write_text(folder / METRICS, json.dumps(metrics, indent=1))
         st = trainer.state
-        trainer.log.write(f'{cfg.model.model} on {cfg.data.dataset} test classes, {cfg.data.way}-way {cfg.data.shot}-shot: '
+        trainer.log.write(f'{cfg.model.model} on {dataset_label(cfg.data)} test classes, {cfg.data.way}-way {cfg.data.shot}-shot: '
                           f'{trainer.test_result.summary()}; val {st["best_accuracy"]:.2f} % at episode '
                           f'{st["best_episode"]}; {timings["total_s"]:.0f} s; {folder}')
     except BaseException:

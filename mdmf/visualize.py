@@ -17,7 +17,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .config import Config, add_flags, cli, command_line, config_from_dict
 from .core import BadInput, MissingInput, atomic_write, atomic_write_text
-from .data import load_data
+from .data import dataset_label, load_data
 from .evaluate import crop_size
 from .inspect import (episode_embeddings, example_run, grad_cam, inspect_episode, load_episode,
                           load_run, per_class_accuracy, save_example)
@@ -206,7 +206,7 @@ def write_figures(run,  # the run folder to draw
     folders = _unique_folders([run] + ([compare] if compare else []) + list(runs) + (_siblings(Path(run)) if siblings else []))
     if len(folders) >= 2:
         rows = run_table(folders)
-        save('runs', plot_table(rows, title=f'{cfg.data.dataset} {cfg.data.way}-way {cfg.data.shot}-shot runs'))
+        save('runs', plot_table(rows, title=f'{dataset_label(cfg.data)} {cfg.data.way}-way {cfg.data.shot}-shot runs'))
         atomic_write_text(out / 'runs.md', table_markdown(rows))
         save('lambda_sweep', plot_lambda_sweep(rows))
     return written

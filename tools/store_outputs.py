@@ -37,8 +37,10 @@ def store(path: Path, timeout: int = 1200) -> dict:
     for i, cell in enumerate(nb.cells):
         if cell.cell_type == 'code' and SKIPPED.search(cell.source): held[i], cell.source = cell.source, ''
     t0 = time.perf_counter()
-    NotebookClient(nb, timeout=timeout, kernel_name='python3', store_widget_state=False,
+    # widget state is tracked while running (nbclient's Output-widget hook needs it) and dropped before writing
+    NotebookClient(nb, timeout=timeout, kernel_name='python3', store_widget_state=True,
                    resources={'metadata': {'path': str(path.parent)}}).execute()
+    nb.metadata.pop('widgets', None)
     for i, source in held.items(): nb.cells[i].source, nb.cells[i].outputs = source, []
     nbformat.write(nb, path)
     subprocess.run(['nbdev_clean', '--fname', str(path)], check=True, cwd=ROOT)
