@@ -19,6 +19,29 @@ def test_readme_has_two_setup_commands():
     assert 'pip install -e ".[dev]" && python -m pytest tests' in text
 
 
+def test_readme_is_finished():
+    "No placeholder left, and every notebook of nbs/ is in README's table of notebooks."
+    import re
+    text = (ROOT / 'README.md').read_text(encoding='utf-8')
+    assert not re.search(r'TBD|TODO|\u27ea|XXX', text), 'README holds a placeholder'
+    missing = [nb.stem for nb in (ROOT / 'nbs').glob('*.ipynb') if f'`{nb.stem}`' not in text]
+    assert not missing, f'notebooks missing from README: {missing}'
+
+
+def test_readme_commands_exist():
+    "Every `python -m mdmf.X` README names is a module of the package, and its flags are flags of that module."
+    import re, subprocess, sys
+    text = (ROOT / 'README.md').read_text(encoding='utf-8')
+    for module, args in sorted(set(re.findall(r'python -m (mdmf\.\w+)([^`\n]*)', text))):
+        flags = set(re.findall(r'(?<![\w-])--[a-z][\w-]*', args))
+        if not flags: continue
+        usage = subprocess.run([sys.executable, '-m', module, '--help'], capture_output=True, text=True, cwd=ROOT,
+                               timeout=120)
+        assert usage.returncode == 0, (module, usage.stderr[-500:])
+        unknown = [f for f in flags if f not in usage.stdout and f.replace('--no-', '--') not in usage.stdout]
+        assert not unknown, f'README gives {module} flags it does not have: {unknown}'
+
+
 def test_splits_shipped():
     for name, n in [('hmdb51', 4280 + 1194 + 1292), ('ucf101', 9154 + 1421 + 2745),
                     ('kinetics100', 10000), ('ssv2_small', 10000), ('ssv2_full', 67013 + 1926 + 2857)]:
