@@ -32,7 +32,7 @@ from .memory import GiB, plan_training
 from .model import build_model
 from .runs import (BEST, CONFIG, LAST, LOCK, METRICS, SPLITS, RunLog, load_checkpoint, open_run, preserved_rng, rng_state,
                        save_checkpoint, seed_everything, set_rng_state)
-from .runtime import Runtime, autocast, barrier, ddp_device_ids, init_runtime, main_first, set_threads
+from .runtime import Runtime, autocast, ddp_device_ids, init_runtime, main_first, set_threads
 
 # %% auto #0
 __all__ = ['prepare_data', 'episode_indices', 'to_device', 'NonFiniteLoss', 'Trainer', 'train', 'main']

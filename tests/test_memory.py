@@ -61,7 +61,7 @@ def test_backbone_recognised_by_architecture(tmp_path):
     m = load_clip('tiny-rn', seed=3)
     torch.save(m.state_dict(), tmp_path / 'w.pt')
     assert backbone_key(load_clip(str(tmp_path / 'w.pt')), TABLE) == 'tiny-rn'  # a weights file: by its shapes
-    assert backbone_key(load_clip('tiny-pretrained'), TABLE) == 'tiny-vit'
+    assert backbone_key(load_clip('tiny-pretrained'), TABLE) == 'tiny-rn'  # the shipped file: a tiny ResNet
     assert backbone_key(m, dict(backbones={})) is None
 
 
@@ -119,7 +119,7 @@ def test_memory_table_rows_and_cards():
                                                                 for p in ('float32', 'bfloat16', 'float16')}
     for r in paper:
         assert r['checkpointed'] < r['peak'] and '16 GB' in r['checkpointed_fits'] and '16 GB' not in r['fits']
-    assert any(r['backbone'] == 'tiny-vit' and r['presets'] == ['synthetic'] for r in rows)
+    assert any(r['backbone'] == 'tiny-rn' and r['presets'] == ['synthetic'] for r in rows)  # the shipped tiny CLIP
 
 
 def test_trainer_follows_the_plan_and_logs_it(tmp_path):

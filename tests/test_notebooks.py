@@ -7,6 +7,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from test_outputs import draws, pictures
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / 'nbs').glob('[0-9]*.ipynb')) + [ROOT / 'index.ipynb']
 SKIPPED = re.compile(r'^\s*#\|\s*(slow|gpu|eval:\s*false)\s*$', re.M)
@@ -20,7 +22,8 @@ def figure_texts(nb) -> list:
 
 
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs(path):
+def test_notebook_runs(path, monkeypatch):
+    monkeypatch.delenv('MPLBACKEND', raising=False)  # the kernel draws inline, as in JupyterLab (conftest sets Agg)
     nb = nbformat.read(path, as_version=4)
     for cell in nb.cells:
         if cell.cell_type == 'code' and SKIPPED.search(cell.source): cell.source = ''
@@ -28,3 +31,4 @@ def test_notebook_runs(path):
     NotebookClient(nb, timeout=900, kernel_name='python3', store_widget_state=True,
                    resources={'metadata': {'path': str(path.parent)}}).execute()
     assert not figure_texts(nb), f'{path.name}: figures shown as text, not pictures: {figure_texts(nb)}'
+    assert pictures(nb) or not draws(nb), f'{path.name} draws, but no picture was displayed'
