@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 import nbformat
-from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'tests'))
+from test_notebooks import execute  # noqa: E402  the same kernel as the tests
 from test_outputs import NOTEBOOK_BUDGET, problems, stored_bytes  # noqa: E402  the same checks as the tests
 
 SKIPPED = re.compile(r'^\s*#\|\s*(slow|gpu)\s*$', re.M)  # nbdev flags of cells the tests skip
@@ -37,10 +37,7 @@ def store(path: Path, timeout: int = 1200) -> dict:
     for i, cell in enumerate(nb.cells):
         if cell.cell_type == 'code' and SKIPPED.search(cell.source): held[i], cell.source = cell.source, ''
     t0 = time.perf_counter()
-    # widget state is tracked while running (nbclient's Output-widget hook needs it) and dropped before writing
-    NotebookClient(nb, timeout=timeout, kernel_name='python3', store_widget_state=True,
-                   resources={'metadata': {'path': str(path.parent)}}).execute()
-    nb.metadata.pop('widgets', None)
+    execute(nb, path.parent, timeout)
     for i, source in held.items(): nb.cells[i].source, nb.cells[i].outputs = source, []
     nbformat.write(nb, path)
     subprocess.run(['nbdev_clean', '--fname', str(path)], check=True, cwd=ROOT)
