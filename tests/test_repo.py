@@ -11,6 +11,8 @@ import make_readme  # noqa: E402
 def test_readme_matches_index():
     assert (ROOT / 'README.md').read_text(encoding='utf-8') == make_readme.render(), \
         'README.md differs from index.ipynb: run `python tools/make_readme.py`'
+    assert make_readme.main(['--check']) == 0, 'README pictures differ from index.ipynb: run `python tools/make_readme.py`'
+    assert make_readme.pictures_of(), 'README shows the episode picture of index.ipynb'
 
 
 def test_readme_has_two_setup_commands():
