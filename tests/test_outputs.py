@@ -18,9 +18,7 @@ NOTEBOOKS = sorted((ROOT / 'nbs').glob('[0-9]*.ipynb')) + [ROOT / 'index.ipynb']
 
 # Notebooks whose outputs have not been stored yet: exempt from "a notebook that draws keeps a picture" (every other
 # check applies). Run `python tools/store_outputs.py nbs/NAME.ipynb` and remove the name here; the list ends empty.
-PENDING = ['01_episodes.ipynb', '03_data.ipynb', '02_video.ipynb', '04_synthetic.ipynb', '06_pps.ipynb', '07_context.ipynb',
-           '08_mmfe.ipynb', '09_otam.ipynb', '11_model.ipynb', '18_train.ipynb', '19_ablate.ipynb', '26_pretrain.ipynb',
-           'index.ipynb']
+PENDING = []  # notebooks whose outputs are not stored yet: none
 
 NOTEBOOK_BUDGET = 1_000_000  # bytes of stored outputs in one notebook, widget state included
 PICTURE_BUDGET = 200_000  # bytes of one stored picture (base64, as in the file)
