@@ -177,14 +177,8 @@ def test_rank_zero_downloads_clip_first_under_torchrun(tmp_path):
 @pytest.fixture(scope='module')
 def folder_videos(tmp_path_factory):
     "Six classes of three 4-frame videos (32 px JPEG frame folders), dealt 2/2/2 into train/val/test classes."
-    import numpy as np
-    from mdmf.video import write_frames
-    root = tmp_path_factory.mktemp('videos')
-    rng = np.random.default_rng(0)
-    for c in range(6):
-        for v in range(3):
-            write_frames(root / f'action {c}' / f'v{v}', rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
-    return root
+    from conftest import random_class_folders
+    return random_class_folders(tmp_path_factory.mktemp('videos'), per_class=3)
 
 
 def test_resume_in_float16_a_run_saved_without_scaler_state(folder_videos, tmp_path):

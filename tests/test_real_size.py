@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mdmf.backbone import load_clip
-from mdmf.video import write_frames
+from conftest import random_class_folders
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_EPISODES = ['--dataset', 'folder', '--split-classes', '2/2/2', '--way', '2', '--shot', '1', '--train-query', '1',
@@ -26,12 +26,7 @@ TINY_EPISODES = ['--dataset', 'folder', '--split-classes', '2/2/2', '--way', '2'
 @pytest.fixture(scope='module')
 def videos(tmp_path_factory):
     "Six classes of two 4-frame videos (JPEG frame folders, 32 px): the folder dataset, split 2/2/2 by class."
-    root = tmp_path_factory.mktemp('videos')
-    rng = np.random.default_rng(0)
-    for c in range(6):
-        for v in range(2):
-            write_frames(root / f'action {c}' / f'video{v}', rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
-    return root
+    return random_class_folders(tmp_path_factory.mktemp('videos'), per_class=2)
 
 
 def _random_weights(name: str, folder: Path) -> Path:
