@@ -26,7 +26,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / 'tests' / 'artifacts' / 'browser'
 CHROMIUM, CHROMEDRIVER = shutil.which('chromium') or '/usr/bin/chromium', '/usr/bin/chromedriver'
-NOTEBOOKS = ('21_plots.ipynb', '22_explorer.ipynb')  # run all; the explorer's controls are operated in the second
+NOTEBOOKS = ('22_plots.ipynb', '23_explorer.ipynb')  # run all; the explorer's controls are operated in the second
 
 pytestmark = pytest.mark.browser
 LOG = ARTIFACTS / 'log.txt'  # what the test printed: CI shows it after the suite

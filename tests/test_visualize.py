@@ -41,7 +41,7 @@ def test_shipped_examples_fit_the_shipped_backbone():
         state = model.state_dict()
         assert _digest(state, [k for k in state if k not in ex['weights']]) == ex['base'], (
             f'{example_file(m)} was made over another tiny-pretrained backbone: train the default runs again and write '
-            'it with `python -m mdmf.visualize --save-examples RUN ...` (see nbs/23_visualize.ipynb)')
+            'it with `python -m mdmf.visualize --save-examples RUN ...` (see nbs/24_visualize.ipynb)')
         assert example_file(m).stat().st_size < 4e6  # shipped with the package: what training changed, float16 (~1.5M values)
         assert ex['metrics']['test']['accuracy'] > 0 and any(e['kind'] == 'train' for e in ex['log'])
 

@@ -1,6 +1,6 @@
 """Run notebooks in a real Jupyter kernel and store their outputs, as a reader will see them on the repository page.
 
-    python tools/store_outputs.py nbs/21_plots.ipynb nbs/22_explorer.ipynb
+    python tools/store_outputs.py nbs/22_plots.ipynb nbs/23_explorer.ipynb
     python tools/store_outputs.py --all
 
 Each notebook runs top to bottom in a fresh `python3` kernel from its own folder (what `jupyter nbconvert --to
