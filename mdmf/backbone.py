@@ -126,12 +126,13 @@ class Backbone(nn.Module):
                  freeze_bn: bool = True,  # keep BatchNorm in eval mode in train mode (ResNet only)
                  activation_checkpoint: bool = False,  # recompute the visual encoder's activations in the backward pass
                  checkpoint_chunk: int = 64,  # frames per checkpointed chunk
-                 prompt: str = 'a photo of {}.'):
+                 prompt: str = 'a photo of {}.',
+                 input_norm: str = 'clip'):  # uint8 pixels -> 'clip' (CLIP's mean/std) or 'none' ([0, 1])
         super().__init__()
         self.clip = clip_model
         self.dim = clip_model.text_projection.shape[1]  # D
         self.image_size = clip_model.visual.input_resolution  # S
-        self.prompt, self.freeze_bn = prompt, freeze_bn
+        self.prompt, self.freeze_bn, self.input_norm = prompt, freeze_bn, input_norm
         self.activation_checkpoint, self.checkpoint_chunk = activation_checkpoint, checkpoint_chunk
         self.channels_last = False  # ResNet frames and weights in NHWC (set by `use_channels_last`)
         self._cache = {}  # name -> [D] prompt feature, on the model's device
@@ -211,7 +212,7 @@ def encode_frames(self: Backbone, frames: torch.Tensor) -> torch.Tensor:
                        f'[B, T, 3, {S}, {S}]: crop them to {S} pixels (the run layer uses model.backbone.image_size)')
     x = frames.reshape(B * T, *frames.shape[2:])  # [B*T, 3, S, S]
     if x.dtype == torch.uint8:  # pixels travel as uint8 (4x smaller): scaled and normalised on the model's device
-        x = to_clip_input(x.to(self.device, non_blocking=True))
+        x = to_clip_input(x.to(self.device, non_blocking=True), self.input_norm)
     x = x.to(self.clip.dtype)  # CLIP's own weight dtype (float32 here)
     if self.channels_last: x = x.contiguous(memory_format=torch.channels_last)  # [B*T, 3, S, S] stored NHWC
     if self.activation_checkpoint and torch.is_grad_enabled() and not self.freeze_visual:

@@ -22,11 +22,13 @@ from .core import BadInput, MissingInput, UserError
 from .data import DataConfig, dataset_label
 from .episodes import DATASETS
 from .model import MODELS, ModelConfig, _CHOICES as _MODEL_CHOICES
+from .video import FRAME_MODES
 
 # %% auto #0
-__all__ = ['SECTIONS', 'PAPER', 'VIDEO_TEXT_WEIGHT', 'PRESETS', 'CHOICES', 'OptimConfig', 'EvalConfig', 'RunConfig', 'Config',
-           'leaf_sections', 'with_values', 'preset_config', 'load_config_file', 'config_from_dict', 'config_to_dict',
-           'field_help', 'add_flags', 'command_line', 'config_parser', 'config_from_args', 'resolve_config', 'cli']
+__all__ = ['SECTIONS', 'PAPER', 'VIDEO_TEXT_WEIGHT', 'PRESETS', 'RECIPES', 'FSAR_GPUS', 'FSAR_SOLVER', 'MDMF_RUN', 'CHOICES',
+           'OptimConfig', 'EvalConfig', 'RunConfig', 'Config', 'leaf_sections', 'with_values', 'preset_config', 'lr_at',
+           'adam_groups', 'recipe_values', 'load_config_file', 'config_from_dict', 'config_to_dict', 'field_help',
+           'add_flags', 'command_line', 'config_parser', 'config_from_args', 'resolve_config', 'cli']
 
 # %% ../nbs/14_config.ipynb #2db93969
 @dataclass
@@ -39,12 +41,24 @@ class OptimConfig:
     train_draws: int = 8  # with --freeze-visual: augmented draws (frame jitter, crop, flip) of each training video encoded once and reused by every episode (0: no cache, every episode encodes fresh draws)
     grad_clip: float = 0.0  # clip the gradient norm to this value (0: off)
     amp: bool = True  # mixed precision on CUDA (bfloat16 from compute capability 8.0, else float16 with loss scaling)
+    lr_warmup: int = 0  # training episodes of linear warm-up from --warmup-lr to --lr (0: none)
+    warmup_lr: float = 0.0  # the learning rate at the start of the warm-up
+    lr_steps: list = field(default_factory=list)  # training episodes from which the rate is --lr times the matching --lr-factors, e.g. [5600, 8400]
+    lr_factors: list = field(default_factory=list)  # multipliers of --lr from each of --lr-steps on, e.g. [0.1, 0.01]
+    decay_norms: bool = True  # weight decay on every parameter; --no-decay-norms: none on parameters named *bn* or *norm* (CLIP-FSAR's optimiser)
+    unfreeze_bn_after_val: bool = False  # with --freeze-bn: BatchNorm in eval mode until the first val round, in train mode after it (the released CLIP-MDMF)
+
+    def __post_init__(self):
+        if len(self.lr_steps) != len(self.lr_factors) or list(self.lr_steps) != sorted(self.lr_steps):
+            raise ValueError(f'--lr-steps {list(self.lr_steps)} must be increasing episodes, one per --lr-factors '
+                             f'{list(self.lr_factors)}')
 
 @dataclass
 class EvalConfig:
     "How the model is selected and tested."
     val_every: int = 100  # evaluate on val every this many training episodes (0: only at the end)
     val_episodes: int = 300  # val episodes per evaluation
+    val_start: int = 0  # no val round before this training episode (the released CLIP-MDMF tests from 14000 on)
     test_episodes: int = 10000  # test episodes
     eval_batch: int = 16  # videos per batch when the evaluation features are computed
     cache: bool = True  # evaluation computes each video's backbone features once and reuses them
@@ -70,6 +84,7 @@ SECTIONS = dict(data=DataConfig, model=ModelConfig, optim=OptimConfig, eval=Eval
 class Config:
     "Everything one run needs, in five typed sections."
     preset: str = 'synthetic'  # the preset the values started from (recorded, set with --preset)
+    recipe: str = 'paper'  # the training recipe applied over the preset (recorded, set with --recipe)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -115,12 +130,12 @@ def with_values(cfg: Config,  # the starting tree (not changed)
         elif k in SECTIONS and dataclasses.is_dataclass(v): flat.update(asdict(v))
         else: flat[k] = v
     flat = {k.replace('-', '_'): v for k, v in flat.items()}
-    preset = flat.pop('preset', cfg.preset)
+    preset, recipe = flat.pop('preset', cfg.preset), flat.pop('recipe', cfg.recipe)
     bad = sorted(k for k in flat if k not in where)
-    if bad: raise _unknown(bad, list(where) + ['preset'])
+    if bad: raise _unknown(bad, list(where) + ['preset', 'recipe'])
     parts = {sec: {k: v for k, v in flat.items() if where[k] == sec} for sec in SECTIONS}
     try:
-        return Config(preset, **{sec: dataclasses.replace(getattr(cfg, sec), **parts[sec]) for sec in SECTIONS})
+        return Config(preset, recipe, **{sec: dataclasses.replace(getattr(cfg, sec), **parts[sec]) for sec in SECTIONS})
     except ValueError as e: raise BadInput(str(e)) from None
 
 # %% ../nbs/14_config.ipynb #e05a6403
@@ -149,6 +164,71 @@ def preset_config(name: str = 'synthetic') -> Config:
     "The config of preset `name`."
     if name not in PRESETS: raise _unknown([name], list(PRESETS))
     return with_values(Config(preset=name), PRESETS[name])
+
+# %% ../nbs/14_config.ipynb #4b30fdcc
+def lr_at(o: OptimConfig,  # the run's optimisation settings
+          episode: int,  # a training episode (0-based, counted over all processes)
+         ) -> float:
+    "The learning rate of a step whose window ends with training episode `episode`."
+    if episode < o.lr_warmup: return o.warmup_lr + (o.lr - o.warmup_lr) * episode / o.lr_warmup
+    factor = 1.0
+    for step, f in zip(o.lr_steps, o.lr_factors):
+        if episode >= step: factor = f
+    return o.lr * factor
+
+def adam_groups(model, o: OptimConfig) -> list:
+    "Adam's parameters of `model`: one group (`decay_norms`), or none of the weight decay for those named *bn* / *norm*."
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if o.decay_norms: return [p for _, p in named]
+    norm = lambda n: 'bn' in n or 'norm' in n
+    return [dict(params=[p for n, p in named if not norm(n)]),
+            dict(params=[p for n, p in named if norm(n)], weight_decay=0.0)]
+
+# %% ../nbs/14_config.ipynb #29f36c15
+RECIPES = ('paper', 'released-mdmf', 'released-fsar')
+FSAR_GPUS = 4  # CLIP-FSAR's configs: NUM_GPUS 4, one task per GPU per iteration (TRAIN.BATCH_SIZE 4)
+FSAR_SOLVER = {  # CLIP-FSAR configs/projects/CLIPFSAR/<dataset>/CLIPFSAR_*_{1,5}shot_v1.yaml: SOLVER, TRAIN
+    #               BASE_LR, WARMUP_START_LR, STEPS_ITER, STEPS,    NUM_TRAIN_TASKS, VAL_FRE_ITER
+    'hmdb51':      (1e-5,    1e-6,            700,        (0, 4, 6), 5000,            300),
+    'kinetics100': (1e-5,    5e-6,            250,        (0, 6, 9), 5000,            100),
+    'ucf101':      (2e-6,    1e-7,            600,        (0, 4, 6), 3000,            100),
+    'ssv2_small':  (5e-5,    2e-5,            2000,       (0, 4, 6), 30000,           1000),
+    'ssv2_full':   (5e-5,    1e-5,            4000,       (0, 4, 6), 30000,           1000),
+}  # every file: LRS [1, 0.1, 0.01], WARMUP_EPOCHS 1, MAX_EPOCH 10, LR_POLICY steps_with_relative_lrs
+MDMF_RUN = dict(lr=1e-6, accum=16, train_episodes=20020, test_every=2000, first_test=14000)  # run_clip_fsar_decison_now.py
+
+def _fsar_values(dataset: str) -> dict:
+    if dataset not in FSAR_SOLVER:
+        raise BadInput(f'--recipe released-fsar: CLIP-FSAR has configs for {", ".join(FSAR_SOLVER)}, not {dataset}')
+    lr, start, S, steps, tasks, val = FSAR_SOLVER[dataset]
+    G = FSAR_GPUS
+    return dict(data=dict(flip=False, train_frames='segments', test_frames='segments'),
+                model=dict(model='clip-fsar', freeze_bn=False, input_norm='clip', prompt='a photo of {}'),
+                optim=dict(lr=lr, weight_decay=1e-3, decay_norms=False, accum=16, train_episodes=tasks * G,
+                           lr_warmup=S * G, warmup_lr=start, lr_steps=[-(-s // 2) * S * G for s in steps[1:]],
+                           lr_factors=[0.1, 0.01]),
+                eval=dict(val_every=val * G))
+
+def _mdmf_values(dataset: str, shot: int) -> dict:
+    head = {f.name: getattr(ModelConfig.released(), f.name) for f in fields(ModelConfig)
+            if getattr(ModelConfig.released(), f.name) != getattr(ModelConfig(), f.name)}
+    r = MDMF_RUN
+    return dict(data=dict(flip=True, train_frames='trx-released', test_frames='test-released'),
+                model=dict(head, model='mdmf', input_norm='none', freeze_bn=True,
+                           bidirectional=not (dataset == 'kinetics100' and shot == 1)),  # SINGLE_DIRECT
+                optim=dict(lr=r['lr'], weight_decay=0.0, accum=r['accum'], train_episodes=r['train_episodes'],
+                           unfreeze_bn_after_val=True),
+                eval=dict(val_every=r['test_every'], val_start=r['first_test']))
+
+def recipe_values(recipe: str,  # one of RECIPES
+                  dataset: str,  # the run's dataset (the CLIP-FSAR values are per dataset)
+                  shot: int = 5,  # the run's shot (CLIP-MDMF's Kinetics 1-shot config is one-directional)
+                 ) -> dict:
+    "The values recipe `recipe` sets over a preset, by section (the paper recipe: none)."
+    if recipe not in RECIPES: raise _unknown([recipe], list(RECIPES))
+    if recipe == 'paper': return {}
+    values = _fsar_values(dataset) if recipe == 'released-fsar' else _mdmf_values(dataset, shot)
+    return dict(values, recipe=recipe)
 
 # %% ../nbs/14_config.ipynb #5281f053
 def load_config_file(path) -> dict:
@@ -196,7 +276,7 @@ def field_help(cls) -> dict:
     except (OSError, TypeError): return {}
     return {m.group(1): m.group(2) for m in map(_FIELD_COMMENT.match, lines) if m}
 
-CHOICES = {**_MODEL_CHOICES, 'dataset': tuple(DATASETS), 'model': MODELS}
+CHOICES = {**_MODEL_CHOICES, 'dataset': tuple(DATASETS), 'model': MODELS, 'train_frames': FRAME_MODES, 'test_frames': FRAME_MODES}
 
 def add_flags(parser: argparse.ArgumentParser,  # the parser (or an argument group of it)
               obj,  # a dataclass instance: its fields become flags, its values are the defaults shown
@@ -243,6 +323,9 @@ def config_parser(prog: str = 'python -m mdmf.train', description: str = '', epi
     base = base or preset_config('synthetic')
     p.add_argument('--preset', choices=list(PRESETS), default=argparse.SUPPRESS,
                    help="starting values: synthetic (default) or a benchmark with the paper's protocol")
+    p.add_argument('--recipe', choices=list(RECIPES), default=argparse.SUPPRESS,
+                   help="training recipe over the preset: paper (default), or a released code's (released-mdmf, "
+                        "released-fsar: rate, schedule, weight decay, BatchNorm, pixels, frames, flips, episodes)")
     p.add_argument('--config', metavar='FILE', default=argparse.SUPPRESS,
                    help='JSON or TOML file of settings (keys as the flags, flat or in [section] tables); '
                         'flags override it, it overrides the preset')
@@ -251,14 +334,18 @@ def config_parser(prog: str = 'python -m mdmf.train', description: str = '', epi
     return p
 
 def config_from_args(args: dict) -> Config:
-    "The config a parsed command line asks for: preset, then config file, then flags."
-    args = {k: v for k, v in args.items() if k != 'debug'}
+    "The config a parsed command line asks for: preset, then recipe, then config file, then flags."
+    args = {k: v for k, v in args.items() if k not in ('debug', 'print_config')}
     from_file = load_config_file(args.pop('config')) if 'config' in args else {}
     flat_file = {k: v for sec in SECTIONS for k, v in (from_file.get(sec) or {}).items()} | \
                 {k: v for k, v in from_file.items() if k not in SECTIONS}
     dataset = args.get('dataset') or flat_file.get('dataset')
     preset = args.pop('preset', None) or flat_file.pop('preset', None) or (dataset if dataset in PRESETS else 'synthetic')
-    return with_values(with_values(preset_config(preset), flat_file), args)
+    recipe = args.pop('recipe', None) or flat_file.pop('recipe', None) or 'paper'
+    base = preset_config(preset)
+    shot = args.get('shot') or flat_file.get('shot') or base.data.shot
+    base = with_values(base, recipe_values(recipe, dataset or base.data.dataset, shot))
+    return with_values(with_values(base, flat_file), args)
 
 def resolve_config(argv: Optional[Sequence[str]] = None) -> Config:
     "The config of `python -m mdmf.train` with the flags `argv`."

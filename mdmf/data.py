@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from .core import BadInput, MissingInput, PathLike
 from .episodes import (VIDEO_EXTS, EpisodeSampler, Split, _scan, episode_rng, get_dataset, load_split,
                            split_class_folders, write_split_lists)
-from .video import read_clip
+from .video import RANDOM_FRAME_MODES, read_clip
 
 # %% auto #0
 __all__ = ['VideoIndex', 'index_videos', 'video_root', 'resolve_videos', 'DataConfig', 'load_data', 'dataset_label',
@@ -117,6 +117,8 @@ class DataConfig:
     test_query: int = 1  # query videos per class in val and test episodes
     short_side: int = 72  # frames are resized to this short side before cropping
     flip: bool = False  # random horizontal flip in training (off for direction-sensitive data such as SSv2)
+    train_frames: str = 'trx'  # frame mode of training clips (mdmf.video.FRAME_MODES): trx, train, trx-released (CLIP-MDMF's loader), segments (CLIP-FSAR's)
+    test_frames: str = 'test'  # frame mode of val and test clips: test, test-released (CLIP-MDMF's), segments (CLIP-FSAR's, random: no feature cache)
     workers: int = 1  # data loading processes
 
 # %% ../nbs/03_data.ipynb #94244982
@@ -204,7 +206,8 @@ def episode_data(cfg: DataConfig,  # the run's data settings (way, shot, queries
     "The `EpisodeDataset` of a loaded split under a run's data settings (training episodes for the train split)."
     train = split.split == 'train'
     sampler = EpisodeSampler.from_split(split, cfg.way, shot or cfg.shot, cfg.train_query if train else cfg.test_query, seed)
-    return EpisodeDataset(split, sampler, episodes, train, num_frames, size, cfg.short_side, None, cfg.flip and train, offset)
+    return EpisodeDataset(split, sampler, episodes, train, num_frames, size, cfg.short_side,
+                          cfg.train_frames if train else cfg.test_frames, cfg.flip and train, offset)
 
 def episode_dataset(name: str,  # dataset registry name
                     split: str,  # train, val or test
@@ -238,20 +241,22 @@ def episode_loader(dataset: Dataset,  # an `EpisodeDataset`
 
 # %% ../nbs/03_data.ipynb #642b11b4
 class ClipDataset(Dataset):
-    "Video `i` of a resolved split as `(clip uint8 [T, 3, S, S], label, i)` with `test` frames and a centre crop."
+    "Video `i` of a resolved split as `(clip uint8 [T, 3, S, S], label, i)` with deterministic frames (`test`) and a centre crop."
     def __init__(self,
                  split: Split,  # a resolved split
                  num_frames: int = 8,  # frames per clip T
                  size: int = 224,  # crop size S
                  short_side: int = 256,  # short side after resizing, before the crop
+                 frame_mode: str = 'test',  # a frame mode that draws nothing: test or test-released
                 ):
         if split.paths is None: raise ValueError(f'{split!r} is not resolved: call resolve_videos(split, root) first')
-        self.split, self.num_frames, self.size, self.short_side = split, num_frames, size, short_side
+        if frame_mode in RANDOM_FRAME_MODES: raise ValueError(f'ClipDataset encodes each video once: frame mode {frame_mode!r} is random')
+        self.split, self.num_frames, self.size, self.short_side, self.frame_mode = split, num_frames, size, short_side, frame_mode
 
     def __len__(self): return len(self.split)
 
     def __getitem__(self, i: int):
-        clip = read_clip(self.split.paths[i], self.num_frames, 'test', self.size, self.short_side)
+        clip = read_clip(self.split.paths[i], self.num_frames, self.frame_mode, self.size, self.short_side)
         return clip, self.split.labels[i], i
 
 # %% ../nbs/03_data.ipynb #529a4bfe

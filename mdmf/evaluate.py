@@ -26,6 +26,7 @@ from .data import ClipDataset, DataConfig, EpisodeDataset, dataset_label, load_d
 from .episodes import EpisodeSampler, Split, episode_generator
 from .runs import load_model
 from .runtime import Runtime, all_max, all_sum, autocast, init_runtime, set_threads
+from .video import RANDOM_FRAME_MODES
 
 # %% auto #0
 __all__ = ['SMALL_SPLIT', 'summarize', 'crop_size', 'encode_split', 'EvalResult', 'evaluate', 'evaluate_run', 'main']
@@ -56,7 +57,7 @@ def encode_split(model: nn.Module,  # a model of mdmf.model (or its DistributedD
     rt, model = rt or Runtime(), _unwrap(model)
     was_training = model.training
     model.eval()
-    ds = ClipDataset(split, cfg.model.frames, crop_size(model), cfg.data.short_side)
+    ds = ClipDataset(split, cfg.model.frames, crop_size(model), cfg.data.short_side, cfg.data.test_frames)
     b = cfg.eval.eval_batch
     batches = [list(range(i, min(i + b, len(ds)))) for i in range(0, len(ds), b)]
     loader = DataLoader(ds, batch_sampler=batches[rt.rank::rt.world], num_workers=cfg.data.workers,
@@ -127,7 +128,7 @@ def _cached(model, features: Tensor, tokens: Tensor, sampler: EpisodeSampler, mi
 def _uncached(model, cfg: Config, s: Split, sampler: EpisodeSampler, n: int, mine: list, gen, rt: Runtime, bar) -> dict:
     "Predictions of episodes `mine`, every episode decoded and encoded from its videos."
     ds = EpisodeDataset(s, sampler, n, train=False, num_frames=cfg.model.frames, size=crop_size(model),
-                        short_side=cfg.data.short_side)
+                        short_side=cfg.data.short_side, frame_mode=cfg.data.test_frames)
     loader = DataLoader(ds, batch_size=None, sampler=mine, num_workers=cfg.data.workers, pin_memory=rt.device.type == 'cuda')
     preds = {}
     for i, ep in zip(mine, loader):
@@ -155,6 +156,7 @@ def evaluate(model: nn.Module,  # a model of mdmf.model (or its DistributedDataP
     rt, model, d = rt or Runtime(), _unwrap(model), cfg.data
     n = episodes or (cfg.eval.test_episodes if split == 'test' else cfg.eval.val_episodes)
     shot, cache = shot or d.shot, cfg.eval.cache if cache is None else cache
+    cache = cache and d.test_frames not in RANDOM_FRAME_MODES  # frames drawn per episode: nothing to reuse
     progress = cfg.run.progress if progress is None else progress
     s = data if data is not None else load_data(d, split)
     sampler = EpisodeSampler.from_split(s, d.way, shot, d.test_query, cfg.run.seed)

@@ -30,7 +30,7 @@ VIEWS = {'both': ('gtc', 'ltc'), 'gtc': ('gtc',), 'ltc': ('ltc',), 'ntc': ('ntc'
 _CHOICES = dict(model=MODELS, views=tuple(VIEWS), pps_similarity=('video', 'top4'), ltce_variant=('paper', 'released'),
                 distill_condition=CONDITIONS, distill_direction=DIRECTIONS, distill_ties=('skip', 'ltc'),
                 text_score=('token', 'released'), loss_reduction=('mean', 'sum'), frame_mean_metric=('cosine', 'euclidean'),
-                activation_checkpoint=('auto', 'on', 'off'))
+                activation_checkpoint=('auto', 'on', 'off'), input_norm=('clip', 'none'))
 
 # %% ../nbs/11_model.ipynb #f91b862f
 @dataclass
@@ -45,6 +45,7 @@ class ModelConfig:
     freeze_bn: bool = True  # ResNet BatchNorm layers stay in eval mode
     activation_checkpoint: str = 'auto'  # recompute the visual encoder's activations in backward: 'auto' (when the memory plan says an episode would not fit the GPU) | 'on' | 'off'
     prompt: str = 'a photo of {}.'  # prompt template of the class names (released code and CLIP-FSAR: 'a photo of {}')
+    input_norm: str = 'clip'  # pixels into CLIP: 'clip' (CLIP's mean/std) | 'none' ([0, 1], as the released CLIP-MDMF loader feeds them)
     frames: int = 8  # T, frames per video
     # MDMF: views, PPS, extractors, MMFE
     views: str = 'both'  # 'both' (GTC + LTC) | 'gtc' | 'ltc' | 'ntc' (no temporal context: MMFE self-attention)
@@ -95,7 +96,7 @@ def released(cls: ModelConfig, **overrides) -> ModelConfig:
     "The released code's behaviour wherever it differs from the paper (see the table above); `overrides` win."
     settings = dict(ltce_variant='released', pos_emb=False, ffn_act_dropout=0.05, pps_similarity='top4',
                     text_score='released', detach_teacher=False, distill_ties='ltc', distill_condition='t',
-                    loss_reduction='sum', prompt='a photo of {}')
+                    loss_reduction='sum', prompt='a photo of {}', distill_direction='gtc_teaches_ltc')
     return cls(**{**settings, **overrides})
 
 # %% ../nbs/11_model.ipynb #b89eeb28
@@ -129,7 +130,7 @@ def _make_backbone(cfg: ModelConfig, clip_model=None) -> Backbone:
     "The backbone `cfg` describes, around `clip_model` (default: `load_clip(cfg.backbone)`)."
     clip_model = clip_model if clip_model is not None else load_clip(cfg.backbone, seed=cfg.backbone_seed)
     return Backbone(clip_model, train_text=cfg.train_text, freeze_visual=cfg.freeze_visual, freeze_bn=cfg.freeze_bn,
-                    activation_checkpoint=cfg.activation_checkpoint == 'on', prompt=cfg.prompt)
+                    activation_checkpoint=cfg.activation_checkpoint == 'on', prompt=cfg.prompt, input_norm=cfg.input_norm)
 
 class FewShotModel(nn.Module):
     "Base of all models: the CLIP backbone and `forward` = encode + `forward_features`."

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from fastcore.imports import in_notebook
 
-from .config import Config, cli, config_from_dict, config_parser, config_to_dict, config_from_args
+from .config import Config, adam_groups, cli, config_from_dict, config_parser, config_to_dict, config_from_args, lr_at
 from .core import BadInput, atomic_write_text
 from .data import dataset_label, episode_data, freeze_split, load_data
 from .episodes import episode_generator
@@ -86,7 +86,7 @@ class Trainer:
         if self.memory.message: self.log.write(self.memory.message)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         o = cfg.optim
-        self.opt = (torch.optim.Adam(self.params, lr=o.lr, weight_decay=o.weight_decay, fused=True if fast_path else None)
+        self.opt = (torch.optim.Adam(adam_groups(self.model, o), lr=o.lr, weight_decay=o.weight_decay, fused=True if fast_path else None)
                     if self.params else None)  # fused: one kernel for every parameter's update on CUDA
         self.scaler = torch.amp.GradScaler(self.rt.device.type, enabled=self.rt.amp_dtype == torch.float16)
         self.state = dict(episode=0, step=0, best_accuracy=-1.0, best_ci95=float('nan'), best_episode=-1,
@@ -122,6 +122,12 @@ class Trainer:
         "Give every process rank 0's buffers (BatchNorm statistics drift apart between processes)."
         if self.rt.distributed:
             for b in self.model.buffers(): dist.broadcast(b, 0)
+
+    def set_bn_mode(self):
+        "With `unfreeze_bn_after_val`, BatchNorm trains from the first val round on (the released CLIP-MDMF)."
+        if self.cfg.optim.unfreeze_bn_after_val and any(h['kind'] == 'val' for h in self.state['history']):
+            self.model.backbone.freeze_bn = False
+            self.model.train(self.model.training)
 
 # %% ../nbs/19_train.ipynb #e951918d
 @patch
@@ -161,6 +167,7 @@ def load(self: Trainer, path: Path):
         for g, f in zip(self.opt.param_groups, fused): g['fused'] = f
     if self.scaler.is_enabled() and ck.get('scaler'): self.scaler.load_state_dict(ck['scaler'])
     self.state = ck['state']
+    self.set_bn_mode()
     if ck['grads'] is not None:  # stopped inside an accumulation window
         for p, g in zip(self.params, ck['grads']): p.grad = None if g is None else g.to(p.device)
     self._sums = {k: v if k != 'parts' else dict(v) for k, v in ck['sums'].items()}
@@ -202,9 +209,10 @@ def _check_finite(self: Trainer, i: int):
                             'Try a lower --lr, --grad-clip or --no-amp, then --resume.')
 
 @patch
-def step(self: Trainer):
-    "Adam step on the accumulated gradients, then clear them."
+def step(self: Trainer, lr: Optional[float] = None):
+    "Adam step on the accumulated gradients (at rate `lr`, default: as it is), then clear them."
     if self.opt is None: return
+    for g in self.opt.param_groups if lr is not None else (): g['lr'] = lr
     if self.cfg.optim.grad_clip > 0:
         self.scaler.unscale_(self.opt)
         torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
@@ -224,7 +232,7 @@ def _log_train(self: Trainer, bar=None) -> dict:
     n = max(vals[3], 1)
     entry = dict(kind='train', episode=self.state['episode'], step=self.state['step'], loss=vals[0] / n,
                  accuracy=100 * vals[1] / max(vals[2], 1), **{f'loss_{k}': v / n for k, v in zip(keys, vals[4:])},
-                 lr=self.cfg.optim.lr, seconds=round(self.state['seconds']['train'], 2))
+                 lr=self.opt.param_groups[0]['lr'] if self.opt else self.cfg.optim.lr, seconds=round(self.state['seconds']['train'], 2))
     self._record(entry)
     if bar is not None: bar.set_postfix(loss=f'{entry["loss"]:.3f}', acc=f'{entry["accuracy"]:.1f}')
     for k in ('loss', 'correct', 'queries', 'episodes'): s[k].zero_()
@@ -248,6 +256,7 @@ def validate(self: Trainer) -> dict:
     entry = dict(kind='val', episode=self.state['episode'], step=self.state['step'], accuracy=r.accuracy,
                  ci95=r.ci95, episodes=r.episodes, best=better)
     self._record(entry)
+    self.set_bn_mode()
     self.log.write(f'val @ episode {self.state["episode"]}: {r.accuracy:.2f} ± {r.ci95:.2f} %'
                    + (' (best so far)' if better else ''))
     return entry
@@ -297,13 +306,13 @@ def fit(self: Trainer) -> Trainer:
             bar.update(min(W, total - bar.n) if W > 1 else 1)
             if sync:
                 self._check_finite(i)
-                self.step()
+                self.step(lr_at(cfg.optim, w_end - 1))
                 self.state['episode'] = now
             elif W == 1:
                 self.state['episode'] = now
             self.state['seconds']['train'] += time.perf_counter() - t_last
             if sync and (_crossed(boundary, now, cfg.run.log_every) or now == total): self._log_train(bar)
-            if sync and (_crossed(boundary, now, cfg.eval.val_every) or now == total):
+            if sync and ((_crossed(boundary, now, cfg.eval.val_every) and now >= cfg.eval.val_start) or now == total):
                 batches = val_round = None  # end the training workers and their prefetched episodes first
                 self.validate()
                 val_round = True
@@ -415,7 +424,9 @@ def train(cfg: Config,  # the run's settings
 def main(argv: Optional[Sequence[str]] = None):
     "`python -m mdmf.train [flags]`: see `--help`."
     p = config_parser(description=_DESCRIPTION, epilog=_EXAMPLES)
-    cfg = config_from_args(vars(p.parse_args(argv)))
+    p.add_argument('--print-config', action='store_true', help='print the settings the flags resolve to (JSON) and exit')
+    cfg = config_from_args(args := vars(p.parse_args(argv)))
+    if args.get('print_config'): return print(json.dumps(config_to_dict(cfg), indent=1))
     try: return train(cfg)
     except NonFiniteLoss as e:
         print(f'error: {e}', file=sys.stderr)

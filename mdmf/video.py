@@ -20,9 +20,9 @@ from .core import BadInput, MissingInput, PathLike, atomic_write
 from .episodes import IMAGE_EXTS, natural_key
 
 # %% auto #0
-__all__ = ['CLIP_MEAN', 'CLIP_STD', 'FRAME_MODES', 'write_mp4', 'write_frames', 'frame_files', 'num_frames', 'read_frames',
-           'frame_indices', 'resize_short', 'normalize', 'to_clip_input', 'to_uint8', 'crop_clip', 'transform_clip',
-           'read_clip']
+__all__ = ['CLIP_MEAN', 'CLIP_STD', 'FRAME_MODES', 'RANDOM_FRAME_MODES', 'write_mp4', 'write_frames', 'frame_files', 'num_frames',
+           'read_frames', 'frame_indices', 'resize_short', 'normalize', 'to_clip_input', 'to_uint8', 'crop_clip',
+           'transform_clip', 'read_clip']
 
 # %% ../nbs/02_video.ipynb #b5597755
 def write_mp4(path: PathLike,  # the .mp4 file to write
@@ -136,7 +136,8 @@ def read_frames(path: PathLike,  # a video file or frame folder
     return _read(Path(path), check)
 
 # %% ../nbs/02_video.ipynb #500e112a
-FRAME_MODES = ('test', 'train', 'trx')
+FRAME_MODES = ('test', 'train', 'trx', 'trx-released', 'test-released', 'segments')
+RANDOM_FRAME_MODES = ('train', 'trx', 'trx-released', 'segments')  # the modes that draw from the episode's generator
 
 def _keep_distinct(start: int, end: int, n: int, T: int) -> tuple[int, int]:
     "Widen a window `[start, end]` holding fewer than `min(n, T)` frames back to that many, inside `[0, n-1]`."
@@ -147,17 +148,33 @@ def _keep_distinct(start: int, end: int, n: int, T: int) -> tuple[int, int]:
     if end > n - 1: start, end = start - (end - n + 1), n - 1
     return start, end
 
+def _released_indices(n: int, T: int, mode: str, rng) -> np.ndarray:
+    "The released loaders' indices: CLIP-MDMF's `trx-released` / `test-released`, CLIP-FSAR's `segments`."
+    if mode == 'segments':  # CLIP-FSAR: one random frame in each of T segments of n // T frames
+        w = n // T
+        if w == 0: return np.round(np.linspace(0, n - 1, T))               # shorter than T: no segments to draw in
+        return np.arange(T) * w + rng.integers(0, w, T)                    # [T]
+    if n == T: return np.arange(T)
+    pad = int(min(5, (n - T) / 2))                                         # CLIP-MDMF (TRX lineage)
+    if mode == 'test-released': start, end = 1, n - 2
+    elif pad < 1: start, end = 0, n - 1
+    else: start, end = int(rng.integers(0, pad + 1)), int(rng.integers(n - 1 - pad, n))
+    if end - start < T: start, end = 0, n - 1
+    return np.floor(np.linspace(start, end, T))                            # [T] int() of each value
+
 def frame_indices(n: int,  # frames of the video
                   num_frames: int = 8,  # frames wanted, T
-                  mode: str = 'test',  # test, train or trx
+                  mode: str = 'test',  # one of FRAME_MODES
                   rng: Optional[np.random.Generator] = None,  # the episode's generator (random modes)
                   jitter: int = 5,  # trx: most frames each end of the window moves
                  ) -> np.ndarray:
     "`num_frames` frame indices (in order, repeated only for videos shorter than `num_frames`) of a video of `n` frames."
     if n < 1: raise ValueError(f'a video needs at least one frame, got n={n}')
     if mode not in FRAME_MODES: raise ValueError(f'mode must be one of {FRAME_MODES}, got {mode!r}')
-    if mode != 'test' and rng is None: raise ValueError(f'frame mode {mode!r} is random: pass rng')
+    if mode in RANDOM_FRAME_MODES and rng is None: raise ValueError(f'frame mode {mode!r} is random: pass rng')
     T = num_frames
+    if mode in ('trx-released', 'test-released', 'segments'):
+        return np.clip(_released_indices(n, T, mode, rng), 0, n - 1).astype(np.int64)
     start, end = (1, n - 2) if n >= T + 2 else (0, n - 1)
     if mode == 'trx':
         start = int(np.clip(start + rng.integers(-jitter, jitter + 1), 0, n - 1))
@@ -186,9 +203,12 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
     return (x - mean) / std
 
-def to_clip_input(frames: torch.Tensor) -> torch.Tensor:
-    "uint8 frames `[..., 3, H, W]` -> CLIP-normalised float32, computed where `frames` are."
-    return normalize(frames.float() / 255)
+def to_clip_input(frames: torch.Tensor,  # uint8 [..., 3, H, W]
+                  norm: str = 'clip',  # 'clip': CLIP's mean/std; 'none': [0, 1] pixels (the released CLIP-MDMF loader)
+                 ) -> torch.Tensor:
+    "uint8 frames `[..., 3, H, W]` -> CLIP-normalised float32 (or [0, 1] with `norm='none'`), computed where `frames` are."
+    if norm not in ('clip', 'none'): raise ValueError(f"norm must be 'clip' or 'none', not {norm!r}")
+    return normalize(frames.float() / 255) if norm == 'clip' else frames.float() / 255
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     "Float pixels in [0, 1] -> uint8 (rounded)."
@@ -231,7 +251,7 @@ def transform_clip(frames: np.ndarray,  # uint8 [T, H, W, 3]
 # %% ../nbs/02_video.ipynb #7442aa01
 def read_clip(path: PathLike,  # a video file or frame folder
               num_frames: int = 8,  # frames per clip T
-              mode: str = 'test',  # frame mode: test, train or trx
+              mode: str = 'test',  # frame mode, one of FRAME_MODES
               size: int = 224,  # crop size S
               short_side: int = 256,  # short side after resizing, before the crop
               train: bool = False,  # random crop (else the centre crop)
