@@ -18,6 +18,8 @@ norms; ours does not. The transcriptions take that epsilon as an argument, set t
 """
 import random
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -345,3 +347,219 @@ def test_released_config_equals_the_released_head(backbone, t_v, direction):
     torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-5)
     assert set(out.losses) == {'main', 'distill'}
     _same_gradients(torch.nn.ModuleList([model.extractors, model.mmfe]), out.loss, loss)  # nothing detached either
+
+
+# ---- the released training recipes ------------------------------------------------------------------------------
+# Transcriptions of the released configuration files, written here from the files themselves (not from
+# mdmf.config), so that a wrong value in the package's recipes shows up as a difference.
+
+# CLIP-FSAR, configs/projects/CLIPFSAR/<dir>/CLIPFSAR_<name>_<shot>shot_v1.yaml: (line, value) of each key read.
+FSAR_YAML = {
+    ('hmdb51', 1): dict(NUM_TRAIN_TASKS=(15, 5000), VAL_FRE_ITER=(17, 300), BASE_LR=(61, 1e-5), STEPS_ITER=(63, 700),
+                        STEPS=(64, [0, 4, 6]), LRS=(65, [1, 0.1, 0.01]), MAX_EPOCH=(66, 10), WARMUP_EPOCHS=(69, 1),
+                        WARMUP_START_LR=(70, 1e-6), NUM_GPUS=(84, 4), BATCH_SIZE_PER_TASK=(20, 4)),
+    ('hmdb51', 5): dict(NUM_TRAIN_TASKS=(17, 5000), VAL_FRE_ITER=(19, 300), BASE_LR=(63, 1e-5), STEPS_ITER=(65, 700),
+                        STEPS=(66, [0, 4, 6]), LRS=(67, [1, 0.1, 0.01]), MAX_EPOCH=(68, 10), WARMUP_EPOCHS=(71, 1),
+                        WARMUP_START_LR=(72, 1e-6), NUM_GPUS=(86, 4), BATCH_SIZE_PER_TASK=(22, 4)),
+    ('kinetics100', 1): dict(NUM_TRAIN_TASKS=(16, 5000), VAL_FRE_ITER=(18, 100), BASE_LR=(61, 1e-5), STEPS_ITER=(63, 250),
+                             STEPS=(64, [0, 6, 9]), LRS=(65, [1, 0.1, 0.01]), MAX_EPOCH=(66, 10), WARMUP_EPOCHS=(69, 1),
+                             WARMUP_START_LR=(70, 5e-6), NUM_GPUS=(85, 4), BATCH_SIZE_PER_TASK=(21, 4)),
+    ('kinetics100', 5): dict(NUM_TRAIN_TASKS=(18, 5000), VAL_FRE_ITER=(20, 100), BASE_LR=(63, 1e-5), STEPS_ITER=(65, 250),
+                             STEPS=(66, [0, 6, 9]), LRS=(67, [1, 0.1, 0.01]), MAX_EPOCH=(68, 10), WARMUP_EPOCHS=(71, 1),
+                             WARMUP_START_LR=(72, 5e-6), NUM_GPUS=(87, 4), BATCH_SIZE_PER_TASK=(23, 4)),
+    ('ucf101', 1): dict(NUM_TRAIN_TASKS=(15, 3000), VAL_FRE_ITER=(17, 100), BASE_LR=(61, 2e-6), STEPS_ITER=(63, 600),
+                        STEPS=(64, [0, 4, 6]), LRS=(65, [1, 0.1, 0.01]), MAX_EPOCH=(66, 10), WARMUP_EPOCHS=(69, 1),
+                        WARMUP_START_LR=(70, 1e-7), NUM_GPUS=(85, 4), BATCH_SIZE_PER_TASK=(20, 4)),
+    ('ucf101', 5): dict(NUM_TRAIN_TASKS=(17, 3000), VAL_FRE_ITER=(19, 100), BASE_LR=(61, 2e-6), STEPS_ITER=(63, 600),
+                        STEPS=(64, [0, 4, 6]), LRS=(65, [1, 0.1, 0.01]), MAX_EPOCH=(68, 10), WARMUP_EPOCHS=(71, 1),
+                        WARMUP_START_LR=(72, 1e-7), NUM_GPUS=(87, 4), BATCH_SIZE_PER_TASK=(22, 4)),
+    ('ssv2_small', 1): dict(NUM_TRAIN_TASKS=(14, 30000), VAL_FRE_ITER=(16, 1000), BASE_LR=(59, 5e-5), STEPS_ITER=(61, 2000),
+                            STEPS=(62, [0, 4, 6]), LRS=(63, [1, 0.1, 0.01]), MAX_EPOCH=(64, 10), WARMUP_EPOCHS=(67, 1),
+                            WARMUP_START_LR=(68, 2e-5), NUM_GPUS=(82, 4), BATCH_SIZE_PER_TASK=(18, 4)),
+    ('ssv2_small', 5): dict(NUM_TRAIN_TASKS=(16, 30000), VAL_FRE_ITER=(18, 1000), BASE_LR=(61, 5e-5), STEPS_ITER=(63, 2000),
+                            STEPS=(64, [0, 4, 6]), LRS=(65, [1, 0.1, 0.01]), MAX_EPOCH=(66, 10), WARMUP_EPOCHS=(69, 1),
+                            WARMUP_START_LR=(70, 2e-5), NUM_GPUS=(84, 4), BATCH_SIZE_PER_TASK=(20, 4)),
+    ('ssv2_full', 1): dict(NUM_TRAIN_TASKS=(14, 30000), VAL_FRE_ITER=(16, 1000), BASE_LR=(58, 5e-5), STEPS_ITER=(60, 4000),
+                           STEPS=(61, [0, 4, 6]), LRS=(62, [1, 0.1, 0.01]), MAX_EPOCH=(63, 10), WARMUP_EPOCHS=(66, 1),
+                           WARMUP_START_LR=(67, 1e-5), NUM_GPUS=(81, 4), BATCH_SIZE_PER_TASK=(19, 4)),
+    ('ssv2_full', 5): dict(NUM_TRAIN_TASKS=(16, 30000), VAL_FRE_ITER=(18, 1000), BASE_LR=(60, 5e-5), STEPS_ITER=(62, 4000),
+                           STEPS=(63, [0, 4, 6]), LRS=(64, [1, 0.1, 0.01]), MAX_EPOCH=(65, 10), WARMUP_EPOCHS=(68, 1),
+                           WARMUP_START_LR=(69, 1e-5), NUM_GPUS=(83, 4), BATCH_SIZE_PER_TASK=(21, 4)),
+}
+FSAR_OPTIMIZER_WEIGHT_DECAY = 1e-3  # configs/pool/run/training/finetune.yaml line 51, read by models/utils/optimizer.py line 104
+FSAR_BN_WEIGHT_DECAY = 0.0  # finetune.yaml line 58: the group of parameters named *bn* / *norm* (optimizer.py lines 60-61, 72)
+
+# CLIP-MDMF, run_clip_fsar_decison_now.py: argparse defaults (line, value).
+MDMF_ARGS = dict(learning_rate=(59, 1e-6), tasks_per_batch=(60, 16), training_iterations=(62, 20020),
+                 test_iters=(65, [14000, 16000, 18000, 20000]), dist_direction=(105, 'up2down'), dist_condition=(106, [1, 0]))
+MDMF_K100_1SHOT_SINGLE_DIRECT = (28, True)  # configs/projects/CLIPFSAR/kinetics100/CLIPFSAR_K100_1shot_v1.yaml
+
+
+def _v(d, key): return d[key][1]
+
+
+def _released_fsar_lr(cfg: dict, iteration: int) -> float:
+    "runs/train_net_few_shot.py lines 59, 66, 95 (its epoch counter) and models/utils/lr_policy.py lines 10-70."
+    S = _v(cfg, 'STEPS_ITER')
+    epoch = iteration // S + 1 * float(iteration) / S  # cur_epoch + NUM_FOLDS * cur_iter / data_size, NUM_FOLDS 1
+    def relative(e):  # lr_func_steps_with_relative_lrs, get_step_index
+        steps = _v(cfg, 'STEPS') + [_v(cfg, 'MAX_EPOCH')]
+        for ind, step in enumerate(steps):
+            if e < step: break
+        return _v(cfg, 'LRS')[ind - 1] * _v(cfg, 'BASE_LR')
+    lr = relative(epoch)
+    if epoch < _v(cfg, 'WARMUP_EPOCHS'):
+        start, end = _v(cfg, 'WARMUP_START_LR'), relative(_v(cfg, 'WARMUP_EPOCHS'))
+        lr = epoch * (end - start) / _v(cfg, 'WARMUP_EPOCHS') + start
+    return lr
+
+
+@pytest.mark.parametrize('dataset,shot', list(FSAR_YAML))
+def test_released_fsar_recipe_equals_its_config(dataset, shot):
+    from mdmf.config import resolve_config
+    y = FSAR_YAML[dataset, shot]
+    cfg = resolve_config(['--preset', dataset, '--recipe', 'released-fsar', '--shot', str(shot)])
+    G = _v(y, 'NUM_GPUS')
+    assert (cfg.recipe, cfg.model.model, cfg.optim.lr, cfg.optim.warmup_lr) == ('released-fsar', 'clip-fsar', _v(y, 'BASE_LR'),
+                                                                                 _v(y, 'WARMUP_START_LR'))
+    assert cfg.optim.train_episodes == _v(y, 'NUM_TRAIN_TASKS') * G  # 20k HMDB51/K100, 12k UCF101, 120k SSv2
+    assert cfg.optim.accum == _v(y, 'BATCH_SIZE_PER_TASK') * G  # a step every 4 iterations of 4 GPUs
+    assert cfg.eval.val_every == _v(y, 'VAL_FRE_ITER') * G
+    assert (cfg.optim.weight_decay, cfg.optim.decay_norms) == (FSAR_OPTIMIZER_WEIGHT_DECAY, FSAR_BN_WEIGHT_DECAY != 0)
+    assert (cfg.model.freeze_bn, cfg.model.input_norm, cfg.data.flip) == (False, 'clip', False)
+    assert (cfg.data.train_frames, cfg.data.test_frames, cfg.model.prompt) == ('segments', 'segments', 'a photo of {}')
+
+
+@pytest.mark.parametrize('dataset,shot', list(FSAR_YAML))
+def test_lr_schedule_equals_clip_fsar_at_its_steps(dataset, shot):
+    "The rate of optimiser step k: the released code sets it at iteration 4k + 3 (its last before the step)."
+    from mdmf.config import lr_at, resolve_config
+    y = FSAR_YAML[dataset, shot]
+    o = resolve_config(['--preset', dataset, '--recipe', 'released-fsar']).optim
+    G, S = _v(y, 'NUM_GPUS'), _v(y, 'STEPS_ITER')
+    ramp = _v(y, 'BASE_LR') - _v(y, 'WARMUP_START_LR')
+    for k in sorted({0, 1, 50, S // 4 - 1, S // 4, S // 2 - 1, S // 2, 3 * S // 4 - 1, 3 * S // 4, 5 * S // 4 - 1,
+                     5 * S // 4, _v(y, 'NUM_TRAIN_TASKS') // 4 - 1}):
+        it = 4 * k + 3  # the released iteration whose rate step k uses
+        ours, theirs = lr_at(o, o.accum * (k + 1) - 1), _released_fsar_lr(y, it)  # the window's last episode
+        if it < S: assert abs(ours - theirs) <= 3 / (4 * S) * ramp + 1e-18, (k, ours, theirs)  # warm-up: per episode
+        else: assert ours == pytest.approx(theirs, rel=1e-12, abs=0), (k, ours, theirs)
+    assert lr_at(o, G * _v(y, 'NUM_TRAIN_TASKS') - 1) == pytest.approx(0.01 * _v(y, 'BASE_LR'))
+
+
+def test_released_mdmf_recipe_equals_its_run_script():
+    from mdmf.config import resolve_config
+    from mdmf.distill import RELEASED_DIRECTIONS
+    from mdmf.train import _crossed
+    for dataset in ('hmdb51', 'ucf101', 'kinetics100', 'ssv2_small', 'ssv2_full'):
+        for shot in (1, 5):
+            cfg = resolve_config(['--preset', dataset, '--recipe', 'released-mdmf', '--shot', str(shot)])
+            m, o, e = cfg.model, cfg.optim, cfg.eval
+            assert (o.lr, o.accum, o.train_episodes, o.weight_decay, o.lr_warmup, o.lr_steps) == (
+                _v(MDMF_ARGS, 'learning_rate'), _v(MDMF_ARGS, 'tasks_per_batch'), _v(MDMF_ARGS, 'training_iterations'),
+                0.0, 0, [])  # torch.optim.Adam(lr=...) (line 209), MultiStepLR gamma 1 (line 215): no schedule
+            assert m.distill_direction == RELEASED_DIRECTIONS[_v(MDMF_ARGS, 'dist_direction')] == 'gtc_teaches_ltc'
+            assert m.distill_condition == RELEASED_CONDITIONS[tuple(_v(MDMF_ARGS, 'dist_condition'))]
+            assert m.bidirectional == (not (dataset == 'kinetics100' and shot == 1 and MDMF_K100_1SHOT_SINGLE_DIRECT[1]))
+            assert (m.input_norm, m.freeze_bn, o.unfreeze_bn_after_val) == ('none', True, True)  # ToTensor only; BN eval until a test
+            assert (cfg.data.flip, cfg.data.train_frames, cfg.data.test_frames) == (True, 'trx-released', 'test-released')
+            rounds = [now for now in range(o.accum, o.train_episodes, o.accum)
+                      if _crossed(now - o.accum, now, e.val_every) and now >= e.val_start]
+            assert rounds == _v(MDMF_ARGS, 'test_iters')  # its test rounds (on val here), then one at the end
+    assert ModelConfig.released().distill_direction == 'gtc_teaches_ltc'
+
+
+def test_paper_recipe_changes_nothing():
+    from mdmf.config import preset_config, resolve_config
+    for preset in ('synthetic', 'hmdb51', 'ssv2_full'):
+        assert resolve_config(['--preset', preset]) == resolve_config(['--preset', preset, '--recipe', 'paper']) == preset_config(preset)
+
+
+# CLIP-MDMF video_reader.py get_seq, lines 296-320, with its random.randint passed in.
+def _released_mdmf_indices(n, T, train, randint):
+    if n == T: return list(range(n))
+    if train:
+        excess_pad = int(min(5, (n - T) / 2))
+        if excess_pad < 1: start, end = 0, n - 1
+        else: start, end = randint(0, excess_pad), randint(n - 1 - excess_pad, n - 1)
+    else: start, end = 1, n - 2
+    if end - start < T: end, start = n - 1, 0
+    return [int(f) for f in np.linspace(start, end, num=T)]
+
+
+# CLIP-FSAR datasets/base/base_dataset.py _interval_based_sampling, lines 505-508 (SAMPLING_RATE 50 > 40).
+def _released_fsar_indices(n, T, randint):
+    interval = n // T
+    return [randint(ind * interval, ind * interval + interval - 1) for ind in range(T)]
+
+
+@pytest.mark.parametrize('n', [8, 9, 12, 18, 19, 40, 300])
+def test_released_frame_modes_equal_the_released_loaders(n):
+    from mdmf.video import frame_indices
+    assert frame_indices(n, 8, 'test-released').tolist() == _released_mdmf_indices(n, 8, False, None)
+    pairs, offsets = set(), set()
+    for s in range(400):
+        got = frame_indices(n, 8, 'trx-released', np.random.default_rng(s)).tolist()
+        draws = iter([got[0], got[-1]])  # the two numbers its randint drew, read back from the window's ends
+        assert got == _released_mdmf_indices(n, 8, True, lambda a, b: _in(next(draws), a, b)), (n, got)
+        pairs.add((got[0], got[-1]))
+        seg = frame_indices(n, 8, 'segments', np.random.default_rng(s)).tolist()
+        draws = iter(seg)
+        assert seg == _released_fsar_indices(n, 8, lambda a, b: _in(next(draws), a, b)), (n, seg)
+        offsets.update(i - k * (n // 8) for k, i in enumerate(seg))
+    pad = int(min(5, (n - 8) / 2))
+    if pad >= 1 and 2 * pad + 8 <= n - 1:  # every (start, end) the released loader can draw is drawn
+        assert pairs == {(a, b) for a in range(pad + 1) for b in range(n - 1 - pad, n)}
+    assert offsets == set(range(n // 8))  # every frame of a segment can be drawn
+
+
+def _in(x, a, b):
+    assert a <= x <= b, (x, a, b)  # a draw inside the released code's inclusive randint range
+    return x
+
+
+def test_input_normalisation_off_feeds_unit_pixels():
+    "The released CLIP-MDMF loader feeds torchvision's ToTensor output: uint8 / 255, no mean/std (video_reader.py line 332)."
+    from mdmf.video import CLIP_MEAN, CLIP_STD
+    torch.manual_seed(0)
+    bb = build_model(ModelConfig(model='frame-mean', backbone='tiny-rn', input_norm='none')).backbone.eval()
+    frames = torch.randint(0, 256, (2, 3, 3, 64, 64), dtype=torch.uint8)  # [B, T, 3, S, S]
+    with torch.no_grad():
+        ours = bb.encode_frames(frames)
+        unit = bb.clip.visual(frames.flatten(0, 1).float() / 255).reshape(2, 3, -1)
+        mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+        clip_in = bb.clip.visual((frames.flatten(0, 1).float() / 255 - mean) / std).reshape(2, 3, -1)
+        bb.input_norm = 'clip'
+        torch.testing.assert_close(bb.encode_frames(frames), clip_in)
+    torch.testing.assert_close(ours, unit)
+    assert not torch.allclose(ours, clip_in)
+
+
+@pytest.mark.parametrize('recipe,after', [('paper', False), ('released-mdmf', True)])
+def test_bn_mode_switches_after_the_first_val_round(tmp_path, recipe, after):
+    "Released CLIP-MDMF: CLIP's load() returns the model in eval mode, model.train() comes after its first test."
+    from mdmf.config import resolve_config
+    from mdmf.train import Trainer
+    cfg = resolve_config(['--recipe', recipe, '--preset', 'hmdb51', '--backbone', 'tiny-rn', '--ffn-dim', '32',
+                          '--device', 'cpu', '--no-amp'])
+    t = Trainer(cfg, folder=tmp_path, quiet=True)
+    bns = [m for m in t.model.backbone.clip.visual.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    t.model.train()
+    assert bns and not any(m.training for m in bns)  # frozen until a val round
+    t.state['history'].append(dict(kind='val', episode=16))
+    t.set_bn_mode()
+    assert all(m.training == after for m in bns)
+    t.model.eval(); t.model.train()
+    assert all(m.training == after for m in bns)
+    fsar = Trainer(resolve_config(['--recipe', 'released-fsar', '--preset', 'hmdb51', '--backbone', 'tiny-rn', '--ffn-dim', '32',
+                                   '--device', 'cpu', '--no-amp']), folder=tmp_path / 'f', quiet=True)
+    fsar.model.train()
+    assert all(m.training for m in fsar.model.backbone.clip.visual.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+
+
+def test_clip_fsar_prompt_has_no_period():
+    "few_shot.py line 2718: 'a photo of {}'.format(name), the names as its configs list them (CLASS_NAME)."
+    from mdmf.config import resolve_config
+    cfg = resolve_config(['--preset', 'hmdb51', '--recipe', 'released-fsar'])
+    assert cfg.model.prompt.format('draw_sword') == 'a photo of {}'.format('draw_sword') == 'a photo of draw_sword'
+    assert resolve_config(['--preset', 'hmdb51']).model.prompt == 'a photo of {}.'  # the paper recipe keeps the project's
