@@ -210,8 +210,8 @@ def _fsar_values(dataset: str) -> dict:
                 eval=dict(val_every=val * G))
 
 def _mdmf_values(dataset: str, shot: int) -> dict:
-    head = {f.name: getattr(ModelConfig.released(), f.name) for f in fields(ModelConfig)
-            if getattr(ModelConfig.released(), f.name) != getattr(ModelConfig(), f.name)}
+    rel, paper = ModelConfig.released(), ModelConfig()
+    head = {f.name: getattr(rel, f.name) for f in fields(ModelConfig) if getattr(rel, f.name) != getattr(paper, f.name)}
     r = MDMF_RUN
     return dict(data=dict(flip=True, train_frames='trx-released', test_frames='test-released'),
                 model=dict(head, model='mdmf', input_norm='none', freeze_bn=True,
