@@ -28,7 +28,7 @@ from .data import dataset_label, episode_data, freeze_split, load_data, random_e
 from .episodes import episode_generator
 from .evaluate import crop_size, evaluate
 from .features import FeatureForward, feature_loader, frozen_split_features, uses_features
-from .memory import GiB, plan_training
+from .memory import GiB, plan_training, unused_parameters
 from .model import build_model
 from .runs import (BEST, CONFIG, LAST, LOCK, METRICS, SPLITS, RunLog, load_checkpoint, open_run, preserved_rng, rng_state,
                        save_checkpoint, seed_everything, set_rng_state)
@@ -98,7 +98,7 @@ class Trainer:
         self.ddp = None
         if self.rt.distributed and self.params:
             self.ddp = DistributedDataParallel(self.net, device_ids=ddp_device_ids(self.rt),  # searching costs a pass per step
-                                               find_unused_parameters=bool(self.unused_parameters()))
+                                               find_unused_parameters=bool(unused_parameters(self.net, self.model, cfg, self.rt, self.fast)))
         self.train_split = self.val_split = None
 
     def _zero_sums(self) -> dict:
@@ -129,6 +129,9 @@ class Trainer:
 def checkpoint(self: Trainer, grads: bool = False) -> dict:
     "Everything needed to continue the run (gradients too when stopped inside an accumulation window)."
     rngs = [rng_state()]
+    sums = {k: v.clone() if k != 'parts' else {n: x.clone() for n, x in v.items()} for k, v in self._sums.items()}
+    for v in [v for k, v in sums.items() if k != 'parts'] + [sums['parts'][n] for n in sorted(sums['parts'])]:
+        all_sum(v, self.rt)  # the loss sums of all processes: a resumed run gives them to rank 0, the others start from 0
     if self.rt.distributed:
         rngs = [None] * self.rt.world
         dist.all_gather_object(rngs, rng_state())
@@ -136,14 +139,7 @@ def checkpoint(self: Trainer, grads: bool = False) -> dict:
                 optimizer=self.opt.state_dict() if self.opt else None,
                 scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None, state=self.state, rng=rngs,
                 grads=[None if p.grad is None else p.grad.detach().cpu() for p in self.params] if grads else None,
-                sums=self._checkpoint_sums())
-
-@patch
-def _checkpoint_sums(self: Trainer) -> dict:
-    "The loss sums added up over the processes: on resume rank 0 carries them and the others start from zero."
-    s = {k: v.clone() if k != 'parts' else {n: x.clone() for n, x in v.items()} for k, v in self._sums.items()}
-    for v in [v for k, v in s.items() if k != 'parts'] + [s['parts'][n] for n in sorted(s['parts'])]: all_sum(v, self.rt)
-    return s
+                sums=sums)
 
 @patch
 def save_last(self: Trainer, grads: bool = False):
@@ -165,9 +161,8 @@ def load(self: Trainer, path: Path):
     like = lambda p, v: torch.empty_like(p).copy_(v)  # `v` on p's device, in p's dtype and memory format (channels-last)
     self.model.load_state_dict(ck['model'])
     if self.opt and ck['optimizer']:  # the saved run's `fused` is replaced by this device's choice before loading
-        sd = ck['optimizer']
-        sd = dict(sd, param_groups=[dict(s, fused=g.get('fused')) for s, g in zip(sd['param_groups'], self.opt.param_groups)])
-        self.opt.load_state_dict(sd)
+        sd, groups = ck['optimizer'], self.opt.param_groups
+        self.opt.load_state_dict(dict(sd, param_groups=[dict(s, fused=g.get('fused')) for s, g in zip(sd['param_groups'], groups)]))
         for p in self.params:  # Adam's moments laid out as their parameter, e.g. a CPU run resumed on a GPU
             st = self.opt.state.get(p, {})
             for k, v in st.items():
@@ -182,25 +177,6 @@ def load(self: Trainer, path: Path):
     set_rng_state(rngs[self.rt.rank] if len(rngs) == self.rt.world else rngs[0])
     if (self.folder / BEST).exists(): self.best_weights = load_checkpoint(self.folder / BEST)['model']
     self.log.write(f'resumed from {path} at episode {self.state["episode"]} (step {self.state["step"]})')
-
-# %% ../nbs/19_train.ipynb #4fc7f1dc
-@patch
-def unused_parameters(self: Trainer) -> list:
-    "Names of trainable parameters one training step of a random episode leaves without a gradient (DDP must then search)."
-    m, d = self.model, self.cfg.data
-    b = to_device(random_episode(d.way, d.shot, d.train_query, self.cfg.model.frames, m.backbone.image_size), self.rt.device)
-    buffers = [x.clone() for x in m.buffers()]  # BatchNorm statistics, if they train, are put back after the trial
-    with preserved_rng(), autocast(self.rt):
-        x = (b['support'], b['query'])
-        if self.fast:
-            with torch.no_grad(): x = tuple(m.encode_frames(v) for v in x)
-        out = self.net(x[0], b['support_labels'], x[1], b['class_names'], b['query_labels'])
-        out.loss.float().backward()
-    names = [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None]
-    m.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        for x, saved in zip(m.buffers(), buffers): x.copy_(saved)
-    return names
 
 # %% ../nbs/19_train.ipynb #80753382
 @patch
