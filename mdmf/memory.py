@@ -22,6 +22,7 @@ from .backbone import CLIP, PRETRAINED_FILES, RANDOM_CONFIGS, TINY_CONFIGS, Back
 from .config import PRESETS, Config, add_flags, cli, command_line, preset_config
 from .core import BadInput, atomic_write_text
 from .data import random_episode
+from .episodes import read_split, splits_dir
 from .model import build_model
 from .runs import preserved_rng
 from .runtime import Runtime, autocast, device_name
@@ -347,7 +348,6 @@ BANK_DIMS = {'RN50': 1024, 'ViT-B/16': 512}
 def bank_table(datasets: Sequence[str] = ('hmdb51', 'ucf101', 'kinetics100', 'ssv2_small', 'ssv2_full'),
                draws: int = 8, frames: int = 8) -> str:
     "Size of each benchmark's feature bank in float16, and where it lives on each card (`CARDS`)."
-    from .episodes import read_split, splits_dir
     lines = [f'feature bank of a frozen encoder ({draws} draws x {frames} frames, float16 on a GPU; '
              f'on the GPU when at most {BANK_SHARE:.0%} of the usable memory, else pinned host memory)']
     for d in datasets:
