@@ -215,7 +215,8 @@ def encode_frames(self: Backbone, frames: torch.Tensor) -> torch.Tensor:
         x = to_clip_input(x.to(self.device, non_blocking=True), self.input_norm)
     x = x.to(self.clip.dtype)  # CLIP's own weight dtype (float32 here)
     if self.channels_last: x = x.contiguous(memory_format=torch.channels_last)  # [B*T, 3, S, S] stored NHWC
-    if self.activation_checkpoint and torch.is_grad_enabled() and not self.freeze_visual:
+    bn_trains = any(m.training for m in self.clip.visual.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    if self.activation_checkpoint and torch.is_grad_enabled() and not self.freeze_visual and not bn_trains:  # see below
         f = _checkpointed(self.clip.visual, x, self.checkpoint_chunk)
     else:
         f = self.clip.visual(x)  # [B*T, D]

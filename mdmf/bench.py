@@ -244,20 +244,22 @@ def _path(*args) -> dict:
         return dict(error=f'CUDA out of memory: {str(e).splitlines()[0][:160]}', episodes_per_s=None)
 
 def bench_train(size: BenchSize, cfg: Config, rt: Runtime, repeats: int = 3, steps: int = 2, warmup: int = 2,
-                compile: bool = False, activation_checkpoint: bool = False) -> dict:
+                compile: bool = False, activation_checkpoint: bool = False, on_row: Optional[Callable] = None) -> dict:
     "Training episodes/s and peak memory, the trainer's fast path against the same trainer in IEEE float32."
-    rows = {'eager': _path(cfg, rt, False, repeats, steps, warmup)}
-    rows['fast'] = _path(cfg, rt, True, repeats, steps, warmup, compile)
+    rows, done = {}, on_row or (lambda rows: None)  # on_row(rows): called as each row finishes
+    rows['eager'] = _path(cfg, rt, False, repeats, steps, warmup); done(rows)  # a time-out keeps the rows before it
+    rows['fast'] = _path(cfg, rt, True, repeats, steps, warmup, compile); done(rows)
     if activation_checkpoint: rows['fast_checkpoint'] = _path(cfg, rt, True, repeats, steps, warmup, compile, True)
     d, n_frames = cfg.data, cfg.data.way * (cfg.data.shot + cfg.data.train_query) * cfg.model.frames
-    per_frame, counted, source = _flops_per_frame(size)
-    peak, peak_source = peak_flops(rt.device)
-    for r in rows.values():
+    per_frame, counted, source, peaks = *_flops_per_frame(size), {}
+    for r in rows.values():  # each row against the peak of its own precision (float32 rows: float32 or TF32)
+        key = (r.get('dtype', 'float32'), bool(r.get('tf32')))
+        peak, r['peak_source'] = peaks[key] = peaks.get(key) or peak_flops(rt.device, *key); r['peak_tflops'] = peak and peak / 1e12
         r['backbone_tflops'] = r['episodes_per_s'] and 3 * per_frame * n_frames * r['episodes_per_s'] / 1e12
         r['peak_fraction'] = None if peak is None or not r['backbone_tflops'] else r['backbone_tflops'] * 1e12 / peak
     return dict(way=d.way, shot=d.shot, query=d.train_query, frames_per_episode=n_frames, steps_per_block=steps,
                 flops_per_frame=per_frame, flops_per_frame_counted=counted, flops_source=source,
-                peak_tflops=None if peak is None else peak / 1e12, peak_source=peak_source,
+                peak_tflops=rows['fast']['peak_tflops'], peak_source=rows['fast']['peak_source'],
                 speedup=_ratio(rows['fast']['episodes_per_s'], rows['eager']['episodes_per_s']), **rows)
 
 # %% ../nbs/25_bench.ipynb #ecaced56
@@ -330,7 +332,7 @@ def _load():  # 1-minute load average: other work on the machine slows every tim
 
 # %% ../nbs/25_bench.ipynb #41c65bc7
 def run_bench(o: Optional[BenchOptions] = None,  # what to run (default: `BenchOptions()`)
-              log: Callable = print) -> dict:
+              log: Callable = print, on_part: Optional[Callable] = None) -> dict:  # on_part(results so far): after each part and row
     "Run the parts `o.parts` for `o.size` on `o.device`; returns everything measured as one dict."
     o = o or BenchOptions()
     parts = [p.strip() for p in o.parts.split(',') if p.strip()]
@@ -347,7 +349,8 @@ def run_bench(o: Optional[BenchOptions] = None,  # what to run (default: `BenchO
     def part(name: str, fn: Callable):
         t0 = time.perf_counter(); log(f'{name} ...')
         res[name] = fn()
-        res['seconds'][name] = round(time.perf_counter() - t0, 2)
+        res['seconds'][name] = round(time.perf_counter() - t0, 2); on_part and on_part(res)
+    train_row = lambda rows: (res.update(train=dict(rows, partial=True)), on_part and on_part(res))
     root, tmp = o.data_root, None
     try:
         if 'memory' in parts: part('memory', lambda: dict(rows=memory_table()))
@@ -363,7 +366,7 @@ def run_bench(o: Optional[BenchOptions] = None,  # what to run (default: `BenchO
         episodes = dict(shot=st['train_shot'], train_query=st['train_query'])
         if 'train' in parts:
             part('train', lambda: bench_train(size, cfg(**episodes), rt, st['train_repeats'], st['train_steps'],
-                                              st['train_warmup'], o.compile, o.activation_checkpoint))
+                                              st['train_warmup'], o.compile, o.activation_checkpoint, train_row))
         if 'data' in parts:
             consumed = res['train'].get('fast', {}).get('episodes_per_s')
             part('data', lambda: bench_data(cfg(**episodes), image_size, st['workers'], st['data_episodes'], consumed,
@@ -383,7 +386,7 @@ def _train_rows(t: dict) -> list:
         f', {k}' for k, on in (('channels-last', x['channels_last']), ('fused Adam', x['fused_adam']),
                                 (f'checkpointed in {x["chunk"]}s', x['activation_checkpoint'])) if on)
     mem = lambda x: 'n/a' if 'error' in x else f'{_f(x["peak_gib"], ".2f")} GiB (predicted {_f(x["predicted_peak_gib"], ".2f")})'
-    flops = lambda x: f'{_f(x["backbone_tflops"], ".3f")} ({_f(x["peak_fraction"] and 100 * x["peak_fraction"], ".1f", " %")})'
+    flops = lambda x: f'{_f(x["backbone_tflops"], ".3f")} ({_f(x["peak_fraction"] and 100 * x["peak_fraction"], ".1f", " %")} of {_f(x.get("peak_tflops"), ".3g")})'
     rows = [('train', f'episodes/s, {t["way"]}-way {t["shot"]}-shot {t["query"]} query ({t["frames_per_episode"]} frames)',
              f'{name(ee)} {_f(ee["episodes_per_s"], ".2f")}', f'{name(ff)} {_f(ff["episodes_per_s"], ".2f")}',
              _f(t['speedup'], '.2f', 'x')),
@@ -391,7 +394,7 @@ def _train_rows(t: dict) -> list:
     if 'fast_checkpoint' in t:
         c = t['fast_checkpoint']
         rows.append(('train', 'fast + activation checkpointing', '', f'{_f(c["episodes_per_s"], ".2f")} ep/s, {mem(c)}', ''))
-    rows.append(('train', f'backbone TFLOP/s (fraction of {_f(t["peak_tflops"], ".3g")} peak)', flops(ee), flops(ff), ''))
+    rows.append(('train', 'backbone TFLOP/s (fraction of the peak of its precision)', flops(ee), flops(ff), ''))
     return rows
 
 def format_table(r: dict) -> str:
@@ -434,10 +437,11 @@ def main(argv: Optional[Sequence[str]] = None):
                      'loading against what training consumes. Prints a table; --out writes everything as JSON.')
     add_flags(p, BenchOptions(), choices={'size': tuple(SIZES)})
     o = BenchOptions(**{k: v for k, v in vars(p.parse_args(argv)).items() if k != 'debug'})
-    r = run_bench(o, log=lambda m: print(m, flush=True))
+    save = lambda r, complete=False: atomic_write_text(o.out, json.dumps(dict(r, complete=complete), indent=1))
+    r = run_bench(o, log=lambda m: print(m, flush=True), on_part=save if o.out else None)  # written after each part
     print(format_table(r), flush=True)
     if o.out:
-        atomic_write_text(o.out, json.dumps(r, indent=1))
+        save(r, True)
         print(f'written to {o.out}')
     return r
 

@@ -25,6 +25,7 @@ from .core import BadInput, PathLike
 from .data import EpisodeDataset, episode_data, load_data, random_episode
 from .episodes import Split, episode_rng, read_split, splits_dir
 from .evaluate import crop_size, encode_split
+from .memory import bank_bytes, bank_place
 from .model import FewShotModel, MDMFOutput, build_model
 from .runs import preserved_rng
 from .runtime import Runtime, all_max, all_sum, autocast
@@ -150,6 +151,9 @@ class FeatureBank:
         return self.feats[videos.to(dev), draws.to(dev)]
 
 # %% ../nbs/18_features.ipynb #297b733c
+def _bank_zeros(V: int, K: int, T: int, D: int, rt: Runtime) -> Tensor:  # [V, K, T, D] where `bank_place` puts it
+    dev, dtype, pin = bank_place(bank_bytes(V, K, T, D), rt.device); return torch.zeros(V, K, T, D, dtype=dtype, device=dev, pin_memory=pin)
+
 @torch.no_grad()
 def build_bank(model: nn.Module,  # a model of mdmf.model (or its DistributedDataParallel wrapper), visual encoder frozen
                split: Split,  # the resolved training split
@@ -178,13 +182,13 @@ def build_bank(model: nn.Module,  # a model of mdmf.model (or its DistributedDat
             with autocast(rt):
                 f = m.encode_frames(clips.flatten(0, 1).to(rt.device, non_blocking=True))  # [B*K, T, D]
             f = f.float().view(B, K, *f.shape[1:])  # [B, K, T, D]
-            if feats is None: feats = torch.zeros(len(ds), K, *f.shape[2:], device=rt.device)  # [V, K, T, D]
-            feats[index.to(rt.device)] = f
+            if feats is None: feats = _bank_zeros(len(ds), K, *f.shape[2:], rt=rt)  # [V, K, T, D]
+            feats[index.to(feats.device)] = f.to(feats.device, feats.dtype)
         m.train(was_training)
     if rt.distributed:  # a process without batches still joins the sum
         shape = all_max(torch.tensor(feats.shape[2:] if feats is not None else [0, 0], device=rt.device), rt)
-        if feats is None: feats = torch.zeros(len(ds), K, *shape.tolist(), device=rt.device)
-        all_sum(feats, rt)
+        if feats is None: feats = _bank_zeros(len(ds), K, *shape.tolist(), rt=rt)
+        for c in feats.split(max(1, 2**28 // max(feats[0].nbytes, 1))): c.copy_(all_sum(c.to(rt.device), rt))  # a host bank: via the GPU
     return FeatureBank(feats, cfg.run.seed, time.perf_counter() - t0)
 
 # %% ../nbs/18_features.ipynb #3fdcabe1
@@ -227,7 +231,7 @@ class FeatureForward(nn.Module):
                 generator: torch.Generator = None,  # for the PPS draw
                ) -> MDMFOutput:
         m = self.model
-        return m.forward_features(support_feats, support_labels, query_feats, m.class_tokens(class_names), query_labels,
+        return m.forward_features(support_feats.float(), support_labels, query_feats.float(), m.class_tokens(class_names), query_labels,
                                   generator, class_names=class_names)
 
 # %% ../nbs/18_features.ipynb #28dfa9b8
@@ -268,7 +272,8 @@ def cached_bank(model: nn.Module, split: Split, cfg: Config, rt: Optional[Runtim
     b = _remember(key, lambda: build_bank(model, split, cfg, rt, progress=progress))
     if log is not None:
         V, K = b.feats.shape[:2]
-        log(f'feature bank: {V} training videos x {K} draws ({b.feats.numel() * b.feats.element_size() / 2**20:.1f} MiB), '
+        log(f'feature bank: {V} training videos x {K} draws ({b.feats.numel() * b.feats.element_size() / 2**20:.1f} MiB, '
+            f'{str(b.feats.dtype)[6:]} on {"pinned host memory" if b.feats.is_pinned() else b.feats.device}), '
             + ('reused from an earlier run of this process' if reused else f'built in {b.seconds:.1f} s'))
     return b
 

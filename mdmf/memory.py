@@ -21,14 +21,18 @@ from torch.utils._pytree import tree_flatten
 from .backbone import CLIP, PRETRAINED_FILES, RANDOM_CONFIGS, TINY_CONFIGS, Backbone, load_clip
 from .config import PRESETS, Config, add_flags, cli, command_line, preset_config
 from .core import BadInput, atomic_write_text
+from .data import random_episode
+from .episodes import read_split, splits_dir
 from .model import build_model
-from .runtime import Runtime, device_name
+from .runs import preserved_rng
+from .runtime import Runtime, autocast, device_name
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'MEASURED', 'GiB', 'FRAGMENTATION', 'WORKSPACE', 'CHUNKS', 'CARDS', 'LiveBytes', 'measure_frame_memory',
-           'memory_file', 'frame_memory', 'signature', 'backbone_key', 'ParamCounts', 'param_counts', 'precision_name',
-           'predict_peak', 'fits', 'meta_model', 'episode_frames', 'MemoryPlan', 'plan_memory', 'usable_memory',
-           'plan_training', 'memory_table', 'format_memory_table', 'measure_all', 'MemoryOptions', 'main']
+__all__ = ['PRECISIONS', 'MEASURED', 'GiB', 'FRAGMENTATION', 'WORKSPACE', 'CHUNKS', 'CARDS', 'BANK_SHARE', 'BANK_DIMS',
+           'LiveBytes', 'measure_frame_memory', 'memory_file', 'frame_memory', 'signature', 'backbone_key',
+           'ParamCounts', 'param_counts', 'precision_name', 'predict_peak', 'fits', 'meta_model', 'episode_frames',
+           'MemoryPlan', 'plan_memory', 'usable_memory', 'plan_training', 'memory_table', 'format_memory_table',
+           'bank_bytes', 'bank_place', 'bank_table', 'unused_parameters', 'measure_all', 'MemoryOptions', 'main']
 
 # %% ../nbs/17_memory.ipynb #4af2da0d
 class LiveBytes(TorchDispatchMode):
@@ -193,7 +197,11 @@ class MemoryPlan:
     message: str = ''  # the line for the run's log ('' when there is nothing to say)
 
     def apply(self, backbone: Backbone) -> Backbone:
-        "Set the backbone's activation checkpointing as planned."
+        "Set the backbone's activation checkpointing as planned (never with BatchNorm in training mode)."
+        if self.activation_checkpoint and backbone.is_resnet and not backbone.freeze_bn and not backbone.freeze_visual:
+            self.activation_checkpoint = False  # per-chunk batch statistics, running statistics updated twice per chunk
+            self.message += ('; turned off again: with --no-freeze-bn, BatchNorm in training mode would normalise each '
+                             'chunk by its own statistics, so keep --freeze-bn to checkpoint, or use fewer frames per episode')
         backbone.activation_checkpoint, backbone.checkpoint_chunk = self.activation_checkpoint, self.chunk
         return backbone
 
@@ -318,6 +326,61 @@ def format_memory_table(rows: list) -> str:
                       ', '.join(f'{c} = {_gib(b)} usable' for c, b in CARDS.items()) + ')', line(head),
                       line(['-' * w for w in widths])] + [line(x) for x in body])
 
+# %% ../nbs/17_memory.ipynb #ecb32a2c
+BANK_SHARE = 0.5  # a feature bank stays on the GPU when it takes at most this share of the usable memory
+
+def bank_bytes(videos: int, draws: int = 8, frames: int = 8, dim: int = 1024, dtype=torch.float16) -> int:
+    "Bytes of a feature bank `[videos, draws, frames, dim]`."
+    return videos * draws * frames * dim * torch.empty((), dtype=dtype).element_size()
+
+def bank_place(nbytes: int,  # the bank's bytes in float16
+               device, budget: Optional[int] = None,  # bytes usable on `device` (default: `usable_memory`)
+              ) -> tuple:  # (device, dtype, pinned)
+    "Where a feature bank lives: float32 on a CPU; float16 on the GPU, or in pinned host memory when it would take too much of it."
+    device = torch.device(device)
+    if device.type != 'cuda': return device, torch.float32, False
+    budget = usable_memory(device) if budget is None else budget
+    if nbytes <= BANK_SHARE * budget: return device, torch.float16, False
+    return torch.device('cpu'), torch.float16, True
+
+BANK_DIMS = {'RN50': 1024, 'ViT-B/16': 512}
+
+def bank_table(datasets: Sequence[str] = ('hmdb51', 'ucf101', 'kinetics100', 'ssv2_small', 'ssv2_full'),
+               draws: int = 8, frames: int = 8) -> str:
+    "Size of each benchmark's feature bank in float16, and where it lives on each card (`CARDS`)."
+    lines = [f'feature bank of a frozen encoder ({draws} draws x {frames} frames, float16 on a GPU; '
+             f'on the GPU when at most {BANK_SHARE:.0%} of the usable memory, else pinned host memory)']
+    for d in datasets:
+        V = len(read_split(splits_dir(d) / 'train.txt'))
+        for key, D in BANK_DIMS.items():
+            b = bank_bytes(V, draws, frames, D)
+            where = ', '.join(f'{c.split()[0]} GB: {"GPU" if bank_place(b, "cuda", m)[0].type == "cuda" else "host"}'
+                              for c, m in CARDS.items())
+            lines.append(f'{d:<12} {key:<9} {V:>6,} videos x {draws} x {frames} x {D} x 2 B = {_gib(b):>9}  ({where})')
+    return '\n'.join(lines)
+
+# %% ../nbs/17_memory.ipynb #ad9364a3
+def unused_parameters(net: torch.nn.Module,  # what the trainer calls: the model, or its `FeatureForward`
+                      model: torch.nn.Module,  # the model of mdmf.model inside `net`
+                      cfg: Config, rt: Runtime,
+                      features: bool = False,  # `net` takes frame features (frozen encoder) instead of frames
+                     ) -> list:  # names of trainable parameters that get no gradient
+    "Trainable parameters one training step of a random episode leaves without a gradient; nothing else changes."
+    d = cfg.data
+    b = {k: v.to(rt.device) if torch.is_tensor(v) else v for k, v in
+         random_episode(d.way, d.shot, d.train_query, cfg.model.frames, model.backbone.image_size).items()}
+    buffers = [x.clone() for x in model.buffers()]  # BatchNorm statistics, if they train, are put back after the trial
+    with preserved_rng(), autocast(rt):
+        x = (b['support'], b['query'])
+        if features:
+            with torch.no_grad(): x = tuple(model.encode_frames(v) for v in x)
+        net(x[0], b['support_labels'], x[1], b['class_names'], b['query_labels']).loss.float().backward()
+    names = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for x, saved in zip(model.buffers(), buffers): x.copy_(saved)
+    return names
+
 # %% ../nbs/17_memory.ipynb #95bc7c2b
 def measure_all(keys: Sequence[str] = tuple(MEASURED),  # stored keys to measure ('RN50', 'ViT-B/16', 'tiny-vit', 'tiny-rn')
                 frames: Sequence[int] = (8, 16), chunk: int = 2,
@@ -358,7 +421,7 @@ def main(argv: Optional[Sequence[str]] = None):
     o = MemoryOptions(**{k: v for k, v in vars(p.parse_args(argv)).items() if k != 'debug'})
     if o.threads > 0: torch.set_num_threads(o.threads)
     if not o.measure:
-        print(format_memory_table(memory_table(chunk=o.chunk)))
+        print(format_memory_table(memory_table(chunk=o.chunk)) + '\n\n' + bank_table())
         return
     figures = measure_all([k.strip() for k in o.backbones.split(',') if k.strip()], log=lambda m: print(m, flush=True))
     out = Path(o.out or memory_file())

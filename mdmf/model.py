@@ -268,7 +268,7 @@ class CLIPFSAR(FewShotModel):
         if missing:
             raise BadInput(f'CLIP-FSAR: class {missing[0]!r} of this episode is not among the {len(self.text_classes)} '
                            'training classes given to set_text_classes; train on episodes of those classes')
-        rows = torch.tensor([self._text_index[n] for n in class_names], device=class_tokens.device)
+        rows = torch.tensor([self._text_index[n] for n in class_names]).to(class_tokens.device, non_blocking=True)  # [N], no sync
         return self.class_tokens(self.text_classes), rows
 
 # %% ../nbs/11_model.ipynb #8a4736bc

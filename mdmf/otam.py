@@ -117,7 +117,8 @@ def prototypes(x: Tensor,  # support features [S, L, D] (L = T or T+1)
                labels: Tensor,  # support labels [S] in 0..way-1
                way: int,  # number of classes N
               ) -> Tensor:  # class prototypes [way, L, D]
-    "Mean over the shots of each class."
-    onehot = F.one_hot(labels, way).to(x.dtype)  # [S, way]
-    counts = onehot.sum(0).clamp_min(1)  # [way]
-    return torch.einsum('sc,sld->cld', onehot, x) / counts[:, None, None]  # [way, L, D]
+    "Mean over the shots of each class, in float32."
+    with torch.autocast(x.device.type, enabled=False):  # autocast would run the einsum in bfloat16 / float16
+        onehot = F.one_hot(labels, way).float()  # [S, way]
+        counts = onehot.sum(0).clamp_min(1)  # [way]
+        return torch.einsum('sc,sld->cld', onehot, x.float()) / counts[:, None, None]  # [way, L, D]

@@ -13,6 +13,7 @@ import random
 import shutil
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -26,9 +27,9 @@ from .core import BadInput, MissingInput, atomic_write, atomic_write_text
 from .runtime import Runtime, broadcast_object
 
 # %% auto #0
-__all__ = ['CONFIG', 'TEXT_LOG', 'LOG', 'LAST', 'BEST', 'METRICS', 'LOCK', 'SPLITS', 'RUN_FILES', 'RunLock', 'open_run', 'RunLog',
-           'read_log', 'rng_state', 'set_rng_state', 'preserved_rng', 'seed_everything', 'save_checkpoint',
-           'load_checkpoint', 'checkpoint_path', 'load_model']
+__all__ = ['CONFIG', 'TEXT_LOG', 'LOG', 'LAST', 'BEST', 'METRICS', 'LOCK', 'SPLITS', 'RUN_FILES', 'HEARTBEAT', 'STALE_AFTER',
+           'RunLock', 'open_run', 'RunLog', 'read_log', 'rng_state', 'set_rng_state', 'preserved_rng',
+           'seed_everything', 'save_checkpoint', 'load_checkpoint', 'checkpoint_path', 'load_model']
 
 # %% ../nbs/15_runs.ipynb #a4bd87fa
 CONFIG, TEXT_LOG, LOG, LAST, BEST, METRICS, LOCK, SPLITS = (
@@ -54,17 +55,30 @@ def _claim(base: Path) -> Path:
     raise BadInput(f'{base} and 9,999 numbered folders beside it exist: choose another --name')
 
 # %% ../nbs/15_runs.ipynb #227b4dba
+HEARTBEAT, STALE_AFTER = 60, 15 * 60  # seconds: the holder touches its lock this often; untouched this long, it is stale
+
 class RunLock:
-    "A lock file in a run folder, held while this process writes there."
+    "A lock file in a run folder, held while this process writes there (and touched every `HEARTBEAT` seconds)."
     def __init__(self, folder: Path):
         self.path = Path(folder) / LOCK
-        self.held = False
+        self.held, self._stop = False, threading.Event()
 
     def owner(self) -> Optional[dict]:
         try: return json.loads(self.path.read_text(encoding='utf-8'))
         except (OSError, ValueError): return None
 
+    def age(self) -> float:
+        "Seconds since the holder last touched the lock."
+        try: return time.time() - self.path.stat().st_mtime
+        except OSError: return 0.0
+
+    def _beat(self):
+        while not self._stop.wait(HEARTBEAT):
+            try: os.utime(self.path)
+            except OSError: pass
+
     def _stale(self, o: Optional[dict]) -> bool:
+        if self.age() > STALE_AFTER: return True  # no heartbeat for that long: its process is gone, on any host
         if not o or o.get('host') != socket.gethostname(): return False
         try: os.kill(int(o['pid']), 0)
         except ProcessLookupError: return True
@@ -81,15 +95,20 @@ class RunLock:
                     self.path.unlink(missing_ok=True)
                     continue
                 who = f"process {o.get('pid')} on {o.get('host')} since {o.get('since')}" if o else 'another process'
-                raise BadInput(f'run folder {self.path.parent} is in use by {who}; wait for it to end, or choose '
-                               f'another --name (if no run is alive, delete {self.path})') from None
+                beat = f' (its last heartbeat {self.age():.0f} s ago)' if o and o.get('host') != socket.gethostname() else ''
+                raise BadInput(f'run folder {self.path.parent} is in use by {who}{beat}; wait for it to end, or choose '
+                               f'another --name. If no run is alive there (a disconnected Colab VM, say), delete '
+                               f'{self.path}, or wait: a lock untouched for {STALE_AFTER // 60} minutes is taken over') from None
             with os.fdopen(fd, 'w') as f:
                 json.dump(dict(pid=os.getpid(), host=socket.gethostname(), since=time.strftime('%Y-%m-%d %H:%M:%S')), f)
             self.held = True
+            self._stop.clear()
+            threading.Thread(target=self._beat, daemon=True, name='mdmf-lock-heartbeat').start()
             return self
         raise BadInput(f'could not take the lock {self.path}')
 
     def release(self):
+        self._stop.set()
         if self.held: self.path.unlink(missing_ok=True)
         self.held = False
 
@@ -159,7 +178,7 @@ def set_rng_state(state: dict):
     version, words, gauss = state['python']
     random.setstate((version, tuple(int(w) for w in words.tolist()), gauss))
     kind, keys, pos, has_gauss, cached = state['numpy']
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))  # .cpu(): loaded onto a GPU
     torch.set_rng_state(state['torch'].cpu())
     if state['cuda'] and torch.cuda.is_available(): torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
 

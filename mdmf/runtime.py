@@ -10,6 +10,7 @@ import platform
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional, Union
 
@@ -20,9 +21,9 @@ from torch import Tensor
 from .core import BadInput
 
 # %% auto #0
-__all__ = ['PEAK_TFLOPS', 'Runtime', 'pick_device', 'amp_dtype', 'tf32_enabled', 'set_tf32', 'set_backend_flags', 'backend_flags',
-           'init_runtime', 'ddp_device_ids', 'autocast', 'set_threads', 'device_name', 'synchronize', 'peak_flops',
-           'all_sum', 'all_max', 'barrier', 'broadcast_object', 'main_first']
+__all__ = ['DIST_TIMEOUT', 'PEAK_TFLOPS', 'Runtime', 'pick_device', 'amp_dtype', 'tf32_enabled', 'set_tf32', 'set_backend_flags',
+           'backend_flags', 'init_runtime', 'ddp_device_ids', 'autocast', 'set_threads', 'device_name', 'synchronize',
+           'peak_flops', 'all_sum', 'all_max', 'barrier', 'broadcast_object', 'main_first']
 
 # %% ../nbs/13_runtime.ipynb #a3f69422
 @dataclass
@@ -73,11 +74,8 @@ def amp_dtype(device: torch.device,  # the process's device
 
 # %% ../nbs/13_runtime.ipynb #40cfa074
 def _tf32_targets() -> tuple:
-    "The TF32 settings of this PyTorch: (object, attribute, value when on, value when off) for matmul and cuDNN."
-    mm, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    if hasattr(mm, 'fp32_precision') and hasattr(getattr(cudnn, 'conv', None), 'fp32_precision'):
-        return ((mm, 'fp32_precision', 'tf32', 'ieee'), (cudnn.conv, 'fp32_precision', 'tf32', 'ieee'))
-    return ((mm, 'allow_tf32', True, False), (cudnn, 'allow_tf32', True, False))
+    "The TF32 switches: (object, attribute, value when on, value when off) for matmul and cuDNN (the older flags, readable both ways)."
+    return ((torch.backends.cuda.matmul, 'allow_tf32', True, False), (torch.backends.cudnn, 'allow_tf32', True, False))
 
 def tf32_enabled() -> bool:
     "Whether float32 matrix products and convolutions may use TF32 tensor cores (Ampere and newer)."
@@ -104,6 +102,8 @@ def backend_flags(rt: Runtime):
         for obj, attr, value in saved: setattr(obj, attr, value)
 
 # %% ../nbs/13_runtime.ipynb #52a97f1e
+DIST_TIMEOUT = timedelta(minutes=int(os.environ.get('MDMF_DIST_TIMEOUT_MIN', '60')))  # a collective waits this long (a first CLIP download)
+
 def init_runtime(device: str = 'auto',  # see `pick_device`
                  amp: bool = True,  # autocast on CUDA
                  fast: bool = True,  # CUDA's fast path: cudnn.benchmark, TF32 with autocast, fused Adam, channels-last
@@ -114,7 +114,7 @@ def init_runtime(device: str = 'auto',  # see `pick_device`
     dev = pick_device(device, local_rank)
     if dev.type == 'cuda': torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
+        dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo', timeout=DIST_TIMEOUT)
     rt = Runtime(dev, rank, world, local_rank, amp_dtype(dev, amp), fast)
     if dev.type == 'cuda': set_backend_flags(rt)  # for the whole process
     return rt
@@ -132,10 +132,12 @@ def set_threads(threads: int = 0):
     if threads > 0: torch.set_num_threads(threads)
 
 # %% ../nbs/13_runtime.ipynb #af9241dd
-PEAK_TFLOPS = (  # dense bfloat16/float16 tensor-core peak, TFLOP/s; first matching name wins
-    ('H100 PCIe', 756.0), ('H100 NVL', 835.0), ('H100', 989.0), ('H200', 989.0), ('GH200', 989.0),
-    ('B200', 2250.0), ('A100', 312.0), ('L40S', 362.0), ('L40', 181.0), ('L4', 121.0), ('A10G', 70.0),
-    ('A10', 125.0), ('A6000', 155.0), ('RTX 4090', 165.0), ('RTX 3090', 71.0), ('V100', 125.0), ('T4', 65.0),
+PEAK_TFLOPS = (  # dense data-sheet TFLOP/s: (bfloat16/float16 tensor cores, TF32 tensor cores, float32); first matching name wins
+    ('H100 PCIe', (756.0, 378.0, 51.2)), ('H100 NVL', (835.0, 418.0, 60.0)), ('H100', (989.0, 495.0, 67.0)),
+    ('H200', (989.0, 495.0, 67.0)), ('GH200', (989.0, 495.0, 67.0)), ('B200', (2250.0, 1100.0, 80.0)),
+    ('A100', (312.0, 156.0, 19.5)), ('L40S', (362.0, 183.0, 91.6)), ('L40', (181.0, 90.5, 90.5)), ('L4', (121.0, 60.0, 30.3)),
+    ('A10G', (70.0, 35.0, 31.2)), ('A10', (125.0, 62.5, 31.2)), ('A40', (150.0, 74.8, 37.4)), ('A6000', (155.0, 77.4, 38.7)),
+    ('RTX 4090', (165.0, 82.6, 82.6)), ('RTX 3090', (71.0, 35.6, 35.6)), ('V100', (125.0, None, 15.7)), ('T4', (65.0, None, 8.1)),
 )
 
 def device_name(device='cpu') -> str:
@@ -151,13 +153,19 @@ def synchronize(device) -> None:
     "Wait for the device's queued work (CUDA); nothing to wait for elsewhere."
     if torch.device(device).type == 'cuda': torch.cuda.synchronize(device)
 
-def peak_flops(device) -> tuple:  # (FLOP/s or None, where the figure comes from)
-    "The device's peak: the table for known GPUs, None for unknown ones, a measured float32 matmul peak on a CPU."
+def peak_flops(device,
+               dtype: str = 'bfloat16',  # the precision that ran: 'bfloat16', 'float16' or 'float32'
+               tf32: bool = False,  # float32 with TF32 tensor cores allowed (`tf32_enabled()`)
+              ) -> tuple:  # (FLOP/s or None, where the figure comes from)
+    "The device's peak in `dtype`: the table for known GPUs, None for unknown ones, a measured float32 matmul peak on a CPU."
     device = torch.device(device)
     if device.type == 'cuda':
-        name = torch.cuda.get_device_name(device)
-        return next(((tf * 1e12, f'table: {key} dense bf16/fp16') for key, tf in PEAK_TFLOPS if key in name),
-                    (None, f'unknown GPU {name!r}'))
+        name, col = torch.cuda.get_device_name(device), 0 if dtype != 'float32' else 1 if tf32 else 2
+        what = ('dense bf16/fp16', 'dense TF32', 'float32')[col]
+        key, peaks = next(((k, p) for k, p in PEAK_TFLOPS if k in name), (None, None))
+        if key is None: return None, f'unknown GPU {name!r}'
+        if peaks[col] is None: return None, f'table: {key} has no {what}'
+        return peaks[col] * 1e12, f'table: {key} {what}'
     if device.type != 'cpu': return None, f'unknown device {device}'
     a, b, best = torch.randn(1024, 1024), torch.randn(1024, 1024), float('inf')
     for _ in range(12):
@@ -187,9 +195,12 @@ def broadcast_object(obj, rt: Runtime):
     return box[0]
 
 @contextmanager
-def main_first(rt: Runtime):
-    "Rank 0 runs the body first while the others wait; then the others run it."
-    if not rt.is_main: barrier(rt)
+def main_first(rt: Runtime,
+               local: bool = False,  # True: local rank 0 of every machine goes first (downloads to a machine's cache)
+              ):
+    "Rank 0 (or local rank 0 of each machine) runs the body first while the others wait; then the others run it."
+    first = rt.local_rank == 0 if local else rt.is_main
+    if not first: barrier(rt)
     try: yield
     finally:
-        if rt.is_main: barrier(rt)
+        if first: barrier(rt)

@@ -24,15 +24,15 @@ from fastcore.imports import in_notebook
 
 from .config import Config, adam_groups, cli, config_from_dict, config_parser, config_to_dict, config_from_args, lr_at
 from .core import BadInput, atomic_write_text
-from .data import dataset_label, episode_data, freeze_split, load_data
+from .data import dataset_label, episode_data, freeze_split, load_data, random_episode
 from .episodes import episode_generator
 from .evaluate import crop_size, evaluate
 from .features import FeatureForward, feature_loader, frozen_split_features, uses_features
-from .memory import GiB, plan_training
+from .memory import GiB, plan_training, unused_parameters
 from .model import build_model
 from .runs import (BEST, CONFIG, LAST, LOCK, METRICS, SPLITS, RunLog, load_checkpoint, open_run, preserved_rng, rng_state,
                        save_checkpoint, seed_everything, set_rng_state)
-from .runtime import Runtime, autocast, ddp_device_ids, init_runtime, main_first, set_threads
+from .runtime import Runtime, all_sum, autocast, ddp_device_ids, init_runtime, main_first, set_threads
 
 # %% auto #0
 __all__ = ['prepare_data', 'episode_indices', 'to_device', 'NonFiniteLoss', 'Trainer', 'train', 'main']
@@ -77,7 +77,7 @@ class Trainer:
         if self.rt.is_main: self.folder.mkdir(parents=True, exist_ok=True)
         self.log = RunLog(self.folder, self.rt.is_main, quiet)
         seed_everything(cfg.run.seed + self.rt.rank)
-        with main_first(self.rt): self.model = build_model(cfg.model)  # rank 0 downloads CLIP weights first
+        with main_first(self.rt, local=True): self.model = build_model(cfg.model)  # local rank 0 of each machine downloads CLIP first
         self.model.to(self.rt.device)
         fast_path = self.rt.fast and self.rt.device.type == 'cuda'
         if fast_path: self.model.backbone.use_channels_last()  # ResNet convolutions in cuDNN's NHWC layout
@@ -97,7 +97,8 @@ class Trainer:
         self.net = FeatureForward(self.model) if self.fast else self.model
         self.ddp = None
         if self.rt.distributed and self.params:
-            self.ddp = DistributedDataParallel(self.net, device_ids=ddp_device_ids(self.rt), find_unused_parameters=True)
+            self.ddp = DistributedDataParallel(self.net, device_ids=ddp_device_ids(self.rt),  # searching costs a pass per step
+                                               find_unused_parameters=bool(unused_parameters(self.net, self.model, cfg, self.rt, self.fast)))
         self.train_split = self.val_split = None
 
     def _zero_sums(self) -> dict:
@@ -134,6 +135,9 @@ class Trainer:
 def checkpoint(self: Trainer, grads: bool = False) -> dict:
     "Everything needed to continue the run (gradients too when stopped inside an accumulation window)."
     rngs = [rng_state()]
+    sums = {k: v.clone() if k != 'parts' else {n: x.clone() for n, x in v.items()} for k, v in self._sums.items()}
+    for v in [v for k, v in sums.items() if k != 'parts'] + [sums['parts'][n] for n in sorted(sums['parts'])]:
+        all_sum(v, self.rt)  # the loss sums of all processes: a resumed run gives them to rank 0, the others start from 0
     if self.rt.distributed:
         rngs = [None] * self.rt.world
         dist.all_gather_object(rngs, rng_state())
@@ -141,7 +145,7 @@ def checkpoint(self: Trainer, grads: bool = False) -> dict:
                 optimizer=self.opt.state_dict() if self.opt else None,
                 scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None, state=self.state, rng=rngs,
                 grads=[None if p.grad is None else p.grad.detach().cpu() for p in self.params] if grads else None,
-                sums={k: v if k != 'parts' else dict(v) for k, v in self._sums.items()})
+                sums=sums)
 
 @patch
 def save_last(self: Trainer, grads: bool = False):
@@ -159,18 +163,23 @@ def save_best(self: Trainer, accuracy: float):
 @patch
 def load(self: Trainer, path: Path):
     "Continue from a checkpoint written by `save_last`."
-    ck = load_checkpoint(path, self.rt.device)
+    ck = load_checkpoint(path)  # on the CPU: random states stay CPU tensors, and each tensor is placed below
+    like = lambda p, v: torch.empty_like(p).copy_(v)  # `v` on p's device, in p's dtype and memory format (channels-last)
     self.model.load_state_dict(ck['model'])
-    if self.opt and ck['optimizer']:
-        fused = [g.get('fused') for g in self.opt.param_groups]
-        self.opt.load_state_dict(ck['optimizer'])  # restores the saved run's `fused` too: keep this device's choice
-        for g, f in zip(self.opt.param_groups, fused): g['fused'] = f
+    if self.opt and ck['optimizer']:  # the saved run's `fused` is replaced by this device's choice before loading
+        sd, groups = ck['optimizer'], self.opt.param_groups
+        self.opt.load_state_dict(dict(sd, param_groups=[dict(s, fused=g.get('fused')) for s, g in zip(sd['param_groups'], groups)]))
+        for p in self.params:  # Adam's moments laid out as their parameter, e.g. a CPU run resumed on a GPU
+            st = self.opt.state.get(p, {})
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.shape == p.shape: st[k] = like(p, v)
     if self.scaler.is_enabled() and ck.get('scaler'): self.scaler.load_state_dict(ck['scaler'])
     self.state = ck['state']
     self.set_bn_mode()
     if ck['grads'] is not None:  # stopped inside an accumulation window
-        for p, g in zip(self.params, ck['grads']): p.grad = None if g is None else g.to(p.device)
-    self._sums = {k: v if k != 'parts' else dict(v) for k, v in ck['sums'].items()}
+        for p, g in zip(self.params, ck['grads']): p.grad = None if g is None else like(p, g)
+    put = lambda v: v.to(self.rt.device) if self.rt.rank == 0 else torch.zeros_like(v, device=self.rt.device)
+    self._sums = {k: put(v) if k != 'parts' else {n: put(x) for n, x in v.items()} for k, v in ck['sums'].items()}
     rngs = ck['rng']
     set_rng_state(rngs[self.rt.rank] if len(rngs) == self.rt.world else rngs[0])
     if (self.folder / BEST).exists(): self.best_weights = load_checkpoint(self.folder / BEST)['model']
@@ -303,13 +312,13 @@ def fit(self: Trainer) -> Trainer:
             with (self.ddp.no_sync() if self.ddp is not None and not sync else nullcontext()):
                 self.episode_loss(i, batch, scale=W / (w_end - w_start))
             before, now = self.state['episode'], (w_end if sync else i + 1)
-            bar.update(min(W, total - bar.n) if W > 1 else 1)
             if sync:
                 self._check_finite(i)
                 self.step(lr_at(cfg.optim, w_end - 1))
                 self.state['episode'] = now
             elif W == 1:
                 self.state['episode'] = now
+            bar.update(self.state['episode'] - bar.n)  # episodes done by all processes (whole windows when several)
             self.state['seconds']['train'] += time.perf_counter() - t_last
             if sync and (_crossed(boundary, now, cfg.run.log_every) or now == total): self._log_train(bar)
             if sync and ((_crossed(boundary, now, cfg.eval.val_every) and now >= cfg.eval.val_start) or now == total):

@@ -197,10 +197,13 @@ def resize_short(x: torch.Tensor,  # float [T, 3, H, W]
     return F.interpolate(x, size=(max(short_side, round(h * s)), max(short_side, round(w * s))),
                          mode='bilinear', antialias=True, align_corners=False)
 
+_NORM = {}  # (device, dtype) -> CLIP's mean and std [3, 1, 1]: made once, not copied to a GPU at every call
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
     "CLIP normalisation of float `[..., 3, H, W]` in [0, 1] (on `x`'s device)."
-    mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    key = (x.device, x.dtype)
+    if key not in _NORM: _NORM[key] = tuple(torch.tensor(v, dtype=x.dtype).view(3, 1, 1).to(x.device) for v in (CLIP_MEAN, CLIP_STD))
+    mean, std = _NORM[key]
     return (x - mean) / std
 
 def to_clip_input(frames: torch.Tensor,  # uint8 [..., 3, H, W]

@@ -45,7 +45,8 @@ def test_torchrun_second_process_gets_its_gpu_nccl_and_device_ids():
         try:
             rt = init_runtime('cuda')
             torch.cuda.set_device.assert_called_once_with(torch.device('cuda', 1))
-            torch.distributed.init_process_group.assert_called_once_with('nccl')
+            from mdmf.runtime import DIST_TIMEOUT
+            torch.distributed.init_process_group.assert_called_once_with('nccl', timeout=DIST_TIMEOUT)
             assert torch.backends.cudnn.benchmark and tf32_enabled()  # bfloat16 card: the fast path's flags
         finally:
             for p in patches: p.stop()
@@ -131,7 +132,7 @@ def fake_load(name, device='cpu', jit=False, download_root=None):  # clip.load: 
         torch.save(backbone.load_clip('tiny-rn', seed=5).state_dict(), path)
     return backbone.clip_from_state_dict(torch.load(path, weights_only=True)), None
 backbone.clip.load = fake_load
-if not guarded: train.main_first = lambda rt: contextlib.nullcontext()  # what the trainer would be without it
+if not guarded: train.main_first = lambda rt, local=False: contextlib.nullcontext()  # what the trainer would be without it
 rt = init_runtime('cpu')  # WORLD_SIZE=2: joins the gloo group
 dist.barrier()  # both ranks reach the model at the same moment
 cfg = preset_config('synthetic').replace(backbone='RN50', ffn_dim=32, heads=2, progress=False, runs=str(tmp / 'runs'))

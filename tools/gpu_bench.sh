@@ -39,7 +39,8 @@ python -c "import clip" 2>/dev/null || python -c "import pkg_resources" 2>/dev/n
   'available', torch.cuda.is_available())"; } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt" | tail -n 1
 
-# 3. One benchmark per size; each writes bench_<size>.json and bench_<size>.txt.
+# 3. One benchmark per size; each writes bench_<size>.json and bench_<size>.txt. The JSON is rewritten after each part
+#    and each training row ("complete": false until the end), so a size stopped by the time-out keeps what finished.
 status=0
 for size in $SIZES; do
   echo "== $size ($(( $(date +%s) - start )) s)"
