@@ -5,101 +5,29 @@
 # %% ../nbs/22_plots.ipynb #3cd182c2
 from __future__ import annotations
 
-import io
-import struct
-import textwrap
 from typing import Optional, Sequence
 
 import matplotlib
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
-from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import PercentFormatter
-from PIL import Image
 from torch import Tensor
 
-from .core import BadInput
+from .core import (DPI, LABEL, MAX_WIDTH, TICK, TITLE, BadInput, colorbar, figure_class, figure_png, new_figure,
+                       png_size, short_name, short_names, wrapped)
 from .inspect import Inspection, distill_decision, embed_2d
 from .otam import otam_path
 from .video import CLIP_MEAN, CLIP_STD
 
 # %% auto #0
-__all__ = ['DPI', 'TICK', 'LABEL', 'TITLE', 'MAX_WIDTH', 'GAP', 'figure_png', 'png_size', 'Picture', 'new_figure', 'short_name',
-           'short_names', 'wrapped', 'strip', 'frames_image', 'plot_episode', 'plot_pps', 'plot_prediction',
-           'plot_posteriors', 'plot_attention', 'plot_otam', 'overlay', 'plot_gradcam', 'plot_tsne', 'plot_per_class']
+__all__ = ['Picture', 'GAP', 'strip', 'frames_image', 'plot_episode', 'plot_pps', 'plot_prediction', 'plot_posteriors',
+           'plot_attention', 'plot_otam', 'overlay', 'plot_gradcam', 'plot_tsne', 'plot_per_class']
 
 # %% ../nbs/22_plots.ipynb #a67618a4
-DPI = 100  # pixels per inch of every figure: 1 pt of text is 1.4 px
-TICK, LABEL, TITLE = 8, 9, 10  # font sizes in pt: 11, 12.5 and 14 px at 100 dpi
-MAX_WIDTH = 9.0  # inches: what a notebook's output area shows without shrinking
-
-def figure_png(fig: Figure,  # any matplotlib figure
-               dpi: Optional[int] = None,  # default: the figure's own
-               colours: int = 256,  # size of the adaptive palette (0: full colour)
-              ) -> bytes:
-    "PNG bytes of a figure, drawn with Agg (no display needed)."
-    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
-    own = fig.dpi
-    try:
-        fig.set_dpi(dpi or own)
-        canvas.draw()
-        img = Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3])  # [H, W, 3] on the white face
-    finally:
-        fig.set_dpi(own)
-    if colours: img = img.quantize(colours, method=Image.Quantize.FASTOCTREE)
-    buf = io.BytesIO()
-    img.save(buf, format='png')
-    return buf.getvalue()
-
-def png_size(png: bytes) -> tuple:  # (width, height) in pixels
-    "The pixel size written in a PNG's header."
-    return struct.unpack('>II', png[16:24])
-
-class Picture(Figure):
-    "A matplotlib `Figure` that shows itself as a PNG in any notebook front end, with or without pyplot."
-    def _repr_png_(self) -> bytes: return figure_png(self)
-
-def new_figure(width: float,  # inches (at most MAX_WIDTH)
-               height: float,  # inches
-              ) -> Picture:
-    "An empty `Picture` at the package's resolution with constrained layout; not managed by pyplot."
-    return Picture(figsize=(min(width, MAX_WIDTH), height), dpi=DPI, layout='constrained', facecolor='white')
-
-# %% ../nbs/22_plots.ipynb #3ba0d153
-def short_name(name: str,  # a class name
-               width: int = 26,  # at most this many characters
-              ) -> str:
-    "A name cut in the middle to fit `width`: its first word, '…', and as many words from the end as fit."
-    if len(name) <= width: return name
-    words, tail = name.split(), []
-    for w in reversed(words[1:]):
-        if len(words[0]) + 3 + len(' '.join([w] + tail)) > width: break
-        tail.insert(0, w)
-    return f'{words[0]} … {" ".join(tail)}' if tail else name[:max(width - 1, 1)] + '…'
-
-def short_names(names: Sequence[str],  # names that must stay distinguishable
-                width: int = 26,  # characters
-               ) -> list:
-    "`short_name` of each name, widened where two short forms would be the same."
-    out = [short_name(n, width) for n in names]
-    for w in range(width + 1, max(map(len, names), default=0) + 1):
-        clash = {s for s in out if out.count(s) > 1}
-        if not clash: break
-        out = [short_name(n, w) if s in clash else s for n, s in zip(names, out)]
-    return out
-
-def wrapped(name: str,  # a class name
-            width: int = 16,  # characters per line
-            lines: int = 2,  # at most this many lines
-           ) -> str:
-    "A name on at most `lines` lines of `width` characters, cut in the middle when it does not fit."
-    text = name
-    while len(parts := textwrap.wrap(text, width)) > lines: text = short_name(name, len(text) - 1)
-    return '\n'.join(parts)
+Picture = figure_class()  # the figure class of every picture (mdmf.core.new_figure makes them)
 
 # %% ../nbs/22_plots.ipynb #d6c9b09b
 GAP = 2  # white pixels between the frames of a strip
