@@ -16,7 +16,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import PercentFormatter
 from torch import Tensor
 
-from .core import (DPI, LABEL, MAX_WIDTH, TICK, TITLE, BadInput, colorbar, figure_class, figure_png, new_figure,
+from .core import (DPI, LABEL, MAX_WIDTH, MIN_SIDE, TICK, TITLE, BadInput, colorbar, figure_class, figure_png, new_figure,
                        png_size, short_name, short_names, wrapped)
 from .inspect import Inspection, distill_decision, embed_2d
 from .otam import otam_path
@@ -61,7 +61,8 @@ def _strip_figure(rows: list,  # (title, image [H, W, 3], title colour)
     scale = min(1.0, (MAX_WIDTH - 0.2) * DPI / w)
     lines = [len(r[0].split('\n')) for r in rows]
     text = max(len(l) for r in rows for l in r[0].split('\n')) * 0.6 * LABEL / 72  # inches the longest title line needs
-    fig = new_figure(max(w * scale / DPI, text) + 0.2, sum(h * scale / DPI + 0.08 + 0.19 * k for k in lines) + 0.1 + extra)
+    fig = new_figure(max(w * scale / DPI, text) + 0.2, sum(h * scale / DPI + 0.08 + 0.19 * k for k in lines) + 0.1 + extra,
+                     strip=True)  # frames side by side: a thumbnail strip
     for ax, (title, img, colour) in zip(fig.subplots(len(rows), 1, squeeze=False)[:, 0], rows):
         ax.imshow(img, interpolation='nearest' if scale == 1 else 'antialiased')
         ax.set_title(title, fontsize=LABEL, loc='left', color=colour); ax.axis('off')
@@ -165,7 +166,7 @@ def plot_posteriors(ins: Inspection,  # an inspected episode of the two-view mod
         ax.set_title(f'{b.upper()}{role}\nv = {float(p.v[query]):.2f}, t = {float(p.t[query]):.2f}', fontsize=TITLE,
                      color='tab:green' if teacher == b else 'black')
         ax.set_xlabel('posterior', fontsize=LABEL)
-    fig.axes[1].legend(fontsize=TICK, loc='lower right')
+    fig.legend(*fig.axes[1].get_legend_handles_labels(), fontsize=TICK, loc='outside lower center', ncol=2)
     fig.suptitle(f'query {query}: {decision}', fontsize=TITLE)
     return fig
 
@@ -187,7 +188,7 @@ def plot_attention(ins: Inspection,  # an inspected episode
     "MMFE cross-attention, context positions (rows) over visual positions (columns), token first, per view."
     att = ins.out.extras.get('attention', {})
     views = [b for b in _pick_views(ins, view) if b in att]
-    fig = new_figure(3.3 * max(len(views), 1), 3.0)
+    fig = new_figure(3.3 * max(len(views), 1) + 0.8, 3.4)
     if not views:
         ax = fig.subplots(); ax.axis('off')
         ax.text(0.5, 0.5, 'no attention maps kept\n(load the run with load_run)', ha='center', va='center', fontsize=LABEL)
@@ -195,15 +196,18 @@ def plot_attention(ins: Inspection,  # an inspected episode
     row = 'class' if ins.support_rows == 'class' else 'support'
     who = f'{row} {support}' if support is not None else f'query {query}'
     T = ins.query_feats.shape[1]
-    for ax, b in zip(fig.subplots(1, len(views), squeeze=False)[0], views):
-        a = att[b]['support'][support] if support is not None else att[b]['query'][query]  # [L, L']
-        im = ax.imshow(a.numpy(), cmap='viridis')  # its own scale, from its lowest to its highest weight
+    maps = {b: att[b]['support'][support] if support is not None else att[b]['query'][query] for b in views}  # [L, L']
+    top = max(float(a.max()) for a in maps.values())  # one absolute scale for every panel, from 0
+    axs = fig.subplots(1, len(views), squeeze=False)[0]
+    for ax, b in zip(axs, views):
+        a = maps[b]
+        im = ax.imshow(a.numpy(), cmap='viridis', vmin=0, vmax=top)
         ax.set_xticks(range(a.shape[1]), _positions(a.shape[1], T), fontsize=TICK)
         ax.set_yticks(range(a.shape[0]), _positions(a.shape[0], T), fontsize=TICK)
         ax.set_xlabel('visual position (key)', fontsize=LABEL); ax.set_ylabel('context position', fontsize=LABEL)
         ax.set_title(f'{b.upper()} · {who}', fontsize=TITLE)
-        cb = fig.colorbar(im, ax=ax, shrink=0.85); cb.set_label('attention weight', fontsize=LABEL)
-        cb.ax.tick_params(labelsize=TICK)
+    L = next(iter(maps.values())).shape[1]
+    colorbar(fig, im, list(axs), f'attention weight (uniform: 1/{L} = {1 / L:.2f})', shrink=0.85)
     return fig
 
 # %% ../nbs/22_plots.ipynb #8fecafb7
@@ -219,16 +223,20 @@ def plot_otam(ins: Inspection,  # an inspected episode
     left, right, top, bottom, title, gap = 0.6, 0.95, 0.35, 0.5, 0.5, 0.2  # inches: a fixed layout, drawn in one pass
     panel = min(1.25, (MAX_WIDTH - left - right - (C - 1) * gap) / C)
     W, H = left + C * panel + (C - 1) * gap + right, top + R * (title + panel) + (R - 1) * 0.15 + bottom
-    fig = Picture(figsize=(W, H), dpi=DPI, facecolor='white')
+    bottom += max(0.0, MIN_SIDE - H); H = max(H, MIN_SIDE)  # at least 400 px high: the room goes below the panels
+    fig = new_figure(W, H, layout=None)
+    costs = {b: ins.out.extras['cost'][b][query][classes] for b in views}  # [C, T, T] per view
+    lo = min(float(c.min()) for c in costs.values())  # one colour scale for every view and prototype
+    hi = max(max(float(c.max()) for c in costs.values()), lo + 1e-6)
     axs = fig.subplots(R, C, squeeze=False, sharex=True, sharey=True, gridspec_kw=dict(
         left=left / W, right=1 - right / W, bottom=bottom / H, top=1 - (top + title) / H, wspace=gap / panel,
         hspace=(title + 0.15) / panel))
     for r, b in enumerate(views):
         cost = ins.out.extras['cost'][b][query]  # [N, T, T]
         logits = ins.out.view_logits.get(b, ins.out.logits)[query]  # [N]
-        near, lo, hi, T = int(logits.argmax()), float(cost[classes].min()), float(cost[classes].max()), cost.shape[-1]
+        near, T = int(logits.argmax()), cost.shape[-1]
         for ax, c in zip(axs[r], classes):
-            im = ax.imshow(cost[c].numpy(), cmap='magma', vmin=lo, vmax=max(hi, lo + 1e-6))
+            im = ax.imshow(cost[c].numpy(), cmap='magma', vmin=lo, vmax=hi)
             path = otam_path(cost[c], ins.lam)
             ax.plot([j for _, j in path], [i for i, _ in path], color='white', lw=1.5, marker='.', ms=4)
             ax.set_title(f'{wrapped(names[c])}\n{b.upper()} d = {-float(logits[c]):.2f}', fontsize=TICK,
@@ -236,9 +244,8 @@ def plot_otam(ins: Inspection,  # an inspected episode
             if c == near:
                 for s in ax.spines.values(): s.set_edgecolor('tab:orange'); s.set_linewidth(3)
         axs[r][0].set_ylabel('query frame', fontsize=LABEL)
-        box = axs[r][-1].get_position()  # the row's colour bar right of its last panel
-        cb = fig.colorbar(im, cax=fig.add_axes([box.x1 + 0.15 / W, box.y0, 0.12 / W, box.height]))
-        cb.set_label('1 − cos', fontsize=LABEL); cb.ax.tick_params(labelsize=TICK)
+    box, low = axs[0][-1].get_position(), axs[-1][-1].get_position()  # one colour bar right of the last column
+    colorbar(fig, im, None, '1 − cos (one scale)', cax=fig.add_axes([box.x1 + 0.15 / W, low.y0, 0.12 / W, box.y1 - low.y0]))
     ticks = range(0, T, max(1, T // 4))  # frame numbers from 1; the axes are shared, inner labels hidden
     axs[0][0].set_xticks(ticks, [str(t + 1) for t in ticks]); axs[0][0].set_yticks(ticks, [str(t + 1) for t in ticks])
     for ax in axs.flat: ax.tick_params(labelsize=TICK)
@@ -323,5 +330,5 @@ def plot_per_class(accs: dict,  # model name -> {class name: accuracy %}
     _class_bars(ax, values, names, colours=[f'C{i}' for i in range(len(models))], labels=labels)
     ax.set_xlim(0, 1); ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_xlabel('accuracy on the queries of the class', fontsize=LABEL)
-    ax.legend(fontsize=TICK, loc='lower right')
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=TICK, loc='outside lower center')  # below: covers no bar
     return fig
