@@ -116,7 +116,7 @@ def silent_cells(nb: dict) -> list:
 
 
 MACHINE = re.compile(r'(?<![\w.~])(?:/root/|/home/\w|/Users/\w|/tmp/|/var/folders/|[A-Z]:\\\\Users)')
-NOISE = re.compile(r'video_reader\.cc|^\[mov,mp4|^\[\w+ @ 0x[0-9a-f]+\]|load average', re.M)
+NOISE = re.compile(r'video_reader\.cc|^\[mov,mp4|^\[\w+ @ 0x[0-9a-f]+\]', re.M)
 
 
 def text_problems(nb: dict) -> list:
