@@ -132,6 +132,12 @@ def figure_class() -> type:
         "A matplotlib `Figure` that shows itself as a PNG in any notebook front end, with or without pyplot."
         strip = False  # a thumbnail strip (frames side by side), exempt from the short-side rule
         def _repr_png_(self) -> bytes: return figure_png(self)
+        def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
+            png = figure_png(self)
+            return {'image/png': png, 'text/plain': '<Picture {}x{} px>'.format(*png_size(png))}
+        def _ipython_display_(self):  # asked before any printer registered for Figure (pyplot's inline backend has one)
+            from IPython.display import display
+            display(self._repr_mimebundle_(), raw=True)
     Picture.__module__, Picture.__qualname__ = __name__, 'Picture'
     return Picture
 
