@@ -248,3 +248,26 @@ def test_store_outputs_runs_a_notebook_in_a_kernel(tmp_path):
     assert '#| slow' in _text(cells[1]['source'])  # the flagged cell's source is kept
     assert len(r['problems']) == 1 and 'figure shown as text' in r['problems'][0]
     assert all(c['execution_count'] is None for c in cells)  # nbdev_clean ran
+
+
+OUTSIDE = re.compile(r'METHOD\.md|/work/|/root/|~/\.claude')  # files that are not part of the repository
+
+
+def test_nothing_refers_to_files_outside_the_repository():
+    "Notebook sources, README, index and the stored studies name no file outside the repository."
+    paths = sorted((ROOT / 'nbs').glob('*.ipynb')) + [ROOT / 'index.ipynb', ROOT / 'README.md'] + \
+        sorted((ROOT / 'results').glob('**/*.md'))
+    bad = []
+    for p in paths:
+        texts = [_text(c['source']) for c in _nb(p)['cells']] if p.suffix == '.ipynb' else [p.read_text(encoding='utf-8')]
+        bad += [f'{p.relative_to(ROOT)}: {m.group()}' for t in texts for m in OUTSIDE.finditer(t)]
+    assert not bad, 'references outside the repository: ' + '; '.join(bad)
+
+
+def test_colab_setup_can_run_twice():
+    "nbs/colab.ipynb clones only when the clone is absent and changes to an absolute folder."
+    setup = next(_text(c['source']) for c in _code(_nb(ROOT / 'nbs' / 'colab.ipynb')) if 'git clone' in _text(c['source']))
+    lines = setup.splitlines()
+    clone = next(i for i, l in enumerate(lines) if 'git clone' in l)
+    assert lines[clone].startswith((' ', '\t')) and lines[clone - 1].lstrip().startswith('if not os.path.isdir('), setup
+    assert any(re.match(r'%cd /\S+', l) for l in lines), f'the setup cell changes to a relative folder:\n{setup}'
