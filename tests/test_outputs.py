@@ -162,6 +162,16 @@ def test_stored_pictures_are_legible(path):
 
 
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=lambda p: p.name)
+def test_every_picture_is_read(path):
+    "A stored picture is followed (within two cells) by a markdown paragraph starting '**Reading:**'."
+    cells = _nb(path)['cells']
+    unread = [i for i, c in enumerate(cells) if c['cell_type'] == 'code' and pictures(dict(cells=[c]))
+              and not any(x['cell_type'] == 'markdown' and _text(x['source']).startswith('**Reading:**')
+                          for x in cells[i + 1:i + 3])]
+    assert not unread, f'{path.name}: pictures without a reading under them (cells {unread})'
+
+
+@pytest.mark.parametrize('path', NOTEBOOKS, ids=lambda p: p.name)
 def test_cells_that_show_something_keep_it(path):
     if path.name in PENDING + RESTORE: pytest.skip(f'{path.name}: outputs stored before this check (RESTORE)')
     bad = silent_cells(_nb(path))
