@@ -46,7 +46,7 @@ REMOVES = {  # what each row leaves out of the full model
     'NTC': 'both temporal views, PPS, distillation', 'NTC+PPS': 'both temporal views, distillation',
     'multi-view': 'PPS, distillation', 'multi-view+PPS': 'distillation', 'multi-view+distill': 'PPS', 'full': 'nothing',
 }
-# the paper's 5-way 5-shot accuracy with CLIP-RN50 (METHOD.md section 9); rows not listed: not in METHOD.md
+# the paper's 5-way 5-shot accuracy with CLIP-RN50 (its Tables 3-4); rows not listed: not reported there
 PAPER_ABLATIONS = {
     'GTC': dict(hmdb51=82.4, kinetics100=92.0, ssv2_small=58.1), 'GTC+PPS': dict(hmdb51=82.4, kinetics100=93.2, ssv2_small=58.6),
     'LTC': dict(hmdb51=82.1, kinetics100=91.9, ssv2_small=56.2), 'LTC+PPS': dict(hmdb51=82.3, kinetics100=92.9, ssv2_small=57.2),
@@ -243,8 +243,8 @@ def study_markdown(study: dict) -> str:
                                   _f(r['std']), _f(r['pooled_ci95']), delta] + paper) + ' |\n'
     return out + ('\nseed sd: sample standard deviation of the test accuracy between seeds. pooled ±95%: the test-episode '
                   'interval of the mean over seeds. Δ full: the row minus `full`, seed by seed (same episodes), with '
-                  'the t 95% interval over seeds; bold when it excludes 0. Paper: 5-way 5-shot, CLIP-RN50 (METHOD.md '
-                  'section 9); — : not in METHOD.md (Table 5 and the middle rows of Table 4).\n')
+                  'the t 95% interval over seeds; bold when it excludes 0. Paper: 5-way 5-shot, CLIP-RN50 (its '
+                  'Tables 3-4); — : not reported there (Table 5 and the middle rows of Table 4).\n')
 
 # %% ../nbs/20_ablate.ipynb #09b7dc03
 def _load() -> Optional[float]:

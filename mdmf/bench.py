@@ -51,7 +51,7 @@ class BenchSize:
     preset: str  # the preset whose model settings the benchmark model takes
     short_side: int  # frames are resized to this short side before cropping to the backbone's size
     video_size: int  # side of the synthetic videos made for the evaluation and data parts
-    flops_per_frame: Optional[float] = None  # forward FLOPs of the visual encoder per frame (METHOD.md section 10)
+    flops_per_frame: Optional[float] = None  # forward FLOPs of the visual encoder per frame (published figures)
 
 SIZES = {
     'tiny': BenchSize('tiny', 'tiny-vit', 'synthetic', 72, 64),
@@ -234,7 +234,7 @@ def _flops_per_frame(size: BenchSize) -> tuple:  # (forward FLOPs of one frame, 
     with torch.device('meta'): visual = CLIP(**_shapes(size)).visual
     counted = count_flops(visual, visual.input_resolution, 'meta')  # shapes only: nothing is computed
     return (size.flops_per_frame or counted, counted,
-            'METHOD.md cost facts' if size.flops_per_frame else 'torch.utils.flop_counter')
+            'published FLOPs per frame' if size.flops_per_frame else 'torch.utils.flop_counter')
 
 def _path(*args) -> dict:
     "`train_path(*args)`, or the out-of-memory error of a GPU too small for that path (the other rows still run)."

@@ -409,7 +409,7 @@ def bench_frozen_step(model: FewShotModel,  # visual encoder frozen (its `cfg.fr
                 device=str(rt.device), threads=torch.get_num_threads(), load=_load())
 
 # %% ../nbs/18_features.ipynb #8279f1c5
-FRAME_GFLOP = {'RN50': 11.6, 'ViT-B/16': 33.7}  # forward GFLOP per 224x224 frame (METHOD.md section 10)
+FRAME_GFLOP = {'RN50': 11.6, 'ViT-B/16': 33.7}  # forward GFLOP per 224x224 frame
 BENCHMARKS = ('hmdb51', 'ucf101', 'kinetics100', 'ssv2_small', 'ssv2_full')
 
 def project_frozen(dataset: str,  # a benchmark of the shipped split lists
@@ -419,7 +419,7 @@ def project_frozen(dataset: str,  # a benchmark of the shipped split lists
                    way: int = 5, shot: int = 5, train_query: int = 5, frames: int = 8,
                    tflops: float = 100.0,  # sustained TFLOP/s assumed for the encoder
                    step_overhead_s: float = 0.015,  # assumed launch-bound time of one cached episode
-                   heads_share: float = 0.01,  # heads / encoder training cost (METHOD.md: under 1%)
+                   heads_share: float = 0.01,  # heads / encoder training cost (under 1%)
                   ) -> dict:
     "Projected GPU hours of one fine-tuned and one frozen-backbone training run (a projection, not a measurement)."
     V = {s: len(read_split(splits_dir(dataset) / f'{s}.txt')) for s in ('train', 'val', 'test')}

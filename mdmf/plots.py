@@ -5,101 +5,29 @@
 # %% ../nbs/22_plots.ipynb #3cd182c2
 from __future__ import annotations
 
-import io
-import struct
-import textwrap
 from typing import Optional, Sequence
 
 import matplotlib
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
-from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import PercentFormatter
-from PIL import Image
 from torch import Tensor
 
-from .core import BadInput
+from .core import (DPI, LABEL, MAX_WIDTH, MIN_SIDE, TICK, TITLE, BadInput, colorbar, figure_class, figure_png, new_figure,
+                       png_size, short_name, short_names, wrapped)
 from .inspect import Inspection, distill_decision, embed_2d
 from .otam import otam_path
 from .video import CLIP_MEAN, CLIP_STD
 
 # %% auto #0
-__all__ = ['DPI', 'TICK', 'LABEL', 'TITLE', 'MAX_WIDTH', 'GAP', 'figure_png', 'png_size', 'Picture', 'new_figure', 'short_name',
-           'short_names', 'wrapped', 'strip', 'frames_image', 'plot_episode', 'plot_pps', 'plot_prediction',
-           'plot_posteriors', 'plot_attention', 'plot_otam', 'overlay', 'plot_gradcam', 'plot_tsne', 'plot_per_class']
+__all__ = ['Picture', 'GAP', 'strip', 'frames_image', 'plot_episode', 'plot_pps', 'plot_prediction', 'plot_posteriors',
+           'plot_attention', 'plot_otam', 'overlay', 'plot_gradcam', 'plot_tsne', 'plot_per_class']
 
 # %% ../nbs/22_plots.ipynb #a67618a4
-DPI = 100  # pixels per inch of every figure: 1 pt of text is 1.4 px
-TICK, LABEL, TITLE = 8, 9, 10  # font sizes in pt: 11, 12.5 and 14 px at 100 dpi
-MAX_WIDTH = 9.0  # inches: what a notebook's output area shows without shrinking
-
-def figure_png(fig: Figure,  # any matplotlib figure
-               dpi: Optional[int] = None,  # default: the figure's own
-               colours: int = 256,  # size of the adaptive palette (0: full colour)
-              ) -> bytes:
-    "PNG bytes of a figure, drawn with Agg (no display needed)."
-    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
-    own = fig.dpi
-    try:
-        fig.set_dpi(dpi or own)
-        canvas.draw()
-        img = Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3])  # [H, W, 3] on the white face
-    finally:
-        fig.set_dpi(own)
-    if colours: img = img.quantize(colours, method=Image.Quantize.FASTOCTREE)
-    buf = io.BytesIO()
-    img.save(buf, format='png')
-    return buf.getvalue()
-
-def png_size(png: bytes) -> tuple:  # (width, height) in pixels
-    "The pixel size written in a PNG's header."
-    return struct.unpack('>II', png[16:24])
-
-class Picture(Figure):
-    "A matplotlib `Figure` that shows itself as a PNG in any notebook front end, with or without pyplot."
-    def _repr_png_(self) -> bytes: return figure_png(self)
-
-def new_figure(width: float,  # inches (at most MAX_WIDTH)
-               height: float,  # inches
-              ) -> Picture:
-    "An empty `Picture` at the package's resolution with constrained layout; not managed by pyplot."
-    return Picture(figsize=(min(width, MAX_WIDTH), height), dpi=DPI, layout='constrained', facecolor='white')
-
-# %% ../nbs/22_plots.ipynb #3ba0d153
-def short_name(name: str,  # a class name
-               width: int = 26,  # at most this many characters
-              ) -> str:
-    "A name cut in the middle to fit `width`: its first word, '…', and as many words from the end as fit."
-    if len(name) <= width: return name
-    words, tail = name.split(), []
-    for w in reversed(words[1:]):
-        if len(words[0]) + 3 + len(' '.join([w] + tail)) > width: break
-        tail.insert(0, w)
-    return f'{words[0]} … {" ".join(tail)}' if tail else name[:max(width - 1, 1)] + '…'
-
-def short_names(names: Sequence[str],  # names that must stay distinguishable
-                width: int = 26,  # characters
-               ) -> list:
-    "`short_name` of each name, widened where two short forms would be the same."
-    out = [short_name(n, width) for n in names]
-    for w in range(width + 1, max(map(len, names), default=0) + 1):
-        clash = {s for s in out if out.count(s) > 1}
-        if not clash: break
-        out = [short_name(n, w) if s in clash else s for n, s in zip(names, out)]
-    return out
-
-def wrapped(name: str,  # a class name
-            width: int = 16,  # characters per line
-            lines: int = 2,  # at most this many lines
-           ) -> str:
-    "A name on at most `lines` lines of `width` characters, cut in the middle when it does not fit."
-    text = name
-    while len(parts := textwrap.wrap(text, width)) > lines: text = short_name(name, len(text) - 1)
-    return '\n'.join(parts)
+Picture = figure_class()  # the figure class of every picture (mdmf.core.new_figure makes them)
 
 # %% ../nbs/22_plots.ipynb #d6c9b09b
 GAP = 2  # white pixels between the frames of a strip
@@ -133,7 +61,8 @@ def _strip_figure(rows: list,  # (title, image [H, W, 3], title colour)
     scale = min(1.0, (MAX_WIDTH - 0.2) * DPI / w)
     lines = [len(r[0].split('\n')) for r in rows]
     text = max(len(l) for r in rows for l in r[0].split('\n')) * 0.6 * LABEL / 72  # inches the longest title line needs
-    fig = new_figure(max(w * scale / DPI, text) + 0.2, sum(h * scale / DPI + 0.08 + 0.19 * k for k in lines) + 0.1 + extra)
+    fig = new_figure(max(w * scale / DPI, text) + 0.2, sum(h * scale / DPI + 0.08 + 0.19 * k for k in lines) + 0.1 + extra,
+                     strip=True)  # frames side by side: a thumbnail strip
     for ax, (title, img, colour) in zip(fig.subplots(len(rows), 1, squeeze=False)[:, 0], rows):
         ax.imshow(img, interpolation='nearest' if scale == 1 else 'antialiased')
         ax.set_title(title, fontsize=LABEL, loc='left', color=colour); ax.axis('off')
@@ -237,7 +166,7 @@ def plot_posteriors(ins: Inspection,  # an inspected episode of the two-view mod
         ax.set_title(f'{b.upper()}{role}\nv = {float(p.v[query]):.2f}, t = {float(p.t[query]):.2f}', fontsize=TITLE,
                      color='tab:green' if teacher == b else 'black')
         ax.set_xlabel('posterior', fontsize=LABEL)
-    fig.axes[1].legend(fontsize=TICK, loc='lower right')
+    fig.legend(*fig.axes[1].get_legend_handles_labels(), fontsize=TICK, loc='outside lower center', ncol=2)
     fig.suptitle(f'query {query}: {decision}', fontsize=TITLE)
     return fig
 
@@ -259,7 +188,7 @@ def plot_attention(ins: Inspection,  # an inspected episode
     "MMFE cross-attention, context positions (rows) over visual positions (columns), token first, per view."
     att = ins.out.extras.get('attention', {})
     views = [b for b in _pick_views(ins, view) if b in att]
-    fig = new_figure(3.3 * max(len(views), 1), 3.0)
+    fig = new_figure(3.3 * max(len(views), 1) + 0.8, 3.4)
     if not views:
         ax = fig.subplots(); ax.axis('off')
         ax.text(0.5, 0.5, 'no attention maps kept\n(load the run with load_run)', ha='center', va='center', fontsize=LABEL)
@@ -267,15 +196,18 @@ def plot_attention(ins: Inspection,  # an inspected episode
     row = 'class' if ins.support_rows == 'class' else 'support'
     who = f'{row} {support}' if support is not None else f'query {query}'
     T = ins.query_feats.shape[1]
-    for ax, b in zip(fig.subplots(1, len(views), squeeze=False)[0], views):
-        a = att[b]['support'][support] if support is not None else att[b]['query'][query]  # [L, L']
-        im = ax.imshow(a.numpy(), cmap='viridis')  # its own scale, from its lowest to its highest weight
+    maps = {b: att[b]['support'][support] if support is not None else att[b]['query'][query] for b in views}  # [L, L']
+    top = max(float(a.max()) for a in maps.values())  # one absolute scale for every panel, from 0
+    axs = fig.subplots(1, len(views), squeeze=False)[0]
+    for ax, b in zip(axs, views):
+        a = maps[b]
+        im = ax.imshow(a.numpy(), cmap='viridis', vmin=0, vmax=top)
         ax.set_xticks(range(a.shape[1]), _positions(a.shape[1], T), fontsize=TICK)
         ax.set_yticks(range(a.shape[0]), _positions(a.shape[0], T), fontsize=TICK)
         ax.set_xlabel('visual position (key)', fontsize=LABEL); ax.set_ylabel('context position', fontsize=LABEL)
         ax.set_title(f'{b.upper()} · {who}', fontsize=TITLE)
-        cb = fig.colorbar(im, ax=ax, shrink=0.85); cb.set_label('attention weight', fontsize=LABEL)
-        cb.ax.tick_params(labelsize=TICK)
+    L = next(iter(maps.values())).shape[1]
+    colorbar(fig, im, list(axs), f'attention weight (uniform: 1/{L} = {1 / L:.2f})', shrink=0.85)
     return fig
 
 # %% ../nbs/22_plots.ipynb #8fecafb7
@@ -291,16 +223,20 @@ def plot_otam(ins: Inspection,  # an inspected episode
     left, right, top, bottom, title, gap = 0.6, 0.95, 0.35, 0.5, 0.5, 0.2  # inches: a fixed layout, drawn in one pass
     panel = min(1.25, (MAX_WIDTH - left - right - (C - 1) * gap) / C)
     W, H = left + C * panel + (C - 1) * gap + right, top + R * (title + panel) + (R - 1) * 0.15 + bottom
-    fig = Picture(figsize=(W, H), dpi=DPI, facecolor='white')
+    bottom += max(0.0, MIN_SIDE - H); H = max(H, MIN_SIDE)  # at least 400 px high: the room goes below the panels
+    fig = new_figure(W, H, layout=None)
+    costs = {b: ins.out.extras['cost'][b][query][classes] for b in views}  # [C, T, T] per view
+    lo = min(float(c.min()) for c in costs.values())  # one colour scale for every view and prototype
+    hi = max(max(float(c.max()) for c in costs.values()), lo + 1e-6)
     axs = fig.subplots(R, C, squeeze=False, sharex=True, sharey=True, gridspec_kw=dict(
         left=left / W, right=1 - right / W, bottom=bottom / H, top=1 - (top + title) / H, wspace=gap / panel,
         hspace=(title + 0.15) / panel))
     for r, b in enumerate(views):
         cost = ins.out.extras['cost'][b][query]  # [N, T, T]
         logits = ins.out.view_logits.get(b, ins.out.logits)[query]  # [N]
-        near, lo, hi, T = int(logits.argmax()), float(cost[classes].min()), float(cost[classes].max()), cost.shape[-1]
+        near, T = int(logits.argmax()), cost.shape[-1]
         for ax, c in zip(axs[r], classes):
-            im = ax.imshow(cost[c].numpy(), cmap='magma', vmin=lo, vmax=max(hi, lo + 1e-6))
+            im = ax.imshow(cost[c].numpy(), cmap='magma', vmin=lo, vmax=hi)
             path = otam_path(cost[c], ins.lam)
             ax.plot([j for _, j in path], [i for i, _ in path], color='white', lw=1.5, marker='.', ms=4)
             ax.set_title(f'{wrapped(names[c])}\n{b.upper()} d = {-float(logits[c]):.2f}', fontsize=TICK,
@@ -308,9 +244,8 @@ def plot_otam(ins: Inspection,  # an inspected episode
             if c == near:
                 for s in ax.spines.values(): s.set_edgecolor('tab:orange'); s.set_linewidth(3)
         axs[r][0].set_ylabel('query frame', fontsize=LABEL)
-        box = axs[r][-1].get_position()  # the row's colour bar right of its last panel
-        cb = fig.colorbar(im, cax=fig.add_axes([box.x1 + 0.15 / W, box.y0, 0.12 / W, box.height]))
-        cb.set_label('1 − cos', fontsize=LABEL); cb.ax.tick_params(labelsize=TICK)
+    box, low = axs[0][-1].get_position(), axs[-1][-1].get_position()  # one colour bar right of the last column
+    colorbar(fig, im, None, '1 − cos (one scale)', cax=fig.add_axes([box.x1 + 0.15 / W, low.y0, 0.12 / W, box.y1 - low.y0]))
     ticks = range(0, T, max(1, T // 4))  # frame numbers from 1; the axes are shared, inner labels hidden
     axs[0][0].set_xticks(ticks, [str(t + 1) for t in ticks]); axs[0][0].set_yticks(ticks, [str(t + 1) for t in ticks])
     for ax in axs.flat: ax.tick_params(labelsize=TICK)
@@ -395,5 +330,5 @@ def plot_per_class(accs: dict,  # model name -> {class name: accuracy %}
     _class_bars(ax, values, names, colours=[f'C{i}' for i in range(len(models))], labels=labels)
     ax.set_xlim(0, 1); ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_xlabel('accuracy on the queries of the class', fontsize=LABEL)
-    ax.legend(fontsize=TICK, loc='lower right')
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=TICK, loc='outside lower center')  # below: covers no bar
     return fig

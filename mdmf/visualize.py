@@ -115,7 +115,7 @@ def plot_table(rows: list,  # dicts, one per run (`run_table`)
     widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(columns)]
     fig = new_figure(sum(widths) * 0.085 + 0.4, 0.24 * (len(rows) + 1) + 0.45)
     ax = fig.subplots(); ax.axis('off')
-    t = ax.table(cellText=cells, colLabels=list(columns), loc='center', cellLoc='left')
+    t = ax.table(cellText=cells, colLabels=list(columns), loc='upper center', cellLoc='left')  # under its title
     t.auto_set_font_size(False); t.set_fontsize(LABEL); t.auto_set_column_width(list(range(len(columns))))
     ax.set_title(title, fontsize=TITLE)
     return fig

@@ -48,7 +48,7 @@ def test_tables_hold_every_row_once():
 def test_paper_numbers_are_those_of_method_md():
     assert PAPER_ABLATIONS['GTC+PPS'] == dict(hmdb51=82.4, kinetics100=93.2, ssv2_small=58.6)
     assert PAPER_ABLATIONS['full'] == dict(hmdb51=83.0, kinetics100=93.5, ssv2_small=60.4)
-    assert not any(r.startswith('T5') for r in PAPER_ABLATIONS)  # Table 5's numbers are not in METHOD.md
+    assert not any(r.startswith('T5') for r in PAPER_ABLATIONS)  # the paper reports no Table 5 numbers for these columns
     assert 'multi-view+PPS' not in PAPER_ABLATIONS and 'multi-view+distill' not in PAPER_ABLATIONS
 
 

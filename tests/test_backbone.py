@@ -220,7 +220,7 @@ def test_channels_last_resnet_only_same_features():
 
 
 def test_real_shapes_without_download():
-    "RN50-random / ViT-B/16-random have OpenAI's sizes (METHOD.md section 10: 38.3M and 86.2M visual parameters)."
+    "RN50-random / ViT-B/16-random have OpenAI's sizes (38.3M and 86.2M visual parameters)."
     from clip.model import CLIP
     from mdmf.backbone import RANDOM_CONFIGS
     for name, visual, D in [('RN50-random', 38.3e6, 1024), ('ViT-B/16-random', 86.2e6, 512)]:

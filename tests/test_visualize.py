@@ -126,9 +126,14 @@ def test_uint8_frames_keep_their_brightness():
 
 
 def test_figures_display_without_pyplot():
+    "A picture shows itself (before any printer pyplot's inline backend registers for Figure) as a PNG."
+    from unittest.mock import patch
     fig = plot_episode(random_episode(way=2, shot=1), 0)
-    bundle, _ = DisplayFormatter().format(fig)
-    assert 'image/png' in bundle and png_size(bundle['image/png'])[0] >= 8 * 64
+    shown = []
+    with patch('IPython.display.display', lambda obj, raw=False: shown.append((obj, raw))):
+        handled = DisplayFormatter().ipython_display_formatter(fig)
+    (bundle, raw), = shown
+    assert handled and raw and 'image/png' in bundle and png_size(bundle['image/png'])[0] >= 8 * 64
 
 
 def test_class_names_stay_apart():

@@ -11,11 +11,17 @@ picture of its own in its display data, as `mdmf.explorer.EpisodeExplorer` does.
 settings.ini has `clear_all = False`), and the size of what was stored is printed beside the budget that
 tests/test_outputs.py checks. The notebooks read the example runs of `mdmf.inspect.example_run` (trained models),
 made under $MDMF_HOME on first use.
+
+What a reader does not need is left out of the stored text, and only that: lines that native libraries (FFmpeg,
+decord) write straight to the process's stderr when a test opens a broken video on purpose, and the machine's own
+folder prefixes, written as `~` (the home folder) and `…` (a temporary folder), so that `/tmp/tmpab12cd/broken.mp4`
+is stored as `…/broken.mp4`. tests/test_outputs.py checks that no such text is stored.
 """
 import argparse
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +31,27 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'tests'))
 from test_notebooks import execute  # noqa: E402  the same kernel as the tests
 from test_outputs import NOTEBOOK_BUDGET, problems, stored_bytes  # noqa: E402  the same checks as the tests
+
+NATIVE_NOISE = re.compile(r'^\[(?:mov,mp4|\d\d:\d\d:\d\d\] \S+\.cc:\d+)|^\[\w+ @ 0x[0-9a-f]+\]')  # FFmpeg, decord
+_TMP = re.compile(re.escape(tempfile.gettempdir()) + r'/(?:tmp|pytest-of-)[\w.-]*(?:/|\b)')
+
+def tidy(text: str) -> str:
+    "Text as a reader should see it: no native libraries' log lines, no machine folder prefixes."
+    lines = [l for l in text.splitlines(keepends=True) if not NATIVE_NOISE.match(l)]
+    text = _TMP.sub('…/', ''.join(lines))
+    return text.replace(str(Path.home()) + '/', '~/')
+
+def _tidy_outputs(nb) -> None:
+    for cell in nb.cells:
+        outputs = []
+        for o in cell.get('outputs', []):
+            if o.output_type == 'stream':
+                o.text = tidy(o.text)
+                if not o.text.strip(): continue  # only noise
+            for k, v in o.get('data', {}).items():
+                if k.startswith('text/'): o.data[k] = tidy(v)
+            outputs.append(o)
+        if cell.cell_type == 'code': cell.outputs = outputs
 
 SKIPPED = re.compile(r'^\s*#\|\s*(slow|gpu)\s*$', re.M)  # nbdev flags of cells the tests skip
 
@@ -39,6 +66,7 @@ def store(path: Path, timeout: int = 1200) -> dict:
     t0 = time.perf_counter()
     execute(nb, path.parent, timeout)
     for i, source in held.items(): nb.cells[i].source, nb.cells[i].outputs = source, []
+    _tidy_outputs(nb)
     nbformat.write(nb, path)
     subprocess.run(['nbdev_clean', '--fname', str(path)], check=True, cwd=ROOT)
     stored = nbformat.read(path, as_version=4)
