@@ -48,6 +48,7 @@ class EvalConfig:
     test_episodes: int = 10000  # test episodes
     eval_batch: int = 16  # videos per batch when the evaluation features are computed
     cache: bool = True  # evaluation computes each video's backbone features once and reuses them
+    episode_batch: int = 250  # with the cache: episodes whose heads run in one call (the same predictions as 1, one by one)
 
 @dataclass
 class RunConfig:
