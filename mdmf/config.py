@@ -139,7 +139,7 @@ def _preset(base: dict, **sections) -> dict:
 VIDEO_TEXT_WEIGHT = dict(synthetic=3.0, hmdb51=1.2, ucf101=1.5, kinetics100=1.5, ssv2_small=3.0, ssv2_full=3.0, folder=1.0)
 
 PRESETS = {
-    'synthetic': dict(model=dict(backbone='tiny-pretrained', ffn_dim=256, return_attention=False,
+    'synthetic': dict(model=dict(backbone='tiny-pretrained', ffn_dim=256, return_attention=False, freeze_visual=True,
                                  video_text_weight=VIDEO_TEXT_WEIGHT['synthetic'])),
     **{name: _preset(PAPER, data=dict(dataset=name, data_root=f'data/{name}', flip=DATASETS[name].flip),
                      model=dict(video_text_weight=VIDEO_TEXT_WEIGHT[name]))
