@@ -101,8 +101,9 @@ def bench_config(size: BenchSize,  # the benchmark size
                  seed: int = 0,
                  **values,  # further settings by name (`shot=1`, `workers=4`, ...)
                 ) -> Config:
-    "The config every part runs on: the size's preset and backbone, synthetic data, no progress bars."
+    "The config every part runs on: the size's preset and backbone, synthetic data, no progress bars, the encoder trained."
     return preset_config(size.preset).replace(
+        freeze_visual=False,  # the synthetic preset freezes it; the training part times the step through the encoder
         dataset='synthetic', data_root=data_root, short_side=size.short_side, flip=True, backbone=size.backbone,
         backbone_seed=seed, return_attention=False, progress=False, seed=seed, threads=0, **values)
 
