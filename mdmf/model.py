@@ -367,6 +367,7 @@ def _stack(fn, *xs) -> Tensor: return torch.stack([fn(*x) for x in zip(*xs)])  #
 # %% ../nbs/11_model.ipynb #d6fbe6df
 @patch
 def episode_logits(self: MDMF, feats, tokens, support_index, support_labels, query_index, class_ids, generators=None):
+    "CLIP-MDMF on E episodes: each distinct (video, prompt token) pair fused once, OTAM for all in one solve."
     cfg, (E, S), Q, (C, D) = self.cfg, support_index.shape, query_index.shape[1], tokens.shape
     N, gens = class_ids.shape[1], generators or [None] * E
     if self.pps.enabled:
@@ -389,6 +390,7 @@ def episode_logits(self: MDMF, feats, tokens, support_index, support_labels, que
 # %% ../nbs/11_model.ipynb #72bbbc05
 @patch
 def episode_logits(self: CLIPFSAR, feats, tokens, support_index, support_labels, query_index, class_ids, generators=None):
+    "CLIP-FSAR on E episodes: every class sequence and each distinct query through the transformer in one call."
     cfg, (E, S), N = self.cfg, support_index.shape, class_ids.shape[1]
     if cfg.fsar_merge_before:  # one sequence per class of each episode
         s_feats = _stack(lambda s, l: prototypes(feats[s], l, N), support_index, support_labels)  # [E, N, T, D]
@@ -404,6 +406,7 @@ def episode_logits(self: CLIPFSAR, feats, tokens, support_index, support_labels,
 
 @patch
 def episode_logits(self: FrameMean, feats, tokens, support_index, support_labels, query_index, class_ids, generators=None):
+    "The frame mean on E episodes: each video's mean frame computed once."
     N, mean = class_ids.shape[1], feats.float().mean(1)  # [V, D] each video's mean frame, once
     def logits(s, l, q):  # one episode, as `forward_features` computes it
         U = prototypes(mean[s][:, None], l, N)[:, 0]  # [N, D]
