@@ -431,7 +431,8 @@ def main(argv: Optional[Sequence[str]] = None):
     p = command_line('python -m mdmf.bench', 'Print the predicted GPU memory of every preset, then measure side by side on '
                      'one device: fast OTAM against the cell-by-cell loop, evaluation with the feature cache against '
                      'without, the trainer\'s fast training step against the same trainer in IEEE float32, and data '
-                     'loading against what training consumes. Prints a table; --out writes everything as JSON.')
+                     'loading against what training consumes. Prints a table; --out writes everything as JSON. '
+                     '--default-run times `python -m mdmf.train` instead (flags after -- go to it).')
     add_flags(p, BenchOptions(), choices={'size': tuple(SIZES)})
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index('--') if '--' in argv else len(argv)  # flags after `--` go to mdmf.train (--default-run)
