@@ -9,9 +9,9 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from fastcore.imports import in_notebook
 from torch import Tensor
-from torch.utils.flop_counter import FlopCounterMode
 
 from .backbone import CLIP, RANDOM_CONFIGS, TINY_CONFIGS
 from .config import Config, add_flags, cli, command_line, preset_config
@@ -33,14 +32,15 @@ from .evaluate import encode_split, evaluate, summarize
 from .memory import GiB, LiveBytes, format_memory_table, memory_table
 from .model import build_model
 from .otam import otam, otam_bidirectional, otam_reference
-from .runtime import Runtime, backend_flags, device_name, init_runtime, peak_flops, synchronize, tf32_enabled
+from .runtime import (Runtime, backend_flags, count_flops, cpu_facts, device_name, host_syncs, init_runtime, load_average, peak_flops,
+                          run_timed, synchronize, tf32_enabled, time_interleaved)
 from .train import Trainer
 from .video import num_frames, read_frames, write_frames
 
 # %% auto #0
-__all__ = ['SIZES', 'PARTS', 'BenchSize', 'time_interleaved', 'bench_otam', 'bench_config', 'bench_data_root', 'frames_split',
-           'bench_eval', 'count_flops', 'train_path', 'bench_train', 'bench_data', 'BenchOptions', 'run_bench',
-           'format_table', 'main']
+__all__ = ['SIZES', 'PARTS', 'BenchSize', 'bench_otam', 'bench_config', 'bench_data_root', 'frames_split', 'bench_eval',
+           'train_path', 'bench_train', 'bench_data', 'BenchOptions', 'run_bench', 'format_table', 'bench_default_run',
+           'format_default_run', 'main']
 
 # %% ../nbs/25_bench.ipynb #6ce04982
 @dataclass(frozen=True)
@@ -59,18 +59,6 @@ SIZES = {
     'vit-b16': BenchSize('vit-b16', 'ViT-B/16-random', 'hmdb51', 256, 256, 33.7e9),
 }
 PARTS = ('memory', 'otam', 'eval', 'train', 'data')
-
-def time_interleaved(fns: dict, repeats: int = 5, warmup: int = 1, device='cpu') -> dict:
-    "Seconds of each call of each function of `fns` (name -> no-argument callable), run in turns: name -> [repeats]."
-    for _ in range(warmup):
-        for f in fns.values(): f()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            synchronize(device); t0 = time.perf_counter()
-            f()
-            synchronize(device); times[k].append(time.perf_counter() - t0)
-    return times
 
 def _median(xs): return float(statistics.median(xs)) if xs else None
 def _ratio(a, b): return None if a is None or b is None or b == 0 else float(a / b)
@@ -113,8 +101,9 @@ def bench_config(size: BenchSize,  # the benchmark size
                  seed: int = 0,
                  **values,  # further settings by name (`shot=1`, `workers=4`, ...)
                 ) -> Config:
-    "The config every part runs on: the size's preset and backbone, synthetic data, no progress bars."
+    "The config every part runs on: the size's preset and backbone, synthetic data, no progress bars, the encoder trained."
     return preset_config(size.preset).replace(
+        freeze_visual=False,  # the synthetic preset freezes it; the training part times the step through the encoder
         dataset='synthetic', data_root=data_root, short_side=size.short_side, flip=True, backbone=size.backbone,
         backbone_seed=seed, return_attention=False, progress=False, seed=seed, threads=0, **values)
 
@@ -175,23 +164,6 @@ def bench_eval(cfg: Config, rt: Runtime, repeats: int = 3, cached_episodes: int 
                 same_predictions=bool(same.all()), prediction_agreement=float(same.mean()),
                 cached_times_ms=[1e3 * t for t in per_c], workers=d.workers)
 
-# %% ../nbs/25_bench.ipynb #0a606e8a
-@torch.no_grad()
-def count_flops(module, image_size: int, device='cpu') -> float:
-    "Forward FLOPs of `module` on one `[1, 3, S, S]` image, counted by `torch.utils.flop_counter`."
-    x = torch.zeros(1, 3, image_size, image_size, device=device)
-    with FlopCounterMode(display=False) as fc: module(x)
-    return float(fc.get_total_flops())
-
-def _host_syncs(step: Callable, device) -> int:
-    "Host synchronisations of one call of `step` on CUDA (`torch.cuda.set_sync_debug_mode`)."
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always')
-        torch.cuda.set_sync_debug_mode('warn')
-        try: step(); synchronize(device)
-        finally: torch.cuda.set_sync_debug_mode('default')
-    return sum('synchroniz' in str(w.message) for w in caught)
-
 # %% ../nbs/25_bench.ipynb #71522e78
 def train_path(cfg: Config, rt: Runtime, fast: bool, repeats: int = 3, steps: int = 2, warmup: int = 2,
                compile: bool = False, activation_checkpoint: bool = False) -> dict:
@@ -223,7 +195,7 @@ def train_path(cfg: Config, rt: Runtime, fast: bool, repeats: int = 3, steps: in
                    activation_checkpoint=model.backbone.activation_checkpoint, chunk=model.backbone.checkpoint_chunk,
                    compiled=compile, peak_gib=peak / GiB, predicted_peak_gib=trainer.memory.peak and trainer.memory.peak / GiB,
                    peak_source='torch.cuda.max_memory_allocated' if cuda else 'live tensor bytes of the first step + weights',
-                   memory_plan=trainer.memory.message, host_syncs_per_step=_host_syncs(step, rt.device) if fast and cuda else None)
+                   memory_plan=trainer.memory.message, host_syncs_per_step=host_syncs(step, rt.device) if fast and cuda else None)
     return out
 
 # %% ../nbs/25_bench.ipynb #44fadb9c
@@ -312,6 +284,7 @@ class BenchOptions:
     threads: int = 0  # torch CPU threads (0: torch's default)
     seed: int = 0  # seed of the weights, episodes and data
     out: str = ''  # write the results as JSON to this file
+    default_run: bool = False  # instead: time `python -m mdmf.train` with its defaults (flags after `--` go to it)
 
 def _settings(o: BenchOptions, gpu: bool) -> dict:
     s = dict(repeats=5, train_repeats=5 if gpu else 3, cached_episodes=100 if gpu else 50, uncached_episodes=30 if gpu else 10,
@@ -326,9 +299,6 @@ def _settings(o: BenchOptions, gpu: bool) -> dict:
     if o.workers: s['workers'] = [int(w) for w in o.workers.split(',')]
     return s
 
-def _load():  # 1-minute load average: other work on the machine slows every timing
-    try: return os.getloadavg()[0]
-    except (OSError, AttributeError): return None
 
 # %% ../nbs/25_bench.ipynb #41c65bc7
 def run_bench(o: Optional[BenchOptions] = None,  # what to run (default: `BenchOptions()`)
@@ -345,7 +315,7 @@ def run_bench(o: Optional[BenchOptions] = None,  # what to run (default: `BenchO
     res = dict(device=device_name(rt.device), device_type=rt.device.type, torch=torch.__version__, size=o.size,
                backbone=size.backbone, image_size=image_size, frames=8, repeats=st['repeats'], quick=o.quick,
                amp_dtype=str(rt.amp_dtype), memory=dict(rows=None), otam=dict(speedup=None), eval=dict(cache_speedup=None),
-               train=dict(speedup=None), data=dict(keeps_up=None), seconds={}, load_average=_load())
+               train=dict(speedup=None), data=dict(keeps_up=None), seconds={}, load_average=load_average())
     def part(name: str, fn: Callable):
         t0 = time.perf_counter(); log(f'{name} ...')
         res[name] = fn()
@@ -373,7 +343,7 @@ def run_bench(o: Optional[BenchOptions] = None,  # what to run (default: `BenchO
                                             st['default_workers']))
     finally:
         if tmp is not None: shutil.rmtree(tmp, ignore_errors=True)
-    res['load_average_end'] = _load()
+    res['load_average_end'] = load_average()
     return res
 
 # %% ../nbs/25_bench.ipynb #3080cc96
@@ -428,18 +398,54 @@ def format_table(r: dict) -> str:
     memory = [format_memory_table(r['memory']['rows']), ''] if r['memory'].get('rows') else []
     return '\n'.join(memory + [head, ''] + (lines if len(rows) > 1 else []))
 
+# %% ../nbs/25_bench.ipynb #dd289dad
+def bench_default_run(args: Sequence[str] = (),  # flags of `python -m mdmf.train` (none: the default run)
+                      runs: str = '',  # folder of the run folder (default: a temporary one, removed afterwards)
+                      every: float = 5.0,  # seconds between samples of the load average
+                     ) -> dict:
+    "Wall time, accuracy, load and CPU of `python -m mdmf.train ARGS`, run in a fresh process."
+    tmp = runs or tempfile.mkdtemp(prefix='mdmf-default-run-')
+    folder = Path(tmp) / 'default-run'
+    try:
+        r = run_timed([sys.executable, '-m', 'mdmf.train', *args, '--runs', str(folder.parent), '--name', folder.name,
+                       '--overwrite', '--no-progress'], every)
+        if r['returncode']: raise BadInput(f'python -m mdmf.train {" ".join(args)} failed (exit {r["returncode"]}):\n'
+                                           + r['output'][-1500:])
+        m = json.loads((folder / 'metrics.json').read_text(encoding='utf-8'))
+    finally:
+        if not runs: shutil.rmtree(tmp, ignore_errors=True)
+    return dict(command=' '.join(['python -m mdmf.train', *args]), wall_s=round(r['wall_s'], 1), test=m['test'], val=m['val'],
+                timings=m['timings'], model=m['model'], load=r['load'], cpu=cpu_facts(), torch=torch.__version__)
+
+def format_default_run(r: dict) -> str:
+    "A `bench_default_run` result as one Markdown row with its header, and the machine under it."
+    t, l, c = r['test'], r['load'], r['cpu']
+    limits = ' '.join(f'{k}={v}' for k, v in c['limits'].items()) or 'none'
+    return (f'| command | test accuracy | val | wall time | load (start / max / end) |\n|---|---|---|---|---|\n'
+            f'| `{r["command"]}` | {t["accuracy"]:.2f} ± {t["ci95"]:.2f} % ({t["episodes"]} episodes) | '
+            f'{r["val"]["accuracy"]:.2f} % at episode {r["val"]["best_episode"]} | {r["wall_s"]:.0f} s | '
+            f'{l["start"]} / {l["max"]} / {l["end"]} |\n\n{c["model"]}, {c["cores"]} cores; vector extensions '
+            f'{", ".join(c["vector"]) or "none found"}; limits {limits}; torch kernels {c["torch_capability"]}')
+
+
 # %% ../nbs/25_bench.ipynb #9ddbe905
 def main(argv: Optional[Sequence[str]] = None):
     "`python -m mdmf.bench [--size tiny|rn50|vit-b16] [--device D] [--parts ...] [--out FILE]`: see `--help`."
     p = command_line('python -m mdmf.bench', 'Print the predicted GPU memory of every preset, then measure side by side on '
                      'one device: fast OTAM against the cell-by-cell loop, evaluation with the feature cache against '
                      'without, the trainer\'s fast training step against the same trainer in IEEE float32, and data '
-                     'loading against what training consumes. Prints a table; --out writes everything as JSON.')
+                     'loading against what training consumes. Prints a table; --out writes everything as JSON. '
+                     '--default-run times `python -m mdmf.train` instead (flags after -- go to it).')
     add_flags(p, BenchOptions(), choices={'size': tuple(SIZES)})
-    o = BenchOptions(**{k: v for k, v in vars(p.parse_args(argv)).items() if k != 'debug'})
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index('--') if '--' in argv else len(argv)  # flags after `--` go to mdmf.train (--default-run)
+    o = BenchOptions(**{k: v for k, v in vars(p.parse_args(argv[:cut])).items() if k != 'debug'})
+    train_args = argv[cut + 1:]
+    if train_args and not o.default_run: raise BadInput('flags after -- are for --default-run (mdmf.train\'s flags)')
     save = lambda r, complete=False: atomic_write_text(o.out, json.dumps(dict(r, complete=complete), indent=1))
-    r = run_bench(o, log=lambda m: print(m, flush=True), on_part=save if o.out else None)  # written after each part
-    print(format_table(r), flush=True)
+    if o.default_run: r = bench_default_run(train_args)
+    else: r = run_bench(o, log=lambda m: print(m, flush=True), on_part=save if o.out else None)  # written after each part
+    print(format_default_run(r) if o.default_run else format_table(r), flush=True)
     if o.out:
         save(r, True)
         print(f'written to {o.out}')

@@ -62,6 +62,7 @@ class EvalConfig:
     test_episodes: int = 10000  # test episodes
     eval_batch: int = 16  # videos per batch when the evaluation features are computed
     cache: bool = True  # evaluation computes each video's backbone features once and reuses them
+    episode_batch: int = 250  # with the cache: episodes whose heads run in one call (the same predictions as 1, one by one)
 
 @dataclass
 class RunConfig:
@@ -153,7 +154,7 @@ def _preset(base: dict, **sections) -> dict:
 VIDEO_TEXT_WEIGHT = dict(synthetic=3.0, hmdb51=1.2, ucf101=1.5, kinetics100=1.5, ssv2_small=3.0, ssv2_full=3.0, folder=1.0)
 
 PRESETS = {
-    'synthetic': dict(model=dict(backbone='tiny-pretrained', ffn_dim=256, return_attention=False,
+    'synthetic': dict(model=dict(backbone='tiny-pretrained', ffn_dim=256, return_attention=False, freeze_visual=True,
                                  video_text_weight=VIDEO_TEXT_WEIGHT['synthetic'])),
     **{name: _preset(PAPER, data=dict(dataset=name, data_root=f'data/{name}', flip=DATASETS[name].flip),
                      model=dict(video_text_weight=VIDEO_TEXT_WEIGHT[name]))

@@ -111,18 +111,20 @@ def _drawn(sampler: EpisodeSampler, n: int) -> tuple:  # (distinct videos, draws
     return distinct, len(idx) / max(distinct, 1)
 
 # %% ../nbs/16_evaluate.ipynb #96c259bb
-def _cached(model, features: Tensor, tokens: Tensor, sampler: EpisodeSampler, mine: list, gen, rt: Runtime, bar) -> dict:
-    "Predictions `[way*query]` of episodes `mine` from the cached features `[V, T, D]` (heads only)."
+def _cached(model, features: Tensor, tokens: Tensor, sampler: EpisodeSampler, mine: list, gen, rt: Runtime, bar,
+            batch: int = 1,  # episodes per call of the heads (`episode_logits`)
+           ) -> dict:
+    "Predictions `[way*query]` of episodes `mine` from the cached features `[V, T, D]` (heads only), `batch` at a time."
     preds = {}
-    for i in mine:
-        ep = sampler.episode(i)
-        si, qi = (torch.from_numpy(x).to(rt.device, non_blocking=True) for x in (ep.support_index, ep.query_index))
+    for start in range(0, len(mine), max(batch, 1)):
+        ids = mine[start:start + max(batch, 1)]
+        eps = [sampler.episode(i) for i in ids]
+        rows = lambda name: torch.from_numpy(np.stack([getattr(e, name) for e in eps])).to(rt.device)  # [E, ...]
         with autocast(rt):
-            out = model.forward_features(features[si], torch.from_numpy(ep.support_labels).to(rt.device),
-                                         features[qi], tokens[torch.from_numpy(ep.class_ids).to(rt.device)],
-                                         generator=gen(i))
-        preds[i] = out.logits.argmax(-1)
-        bar.update()
+            logits = model.episode_logits(features, tokens, rows('support_index'), rows('support_labels'),
+                                          rows('query_index'), rows('class_ids'), [gen(i) for i in ids])  # [E, Q, N]
+        preds.update(zip(ids, logits.argmax(-1)))
+        bar.update(len(ids))
     return preds
 
 def _uncached(model, cfg: Config, s: Split, sampler: EpisodeSampler, n: int, mine: list, gen, rt: Runtime, bar) -> dict:
@@ -170,7 +172,7 @@ def evaluate(model: nn.Module,  # a model of mdmf.model (or its DistributedDataP
     bar = tqdm(total=len(mine), desc=f'{split} {"cached" if cache else "uncached"}', leave=False,
                disable=not (progress and rt.is_main), dynamic_ncols=True)
     gen = lambda i: episode_generator(cfg.run.seed, s.split, i, rt.device)
-    got = (_cached(model, features, tokens, sampler, mine, gen, rt, bar) if cache
+    got = (_cached(model, features, tokens, sampler, mine, gen, rt, bar, cfg.eval.episode_batch) if cache
            else _uncached(model, cfg, s, sampler, n, mine, gen, rt, bar))
     bar.close()
     preds = torch.zeros(n, d.way * d.test_query, dtype=torch.long, device=rt.device)  # [n, way*query]

@@ -346,3 +346,71 @@ def build_model(cfg: ModelConfig,  # which model and all its settings
         backbone = _make_backbone(cfg, clip_from_state_dict({k[len(prefix):]: v for k, v in weights.items()
                                                              if k.startswith(prefix)}))
     return _MODEL_CLASSES[cfg.model](cfg, backbone)
+
+# %% ../nbs/11_model.ipynb #7f5b7f73
+@patch
+def episode_logits(self: FewShotModel,
+                   feats: Tensor,  # [V, T, D] frame features of every video of the split
+                   tokens: Tensor,  # [C, D] prompt tokens of every class of the split
+                   support_index: Tensor,  # [E, S] long: rows of `feats`, E episodes, class-major
+                   support_labels: Tensor,  # [E, S] long in 0..N-1
+                   query_index: Tensor,  # [E, Q] long: rows of `feats`
+                   class_ids: Tensor,  # [E, N] long: rows of `tokens`, the episode's classes in label order
+                   generators: list = None,  # E generators of the PPS draws (None: unseeded)
+                  ) -> Tensor:  # [E, Q, N] logits
+    "Logits of E episodes given as rows of a split's features; this reference runs `forward_features` one by one."
+    gens = generators or [None] * len(support_index)
+    return torch.stack([self.forward_features(feats[s], l, feats[q], tokens[c], generator=g).logits
+                        for s, l, q, c, g in zip(support_index, support_labels, query_index, class_ids, gens)])
+
+def _stack(fn, *xs) -> Tensor: return torch.stack([fn(*x) for x in zip(*xs)])  # a small op per episode, shapes as one by one
+
+# %% ../nbs/11_model.ipynb #d6fbe6df
+@patch
+def episode_logits(self: MDMF, feats, tokens, support_index, support_labels, query_index, class_ids, generators=None):
+    "CLIP-MDMF on E episodes: each distinct (video, prompt token) pair fused once, OTAM for all in one solve."
+    cfg, (E, S), Q, (C, D) = self.cfg, support_index.shape, query_index.shape[1], tokens.shape
+    N, gens = class_ids.shape[1], generators or [None] * E
+    if self.pps.enabled:
+        drawn = _stack(lambda q, c, g: self.pps(feats[q], tokens[c], g)[2], query_index, class_ids, gens)  # [E, Q]
+        q_class = torch.gather(class_ids, 1, drawn)  # [E, Q] rows of `tokens`
+    else: q_class = torch.full_like(query_index, C)  # row C: the zero token
+    s_class = torch.gather(class_ids, 1, support_labels)  # [E, S]
+    pairs = torch.cat([support_index, query_index], 1) * (C + 1) + torch.cat([s_class, q_class], 1)  # [E, S+Q]
+    unique, inverse = torch.unique(pairs, return_inverse=True)  # [M], [E, S+Q]: each (video, token) fused once
+    f, tok = feats[unique // (C + 1)], torch.cat([tokens, tokens.new_zeros(1, D)])[unique % (C + 1)]  # [M, T, D], [M, D]
+    visual_hat = fuse_token(tok, f)  # [M, T+1, D]
+    costs = []
+    for b in self.views:
+        fused = self.fuse_view(b, tok, f, visual_hat)[0][inverse]  # [E, S+Q, T+1, D]
+        U = _stack(lambda x, l: prototypes(x[:S], l, N), fused, support_labels)  # [E, N, T+1, D]
+        costs.append(_stack(lambda x, u: frame_cost(x[S:, 1:], u[:, 1:]), fused, U))  # [E, Q, N, T, T]
+    dist = (otam_bidirectional if cfg.bidirectional else otam)(torch.stack(costs), cfg.otam_lambda)  # [views, E, Q, N]
+    return -(cfg.alpha_gtc * dist[0] + cfg.alpha_ltc * dist[1] if len(self.views) == 2 else dist[0])  # [E, Q, N]
+
+# %% ../nbs/11_model.ipynb #72bbbc05
+@patch
+def episode_logits(self: CLIPFSAR, feats, tokens, support_index, support_labels, query_index, class_ids, generators=None):
+    "CLIP-FSAR on E episodes: every class sequence and each distinct query through the transformer in one call."
+    cfg, (E, S), N = self.cfg, support_index.shape, class_ids.shape[1]
+    if cfg.fsar_merge_before:  # one sequence per class of each episode
+        s_feats = _stack(lambda s, l: prototypes(feats[s], l, N), support_index, support_labels)  # [E, N, T, D]
+        s_tokens = tokens[class_ids]  # [E, N, D]
+    else: s_feats, s_tokens = feats[support_index], tokens[torch.gather(class_ids, 1, support_labels)]  # [E, S, T, D], [E, S, D]
+    s_out = self.transformer(*[fuse_token(s_tokens.flatten(0, 1), s_feats.flatten(0, 1))] * 2,
+                             return_attn=cfg.return_attention)[0].unflatten(0, s_feats.shape[:2])  # [E, N or S, T+1, D]
+    unique, inverse = torch.unique(query_index, return_inverse=True)  # each query video through the transformer once
+    q_out = self.transformer(feats[unique], feats[unique], return_attn=cfg.return_attention)[0][inverse]  # [E, Q, T, D]
+    U = s_out[:, :, 1:] if cfg.fsar_merge_before else _stack(lambda x, l: prototypes(x[:, 1:], l, N), s_out, support_labels)
+    cost = _stack(frame_cost, q_out, U)  # [E, Q, N, T, T]
+    return -(otam_bidirectional if cfg.bidirectional else otam)(cost, cfg.otam_lambda)  # [E, Q, N]
+
+@patch
+def episode_logits(self: FrameMean, feats, tokens, support_index, support_labels, query_index, class_ids, generators=None):
+    "The frame mean on E episodes: each video's mean frame computed once."
+    N, mean = class_ids.shape[1], feats.float().mean(1)  # [V, D] each video's mean frame, once
+    def logits(s, l, q):  # one episode, as `forward_features` computes it
+        U = prototypes(mean[s][:, None], l, N)[:, 0]  # [N, D]
+        if self.cfg.frame_mean_metric == 'cosine': return -self.cfg.frame_mean_scale * (1 - _scaled_cosine(mean[q], U))
+        return -(mean[q][:, None] - U[None].float()).pow(2).sum(-1)
+    return _stack(logits, support_index, support_labels, query_index)  # [E, Q, N]

@@ -7,23 +7,28 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
+import tempfile
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
 
 from .core import BadInput
 
 # %% auto #0
-__all__ = ['DIST_TIMEOUT', 'PEAK_TFLOPS', 'Runtime', 'pick_device', 'amp_dtype', 'tf32_enabled', 'set_tf32', 'set_backend_flags',
-           'backend_flags', 'init_runtime', 'ddp_device_ids', 'autocast', 'set_threads', 'device_name', 'synchronize',
-           'peak_flops', 'all_sum', 'all_max', 'barrier', 'broadcast_object', 'main_first']
+__all__ = ['DIST_TIMEOUT', 'PEAK_TFLOPS', 'VECTOR_FLAGS', 'ISA_LIMITS', 'Runtime', 'pick_device', 'amp_dtype', 'tf32_enabled',
+           'set_tf32', 'set_backend_flags', 'backend_flags', 'init_runtime', 'ddp_device_ids', 'autocast',
+           'set_threads', 'device_name', 'synchronize', 'peak_flops', 'load_average', 'cpu_facts', 'time_interleaved',
+           'count_flops', 'host_syncs', 'run_timed', 'all_sum', 'all_max', 'barrier', 'broadcast_object', 'main_first']
 
 # %% ../nbs/13_runtime.ipynb #a3f69422
 @dataclass
@@ -171,6 +176,75 @@ def peak_flops(device,
     for _ in range(12):
         t0 = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - t0)
     return 2 * 1024 ** 3 / best, 'measured float32 1024x1024 matmul (best of 12)'
+
+# %% ../nbs/13_runtime.ipynb #4270add7
+VECTOR_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'amx_tile')  # the CPU flags that decide how fast float32 math runs
+ISA_LIMITS = ('ONEDNN_MAX_CPU_ISA', 'MKL_ENABLE_INSTRUCTIONS', 'ATEN_CPU_CAPABILITY')  # environment variables that cap them
+
+def load_average() -> Optional[float]:
+    "The 1-minute load average (None where the system keeps none)."
+    try: return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError): return None
+
+def cpu_facts() -> dict:
+    "The CPU a timing runs on: model, cores, torch threads, vector extensions and the limits set on them."
+    fields = {}
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            k, _, v = line.partition(':')
+            fields.setdefault(k.strip(), v.strip())
+    except OSError: pass
+    flags = fields.get('flags', '').split()
+    return dict(model=fields.get('model name') or platform.processor() or platform.machine(), cores=os.cpu_count(),
+                threads=torch.get_num_threads(), vector=[f for f in VECTOR_FLAGS if f in flags],
+                limits={k: os.environ[k] for k in ISA_LIMITS if k in os.environ},
+                torch_capability=torch.backends.cpu.get_cpu_capability())
+
+# %% ../nbs/13_runtime.ipynb #859c3aed
+def time_interleaved(fns: dict, repeats: int = 5, warmup: int = 1, device='cpu') -> dict:
+    "Seconds of each call of each function of `fns` (name -> no-argument callable), run in turns: name -> [repeats]."
+    for _ in range(warmup):
+        for f in fns.values(): f()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            synchronize(device); t0 = time.perf_counter()
+            f()
+            synchronize(device); times[k].append(time.perf_counter() - t0)
+    return times
+
+@torch.no_grad()
+def count_flops(module, image_size: int, device='cpu') -> float:
+    "Forward FLOPs of `module` on one `[1, 3, S, S]` image, counted by `torch.utils.flop_counter`."
+    x = torch.zeros(1, 3, image_size, image_size, device=device)
+    with FlopCounterMode(display=False) as fc: module(x)
+    return float(fc.get_total_flops())
+
+def host_syncs(step: Callable, device) -> int:
+    "Host synchronisations of one call of `step` on CUDA (`torch.cuda.set_sync_debug_mode`)."
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        try: step(); synchronize(device)
+        finally: torch.cuda.set_sync_debug_mode('default')
+    return sum('synchroniz' in str(w.message) for w in caught)
+
+def run_timed(cmd: Sequence[str],  # the command and its arguments
+              every: float = 5.0,  # seconds between samples of the load average
+             ) -> dict:
+    "Run `cmd` in a fresh process: exit code, output, wall seconds, load average (start / max / end)."
+    loads = [load_average()]
+    with tempfile.TemporaryFile('w+') as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, text=True)
+        while proc.poll() is None:
+            try: proc.wait(every)
+            except subprocess.TimeoutExpired: loads.append(load_average())
+        wall = time.perf_counter() - t0
+        log.seek(0); out = log.read()
+    loads = [x for x in loads + [load_average()] if x is not None]
+    return dict(returncode=proc.returncode, output=out, wall_s=wall,
+                load=dict(start=loads[0], max=max(loads), end=loads[-1]) if loads else dict(start=None, max=None, end=None))
 
 # %% ../nbs/13_runtime.ipynb #50a22820
 def all_sum(x: Tensor, rt: Runtime) -> Tensor:

@@ -109,3 +109,23 @@ def test_cli_reduced_run(tmp_path):
     bad = subprocess.run([sys.executable, '-m', 'mdmf.bench', '--parts', 'nope'], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and 'error: --parts: unknown part nope' in bad.stderr and 'Traceback' not in bad.stderr
+
+
+def test_default_run_times_the_train_command(tmp_path):
+    "`--default-run` runs `python -m mdmf.train` with the flags after `--`, and reports wall time, accuracy, load, CPU."
+    from mdmf.synthetic import make_synthetic
+    root = make_synthetic(tmp_path / 'synthetic', videos_per_class=4, frames=8, size=32, workers=1)
+    out = tmp_path / 'default.json'
+    p = subprocess.run([sys.executable, '-m', 'mdmf.bench', '--default-run', '--out', str(out), '--', '--data-root', str(root),
+                        '--model', 'frame-mean', '--shot', '1', '--val-episodes', '5', '--test-episodes', '20'],
+                       cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r['command'].startswith('python -m mdmf.train --data-root') and r['model'] == 'frame-mean'
+    assert r['test']['episodes'] == 20 and r['wall_s'] > 0 and set(r['load']) == {'start', 'max', 'end'}
+    assert {'model', 'cores', 'vector', 'limits', 'torch_capability'} <= set(r['cpu'])
+    assert '| `python -m mdmf.train --data-root' in p.stdout and 'vector extensions' in p.stdout
+    bad = subprocess.run([sys.executable, '-m', 'mdmf.bench', '--', '--model', 'frame-mean'], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and 'flags after -- are for --default-run' in bad.stderr

@@ -135,7 +135,8 @@ backbone.clip.load = fake_load
 if not guarded: train.main_first = lambda rt, local=False: contextlib.nullcontext()  # what the trainer would be without it
 rt = init_runtime('cpu')  # WORLD_SIZE=2: joins the gloo group
 dist.barrier()  # both ranks reach the model at the same moment
-cfg = preset_config('synthetic').replace(backbone='RN50', ffn_dim=32, heads=2, progress=False, runs=str(tmp / 'runs'))
+cfg = preset_config('synthetic').replace(backbone='RN50', ffn_dim=32, heads=2, progress=False, runs=str(tmp / 'runs'),
+                                         freeze_visual=False)
 trainer = train.Trainer(cfg, rt, tmp / 'run', quiet=True)
 sd = trainer.model.backbone.clip.state_dict()
 print('weights', hashlib.sha256(b''.join(v.numpy().tobytes() for v in sd.values())).hexdigest()[:16])
@@ -190,7 +191,7 @@ def test_resume_in_float16_a_run_saved_without_scaler_state(folder_videos, tmp_p
     cfg = preset_config('synthetic').replace(
         dataset='folder', data_root=str(folder_videos), split_classes='2/2/2', backbone='tiny-vit', way=2, shot=1,
         train_query=1, test_query=1, frames=2, train_episodes=2, checkpoint_every=2, val_every=0, val_episodes=2,
-        test_episodes=2, workers=0, progress=False, ffn_dim=32, heads=2, runs=str(tmp_path), name='fp32')
+        test_episodes=2, workers=0, progress=False, ffn_dim=32, heads=2, runs=str(tmp_path), name='fp32', freeze_visual=False)
     train(cfg, quiet=True)
     last = tmp_path / 'fp32' / 'last.pt'
     assert load_checkpoint(last)['scaler'] is None
@@ -258,6 +259,6 @@ def test_validation_does_not_run_beside_the_training_workers(folder_videos, tmp_
     cfg = preset_config('synthetic').replace(
         dataset='folder', data_root=str(folder_videos), split_classes='2/2/2', backbone='tiny-vit', way=2, shot=1,
         train_query=1, test_query=1, frames=2, train_episodes=4, val_every=2, val_episodes=2, test_episodes=2,
-        workers=2, progress=False, ffn_dim=32, heads=2, runs=str(tmp_path))
+        workers=2, progress=False, ffn_dim=32, heads=2, runs=str(tmp_path), freeze_visual=False)
     with mock.patch.object(Trainer, 'validate', validate): train(cfg, quiet=True)
     assert alive and max(alive) == 0, f'training workers alive during validation: {alive}'

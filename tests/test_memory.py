@@ -127,7 +127,7 @@ def test_trainer_follows_the_plan_and_logs_it(tmp_path):
     from mdmf.train import Trainer
     from mdmf.data import random_episode
     cfg = preset_config('synthetic').replace(backbone='tiny-vit', way=2, shot=2, train_query=2, ffn_dim=64, progress=False,
-                                             runs=str(tmp_path))
+                                             runs=str(tmp_path), freeze_visual=False)  # the encoder trains: its memory
     rt = Runtime()
     free = plan_training(meta_model(cfg, 'tiny-vit'), cfg, rt, table=TABLE)  # no budget: the prediction only
     budget = int(free.peak_without * FRAGMENTATION + WORKSPACE) - 1  # just too small for the whole episode

@@ -37,7 +37,8 @@ def data_root(tmp_path_factory):
 
 TINY = dict(backbone='tiny-vit', short_side=64, shot=1, train_query=1, train_episodes=6, accum=2, val_every=3, val_episodes=10,
             test_episodes=12, checkpoint_every=2, log_every=2, threads=1, workers=0, progress=False,
-            ffn_dim=64, heads=2, return_attention=False)
+            ffn_dim=64, heads=2, return_attention=False,
+            freeze_visual=False)  # the paper's fine-tuned path here; the default's frozen path: test_frozen_run_...
 
 
 def tiny_cfg(data_root, runs, **kw) -> Config:
