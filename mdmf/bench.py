@@ -12,7 +12,6 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch import Tensor
 from .backbone import CLIP, RANDOM_CONFIGS, TINY_CONFIGS
 from .config import Config, add_flags, cli, command_line, preset_config
 from .core import BadInput, atomic_write_text
-from .data import EpisodeDataset, episode_loader, load_data, random_episode
+from .data import EpisodeDataset, episode_loader, frames_split, load_data, random_episode
 from .episodes import EpisodeSampler, splits_dir
 from .evaluate import encode_split, evaluate, summarize
 from .memory import GiB, LiveBytes, format_memory_table, memory_table
@@ -35,11 +34,11 @@ from .otam import otam, otam_bidirectional, otam_reference
 from .runtime import (Runtime, backend_flags, count_flops, cpu_facts, device_name, host_syncs, init_runtime, load_average, peak_flops,
                           run_timed, synchronize, tf32_enabled, time_interleaved)
 from .train import Trainer
-from .video import num_frames, read_frames, write_frames
+from .video import num_frames
 
 # %% auto #0
-__all__ = ['SIZES', 'PARTS', 'BenchSize', 'bench_otam', 'bench_config', 'bench_data_root', 'frames_split', 'bench_eval',
-           'train_path', 'bench_train', 'bench_data', 'BenchOptions', 'run_bench', 'format_table', 'bench_default_run',
+__all__ = ['SIZES', 'PARTS', 'BenchSize', 'bench_otam', 'bench_config', 'bench_data_root', 'bench_eval', 'train_path',
+           'bench_train', 'bench_data', 'BenchOptions', 'run_bench', 'format_table', 'bench_default_run',
            'format_default_run', 'main']
 
 # %% ../nbs/25_bench.ipynb #6ce04982
@@ -112,18 +111,6 @@ def bench_data_root(folder, video_size: int = 64, videos_per_class: int = 10, wo
     from mdmf.synthetic import make_synthetic
     return make_synthetic(folder, videos_per_class=videos_per_class, size=video_size, workers=workers)
 
-def _copy_as_frames(src: Path, dst: Path):
-    write_frames(dst, read_frames(src, range(num_frames(src))), quality=90)
-
-def frames_split(split, sampler: EpisodeSampler, episodes: int, folder, workers: int = 4):
-    "`split` with the videos of its first `episodes` episodes stored as JPEG frame folders under `folder` (the others are not made)."
-    folder = Path(folder)
-    paths = [folder / str(k) for k in range(len(split))]  # one frame folder per video index
-    eps = [sampler.episode(e) for e in range(episodes)]
-    need = sorted({int(k) for ep in eps for k in np.concatenate([ep.support_index, ep.query_index])})
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        list(pool.map(lambda k: _copy_as_frames(split.paths[k], paths[k]), need))
-    return replace(split, paths=paths)
 
 # %% ../nbs/25_bench.ipynb #d19f9346
 def _test_videos(name: str) -> Optional[int]:

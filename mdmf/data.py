@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,12 +19,12 @@ from torch.utils.data import DataLoader, Dataset
 from .core import BadInput, MissingInput, PathLike
 from .episodes import (VIDEO_EXTS, EpisodeSampler, Split, _scan, episode_rng, get_dataset, load_split,
                            split_class_folders, write_split_lists)
-from .video import RANDOM_FRAME_MODES, read_clip
+from .video import RANDOM_FRAME_MODES, num_frames, read_clip, read_frames, write_frames
 
 # %% auto #0
 __all__ = ['VideoIndex', 'index_videos', 'video_root', 'resolve_videos', 'DataConfig', 'load_data', 'dataset_label',
            'freeze_split', 'EpisodeDataset', 'episode_data', 'episode_dataset', 'episode_loader', 'ClipDataset',
-           'random_episode']
+           'random_episode', 'frames_split']
 
 # %% ../nbs/03_data.ipynb #e22e8c07
 @dataclass
@@ -274,3 +275,18 @@ def random_episode(way: int = 5,  # classes
                 query=clips(way * query), query_labels=torch.arange(way).repeat_interleave(query),
                 class_names=[f'class {i}' for i in range(way)], class_ids=torch.arange(way),
                 support_index=torch.arange(way * shot), query_index=torch.arange(way * shot, way * (shot + query)))
+
+# %% ../nbs/03_data.ipynb #bd76e8e5
+def _copy_as_frames(src: Path, dst: Path):
+    write_frames(dst, read_frames(src, range(num_frames(src))), quality=90)
+
+def frames_split(split, sampler: EpisodeSampler, episodes: int, folder, workers: int = 4):
+    "`split` with the videos of its first `episodes` episodes stored as JPEG frame folders under `folder` (the others are not made)."
+    folder = Path(folder)
+    paths = [folder / str(k) for k in range(len(split))]  # one frame folder per video index
+    eps = [sampler.episode(e) for e in range(episodes)]
+    need = sorted({int(k) for ep in eps for k in np.concatenate([ep.support_index, ep.query_index])})
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        list(pool.map(lambda k: _copy_as_frames(split.paths[k], paths[k]), need))
+    return replace(split, paths=paths)
+

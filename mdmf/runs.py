@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from .runtime import Runtime, broadcast_object
 # %% auto #0
 __all__ = ['CONFIG', 'TEXT_LOG', 'LOG', 'LAST', 'BEST', 'METRICS', 'LOCK', 'SPLITS', 'RUN_FILES', 'HEARTBEAT', 'STALE_AFTER',
            'RunLock', 'open_run', 'RunLog', 'read_log', 'rng_state', 'set_rng_state', 'preserved_rng',
-           'seed_everything', 'save_checkpoint', 'load_checkpoint', 'checkpoint_path', 'load_model']
+           'seed_everything', 'save_checkpoint', 'load_checkpoint', 'checkpoint_path', 'load_model', 'resume_config']
 
 # %% ../nbs/15_runs.ipynb #a4bd87fa
 CONFIG, TEXT_LOG, LOG, LAST, BEST, METRICS, LOCK, SPLITS = (
@@ -237,3 +237,16 @@ def load_model(run,  # a checkpoint file or a run folder
         raise BadInput(f'the weights in {path} do not fit the model its config describes ({cfg.model.model}, '
                        f'{cfg.model.backbone}): {str(e).splitlines()[0][:200]}') from None
     return model.to(device).eval(), cfg
+
+# %% ../nbs/15_runs.ipynb #f7e4330e
+_RUNTIME_FIELDS = ('device', 'workers', 'threads', 'progress', 'resume')
+
+def resume_config(cfg: Config, last: Path, log: Callable = print) -> Config:
+    "The config of the run being resumed, with this command's runtime settings (device, workers, ...)."
+    saved = config_from_dict(load_checkpoint(last)['config'])
+    now = {**vars(cfg.data), **vars(cfg.model), **vars(cfg.optim), **vars(cfg.eval), **vars(cfg.run)}
+    then = {**vars(saved.data), **vars(saved.model), **vars(saved.optim), **vars(saved.eval), **vars(saved.run)}
+    differ = [k for k in now if k not in _RUNTIME_FIELDS + ('name', 'runs', 'overwrite') and now[k] != then[k]]
+    if differ: log(f'--resume: keeping the run\'s own {", ".join(differ)} (this command gave other values)')
+    return saved.replace(**{k: now[k] for k in _RUNTIME_FIELDS})
+

@@ -28,7 +28,8 @@ from .core import BadInput
 __all__ = ['DIST_TIMEOUT', 'PEAK_TFLOPS', 'VECTOR_FLAGS', 'ISA_LIMITS', 'Runtime', 'pick_device', 'amp_dtype', 'tf32_enabled',
            'set_tf32', 'set_backend_flags', 'backend_flags', 'init_runtime', 'ddp_device_ids', 'autocast',
            'set_threads', 'device_name', 'synchronize', 'peak_flops', 'load_average', 'cpu_facts', 'time_interleaved',
-           'count_flops', 'host_syncs', 'run_timed', 'all_sum', 'all_max', 'barrier', 'broadcast_object', 'main_first']
+           'count_flops', 'host_syncs', 'run_timed', 'all_sum', 'all_max', 'barrier', 'broadcast_object', 'main_first',
+           'to_device']
 
 # %% ../nbs/13_runtime.ipynb #a3f69422
 @dataclass
@@ -278,3 +279,9 @@ def main_first(rt: Runtime,
     try: yield
     finally:
         if first: barrier(rt)
+
+# %% ../nbs/13_runtime.ipynb #3087f2d2
+def to_device(batch: dict, device) -> dict:
+    "An episode with its tensors on `device` (asynchronous copies from pinned memory)."
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+

@@ -30,12 +30,12 @@ from .evaluate import crop_size, evaluate
 from .features import FeatureForward, feature_loader, frozen_split_features, uses_features
 from .memory import GiB, plan_training, unused_parameters
 from .model import build_model
-from .runs import (BEST, CONFIG, LAST, LOCK, METRICS, SPLITS, RunLog, load_checkpoint, open_run, preserved_rng, rng_state,
+from .runs import (BEST, CONFIG, LAST, LOCK, METRICS, SPLITS, RunLog, load_checkpoint, open_run, preserved_rng, resume_config, rng_state,
                        save_checkpoint, seed_everything, set_rng_state)
-from .runtime import Runtime, all_sum, autocast, ddp_device_ids, init_runtime, main_first, set_threads
+from .runtime import Runtime, all_sum, autocast, ddp_device_ids, init_runtime, main_first, set_threads, to_device
 
 # %% auto #0
-__all__ = ['prepare_data', 'episode_indices', 'to_device', 'NonFiniteLoss', 'Trainer', 'train', 'main']
+__all__ = ['prepare_data', 'episode_indices', 'NonFiniteLoss', 'Trainer', 'train', 'main']
 
 # %% ../nbs/19_train.ipynb #3c74862c
 def prepare_data(cfg: Config, rt: Optional[Runtime] = None, log: Callable = print):
@@ -53,10 +53,6 @@ def prepare_data(cfg: Config, rt: Optional[Runtime] = None, log: Callable = prin
 def episode_indices(start: int, total: int, accum: int, rank: int = 0, world: int = 1) -> list:
     "Training episodes of process `rank` from `start` on: in each window of `accum` episodes, every `world`-th."
     return [i for i in range(start, total) if (i % accum) % world == rank]
-
-def to_device(batch: dict, device) -> dict:
-    "An episode with its tensors on `device` (asynchronous copies from pinned memory)."
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 # %% ../nbs/19_train.ipynb #08d12a69
 class NonFiniteLoss(RuntimeError):
@@ -112,23 +108,29 @@ class Trainer:
 
     def _weights(self) -> dict: return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
-    def memory_metrics(self) -> dict:
-        "The memory plan and, on CUDA, the measured peak beside the predicted one (for metrics.json)."
-        p, cuda = self.memory, self.rt.device.type == 'cuda'
-        return dict(activation_checkpoint=p.activation_checkpoint, chunk=p.chunk,
-                    predicted_peak_gib=p.peak and round(p.peak / GiB, 2),
-                    peak_gib=round(torch.cuda.max_memory_allocated(self.rt.device) / GiB, 2) if cuda else None)
 
-    def sync_buffers(self):
-        "Give every process rank 0's buffers (BatchNorm statistics drift apart between processes)."
-        if self.rt.distributed:
-            for b in self.model.buffers(): dist.broadcast(b, 0)
+# %% ../nbs/19_train.ipynb #7529703e
+@patch
+def memory_metrics(self: Trainer) -> dict:
+    "The memory plan and, on CUDA, the measured peak beside the predicted one (for metrics.json)."
+    p, cuda = self.memory, self.rt.device.type == 'cuda'
+    return dict(activation_checkpoint=p.activation_checkpoint, chunk=p.chunk,
+                predicted_peak_gib=p.peak and round(p.peak / GiB, 2),
+                peak_gib=round(torch.cuda.max_memory_allocated(self.rt.device) / GiB, 2) if cuda else None)
 
-    def set_bn_mode(self):
-        "With `unfreeze_bn_after_val`, BatchNorm trains from the first val round on (the released CLIP-MDMF)."
-        if self.cfg.optim.unfreeze_bn_after_val and any(h['kind'] == 'val' for h in self.state['history']):
-            self.model.backbone.freeze_bn = False
-            self.model.train(self.model.training)
+@patch
+def sync_buffers(self: Trainer):
+    "Give every process rank 0's buffers (BatchNorm statistics drift apart between processes)."
+    if self.rt.distributed:
+        for b in self.model.buffers(): dist.broadcast(b, 0)
+
+@patch
+def set_bn_mode(self: Trainer):
+    "With `unfreeze_bn_after_val`, BatchNorm trains from the first val round on (the released CLIP-MDMF)."
+    if self.cfg.optim.unfreeze_bn_after_val and any(h['kind'] == 'val' for h in self.state['history']):
+        self.model.backbone.freeze_bn = False
+        self.model.train(self.model.training)
+
 
 # %% ../nbs/19_train.ipynb #e951918d
 @patch
@@ -352,17 +354,6 @@ def test(self: Trainer, episodes: Optional[int] = None, shot: Optional[int] = No
     return entry
 
 # %% ../nbs/19_train.ipynb #c51f50ac
-_RUNTIME_FIELDS = ('device', 'workers', 'threads', 'progress', 'resume')
-
-def _resume_config(cfg: Config, last: Path, log: Callable = print) -> Config:
-    "The config of the run being resumed, with this command's runtime settings (device, workers, ...)."
-    saved = config_from_dict(load_checkpoint(last)['config'])
-    now = {**vars(cfg.data), **vars(cfg.model), **vars(cfg.optim), **vars(cfg.eval), **vars(cfg.run)}
-    then = {**vars(saved.data), **vars(saved.model), **vars(saved.optim), **vars(saved.eval), **vars(saved.run)}
-    differ = [k for k in now if k not in _RUNTIME_FIELDS + ('name', 'runs', 'overwrite') and now[k] != then[k]]
-    if differ: log(f'--resume: keeping the run\'s own {", ".join(differ)} (this command gave other values)')
-    return saved.replace(**{k: now[k] for k in _RUNTIME_FIELDS})
-
 def _metrics(cfg: Config, trainer: Trainer, test: dict, rt: Runtime, timings: dict) -> dict:
     st = trainer.state
     last_train = next((h for h in reversed(st['history']) if h['kind'] == 'train'), {})
@@ -393,7 +384,7 @@ def train(cfg: Config,  # the run's settings
     folder, lock, note = open_run(cfg, rt)
     try:
         if note: say(note)
-        if cfg.run.resume: cfg = _resume_config(cfg, folder / LAST, say)
+        if cfg.run.resume: cfg = resume_config(cfg, folder / LAST, say)
         t_data = time.perf_counter()
         prepare_data(cfg, rt, say)
         with main_first(rt): cfg = cfg.replace(data=freeze_split(cfg.data, folder / SPLITS))  # a class split made now

@@ -39,7 +39,8 @@ def _cfg(folder_videos, runs, **kw):
     return preset_config('synthetic').replace(**{**dict(
         dataset='folder', data_root=str(folder_videos), split_classes='2/2/2', backbone='tiny-vit', way=2, shot=1,
         train_query=1, test_query=1, frames=2, train_episodes=4, checkpoint_every=2, val_every=0, val_episodes=2,
-        test_episodes=2, workers=0, progress=False, ffn_dim=32, heads=2, runs=str(runs), name='run'), **kw})
+        test_episodes=2, workers=0, progress=False, ffn_dim=32, heads=2, runs=str(runs), name='run',
+        freeze_visual=False), **kw})  # the encoder trains: its weights are in Adam's state
 
 
 # ---- 1. --resume on a GPU: the checkpoint is read on the CPU and each tensor placed like its parameter ------------
