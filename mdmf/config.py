@@ -25,10 +25,11 @@ from .model import MODELS, ModelConfig, _CHOICES as _MODEL_CHOICES
 from .video import FRAME_MODES
 
 # %% auto #0
-__all__ = ['SECTIONS', 'PAPER', 'VIDEO_TEXT_WEIGHT', 'PRESETS', 'RECIPES', 'FSAR_GPUS', 'FSAR_SOLVER', 'MDMF_RUN', 'CHOICES',
-           'OptimConfig', 'EvalConfig', 'RunConfig', 'Config', 'leaf_sections', 'with_values', 'preset_config', 'lr_at',
-           'adam_groups', 'recipe_values', 'load_config_file', 'config_from_dict', 'config_to_dict', 'field_help',
-           'add_flags', 'command_line', 'config_parser', 'config_from_args', 'resolve_config', 'cli']
+__all__ = ['SECTIONS', 'VIDEO_TEXT_WEIGHT', 'DEFAULT_MODEL', 'PAPER', 'PRESETS', 'RECIPES', 'FSAR_GPUS', 'FSAR_SOLVER',
+           'MDMF_RUN', 'CHOICES', 'OptimConfig', 'EvalConfig', 'RunConfig', 'default_model', 'Config', 'leaf_sections',
+           'with_values', 'preset_config', 'lr_at', 'adam_groups', 'recipe_values', 'load_config_file',
+           'config_from_dict', 'config_to_dict', 'field_help', 'add_flags', 'command_line', 'config_parser',
+           'config_from_args', 'resolve_config', 'command_parser', 'parse_command', 'cli']
 
 # %% ../nbs/14_config.ipynb #2db93969
 @dataclass
@@ -81,13 +82,21 @@ class RunConfig:
 # %% ../nbs/14_config.ipynb #5c475d73
 SECTIONS = dict(data=DataConfig, model=ModelConfig, optim=OptimConfig, eval=EvalConfig, run=RunConfig)
 
+VIDEO_TEXT_WEIGHT = dict(synthetic=3.0, hmdb51=1.2, ucf101=1.5, kinetics100=1.5, ssv2_small=3.0, ssv2_full=3.0, folder=1.0)
+DEFAULT_MODEL = dict(backbone='tiny-pretrained', ffn_dim=256, return_attention=False, freeze_visual=True,
+                     video_text_weight=VIDEO_TEXT_WEIGHT['synthetic'])  # the default run's values over ModelConfig's
+
+def default_model() -> ModelConfig:
+    "The model of the default run: the offline-pretrained tiny CLIP, frozen, with laptop-sized heads."
+    return ModelConfig(**DEFAULT_MODEL)
+
 @dataclass
 class Config:
-    "Everything one run needs, in five typed sections."
+    "Everything one run needs, in five typed sections; `Config()` is the default run (the `synthetic` preset)."
     preset: str = 'synthetic'  # the preset the values started from (recorded, set with --preset)
     recipe: str = 'paper'  # the training recipe applied over the preset (recorded, set with --recipe)
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=default_model)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -141,7 +150,7 @@ def with_values(cfg: Config,  # the starting tree (not changed)
 
 # %% ../nbs/14_config.ipynb #e05a6403
 PAPER = dict(data=dict(way=5, shot=5, train_query=5, test_query=1, short_side=256, workers=8),
-             model=dict(backbone='RN50', frames=8, ffn_dim=2048, return_attention=False),
+             model=dict(backbone='RN50', frames=8, ffn_dim=2048, freeze_visual=False),
              optim=dict(lr=1e-5, accum=16, train_episodes=20000),
              eval=dict(val_every=1000, val_episodes=1000, test_episodes=10000),
              run=dict(checkpoint_every=200, log_every=16, threads=0))
@@ -151,11 +160,8 @@ def _preset(base: dict, **sections) -> dict:
     for sec, values in sections.items(): out.setdefault(sec, {}).update(values)
     return out
 
-VIDEO_TEXT_WEIGHT = dict(synthetic=3.0, hmdb51=1.2, ucf101=1.5, kinetics100=1.5, ssv2_small=3.0, ssv2_full=3.0, folder=1.0)
-
 PRESETS = {
-    'synthetic': dict(model=dict(backbone='tiny-pretrained', ffn_dim=256, return_attention=False, freeze_visual=True,
-                                 video_text_weight=VIDEO_TEXT_WEIGHT['synthetic'])),
+    'synthetic': {},  # the defaults are the synthetic run
     **{name: _preset(PAPER, data=dict(dataset=name, data_root=f'data/{name}', flip=DATASETS[name].flip),
                      model=dict(video_text_weight=VIDEO_TEXT_WEIGHT[name]))
        for name in DATASETS if name != 'synthetic'},
@@ -262,7 +268,8 @@ def config_from_dict(d: dict) -> Config:
         model['activation_checkpoint'] = 'on' if model.pop('checkpoint') else 'auto'
         d['model'] = model
     preset = d.pop('preset', 'synthetic')
-    return with_values(Config(preset=preset), d)
+    # a saved config without some model setting was written when Config's model section was ModelConfig's defaults
+    return with_values(Config(preset=preset, model=ModelConfig()), d)
 
 def config_to_dict(cfg: Config) -> dict:
     "The tree as plain JSON values, section by section."
@@ -279,29 +286,35 @@ def field_help(cls) -> dict:
 
 CHOICES = {**_MODEL_CHOICES, 'dataset': tuple(DATASETS), 'model': MODELS, 'train_frames': FRAME_MODES, 'test_frames': FRAME_MODES}
 
+def _json_value(text: str): return json.loads(text)
+_json_value.__name__ = 'JSON'  # argparse names the type in its message: "argument --lr-steps: invalid JSON value: 'x'"
+
 def add_flags(parser: argparse.ArgumentParser,  # the parser (or an argument group of it)
               obj,  # a dataclass instance: its fields become flags, its values are the defaults shown
               skip: Sequence[str] = (),  # fields without a flag
               choices: Optional[dict] = None,  # field -> allowed values (default: CHOICES)
               default_text: Optional[str] = None,  # the help's "(default: ...)" text (default: the field's value)
+              only: Optional[Sequence[str]] = None,  # the fields with a flag (default: all but `skip`)
+              required: Sequence[str] = (),  # fields the command line must give
              ):
     "Add one flag per field of the dataclass `obj`; flags given land in the namespace under the field's name."
     helps, choices = field_help(type(obj)), CHOICES if choices is None else choices
     for f in fields(obj):
-        if f.name in skip or dataclasses.is_dataclass(getattr(obj, f.name)): continue
+        if f.name in skip or (only is not None and f.name not in only) or dataclasses.is_dataclass(getattr(obj, f.name)):
+            continue
         default, flag = getattr(obj, f.name), '--' + f.name.replace('_', '-')
         kind = type(default)
         text = helps.get(f.name, f.name.replace('_', ' ')).replace('%', '%%')
         shown = repr(default) if kind is str else json.dumps(default) if kind in (list, tuple, dict) else default
-        text += '' if 'default' in text else f' (default: {default_text or shown})'
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text, default=argparse.SUPPRESS)
+        text += ' (required)' if f.name in required else '' if 'default' in text else f' (default: {default_text or shown})'
+        kw = dict(help=text, default=argparse.SUPPRESS, required=f.name in required)
+        if kind is bool: parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif kind in (int, float, str):
             c = choices.get(f.name)
-            parser.add_argument(flag, type=kind, choices=c, help=text, default=argparse.SUPPRESS,
-                                metavar=None if c else kind.__name__.upper())
-        else:
-            parser.add_argument(flag, type=json.loads, metavar='JSON', help=text, default=argparse.SUPPRESS)
+            parser.add_argument(flag, type=kind, choices=c, metavar=None if c else kind.__name__.upper(), **kw)
+        elif str(f.type).replace(' ', '') in ('list[str]', 'List[str]'):  # paths and names: --runs a b c
+            parser.add_argument(flag, nargs='+', metavar='PATH', **kw)
+        else: parser.add_argument(flag, type=_json_value, metavar='JSON', **kw)
 
 def command_line(prog: str, description: str, epilog: str = '') -> argparse.ArgumentParser:
     "An argument parser with the package's common flags (`--debug`)."
@@ -351,6 +364,35 @@ def config_from_args(args: dict) -> Config:
 def resolve_config(argv: Optional[Sequence[str]] = None) -> Config:
     "The config of `python -m mdmf.train` with the flags `argv`."
     return config_from_args(vars(config_parser().parse_args(argv)))
+
+# %% ../nbs/14_config.ipynb #9d15c761
+def command_parser(prog: str, description: str,
+                   options=None,  # the command's own dataclass instance: its fields are the first flags
+                   sections: Optional[dict] = None,  # section -> the names of its settings that are flags (None: all)
+                   epilog: str = '',
+                   base: Optional[Config] = None,  # values of the sections shown as defaults (default: Config())
+                   default_text: Optional[str] = None,  # the section flags' "(default: ...)" text, e.g. "the run's"
+                   choices: Optional[dict] = None,  # more field -> allowed values, over CHOICES
+                   required: Sequence[str] = (),  # fields of `options` that must be given
+                  ) -> argparse.ArgumentParser:
+    "The parser of a command: `--debug`, the fields of `options`, then the named settings of Config sections."
+    p, c = command_line(prog, description, epilog), {**CHOICES, **(choices or {})}
+    if options is not None: add_flags(p, options, choices=c, required=required)
+    base = base or Config()
+    for sec, names in (sections or {}).items():
+        title = _SECTION_TITLES[sec] + (f' (default: {default_text})' if default_text else '')
+        add_flags(p.add_argument_group(title), getattr(base, sec), choices=c, default_text=default_text, only=names)
+    return p
+
+def parse_command(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
+                  options_cls=None,  # the command's dataclass (None: the command has none)
+                 ) -> tuple:  # (the command's dataclass or None, {setting: value} of the section flags given)
+    "Parse the flags `argv` into the command's dataclass and the section settings given."
+    a = {k: v for k, v in vars(parser.parse_args(argv)).items() if k != 'debug'}
+    if options_cls is None: return None, a
+    own = {f.name: a.pop(f.name) for f in fields(options_cls) if f.name in a}
+    try: return options_cls(**own), a
+    except ValueError as e: raise BadInput(str(e)) from None
 
 # %% ../nbs/14_config.ipynb #175234bb
 def cli(main: Callable,  # the entry point: main(argv) does the work
