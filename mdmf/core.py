@@ -74,7 +74,7 @@ def add_flags(parser: argparse.ArgumentParser,  # the parser (or an argument gro
         kind = type(default)
         text = helps.get(f.name, f.name.replace('_', ' ')).replace('%', '%%')
         shown = repr(default) if kind is str else json.dumps(default) if kind in (list, tuple, dict) else default
-        text += ' (required)' if f.name in required else '' if 'default' in text else f' (default: {default_text or shown})'
+        text += ' (required)' if f.name in required else '' if '(default' in text else f' (default: {default_text or shown})'
         kw = dict(help=text, default=argparse.SUPPRESS, required=f.name in required)
         if kind is bool: parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif kind in (int, float, str):
