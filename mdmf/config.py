@@ -146,16 +146,17 @@ def with_values(cfg: Config,  # the starting tree (not changed)
     except ValueError as e: raise BadInput(str(e)) from None
 
 # %% ../nbs/14_config.ipynb #e05a6403
-PAPER = dict(data=dict(way=5, shot=5, train_query=5, test_query=1, short_side=256, workers=8),
-             model=dict(backbone='RN50', frames=8, ffn_dim=2048, freeze_visual=False),
+PAPER = dict(data=dict(train_query=5, short_side=256, workers=8),  # and the defaults' 5-way 5-shot, one test query
+             model=dict(backbone='RN50', ffn_dim=2048, freeze_visual=False),  # and 8 frames
              optim=dict(lr=1e-5, accum=16, train_episodes=20000),
-             eval=dict(val_every=1000, val_episodes=1000, test_episodes=10000),
+             eval=dict(val_every=1000, val_episodes=1000),  # and 10,000 test episodes
              run=dict(checkpoint_every=200, log_every=16, threads=0))
 
 def _preset(base: dict, **sections) -> dict:
-    out = copy.deepcopy(base)
+    "`base` with `sections` over it, less the values that are the defaults' (a preset names only what it changes)."
+    out, default = copy.deepcopy(base), Config()
     for sec, values in sections.items(): out.setdefault(sec, {}).update(values)
-    return out
+    return {sec: {k: v for k, v in vals.items() if getattr(getattr(default, sec), k) != v} for sec, vals in out.items()}
 
 PRESETS = {
     'synthetic': {},  # the defaults are the synthetic run

@@ -159,7 +159,7 @@ class FigureOptions:
     run: str = ''  # run folder to draw (default: the example CLIP-MDMF run, made under $MDMF_HOME)
     out: str = 'figures'  # folder for the PNG files (made if absent)
     compare: str = ''  # a second run folder drawn beside the first, e.g. CLIP-FSAR (default with the example run: the example CLIP-FSAR run)
-    runs: list[str] = field(default_factory=list)  # more run folders for the table of runs and the lambda sweep
+    more_runs: list[str] = field(default_factory=list)  # more run folders for the table of runs and the lambda sweep
     siblings: bool = True  # add the finished run folders next to --run (same dataset, way and shot) to the table
     episode: int = 0  # test episode drawn
     query: int = 0  # query of that episode
@@ -212,7 +212,7 @@ def write_figures(o: FigureOptions,  # what to draw: `o.run` (a run folder), `o.
         if r and r['log']:
             test = ((r['metrics'] or {}).get('test') or {}).get('accuracy')
             save(f'curves{suffix}', plot_curves(r['log'], f"{r['name']}: {run_label(r['config'])}", test))
-    more = list(o.runs) + (_siblings(Path(run)) if o.siblings else [])
+    more = list(o.more_runs) + (_siblings(Path(run)) if o.siblings else [])
     folders = _unique_folders([run] + ([compare] if compare else []) + more)
     if len(folders) >= 2:
         rows = run_table(folders)
