@@ -101,6 +101,7 @@ def parse_command(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]
     try: return options_cls(**own), a
     except ValueError as e: raise BadInput(str(e)) from None
 
+# %% ../nbs/00_core.ipynb #10736caf
 def cli(main: Callable,  # the entry point: main(argv) does the work
         argv: Optional[Sequence[str]] = None,  # default: sys.argv[1:]
        ):
