@@ -12,7 +12,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -21,9 +21,9 @@ from scipy import stats
 
 from fastcore.imports import in_notebook
 
-from .config import (Config, add_flags, cli, config_from_args, config_from_dict, config_parser, config_to_dict,
-                         load_config_file, SECTIONS)
-from .core import BadInput, MissingInput, PathLike, atomic_write_text
+from .config import (Config, config_from_args, config_parser, config_to_dict, load_config_file, preset_config,
+                         SECTIONS)
+from .core import BadInput, MissingInput, PathLike, add_flags, atomic_write_text, cli, parse_command
 from .model import ABLATIONS
 from .runs import CONFIG, LAST, METRICS
 from .train import train
@@ -294,7 +294,7 @@ class AblateOptions:
     rows: str = ''  # more rows by ABLATIONS name, comma-separated (e.g. NTC)
     lambdas: str = ''  # a lambda sweep on the full model (the paper's Fig. 5): distillation weights, e.g. 0,0.5,1,2
     seeds: int = 3  # training seeds per row: --seed, --seed + 1, ...
-    frozen: bool = True  # visual encoder frozen, heads trained on cached features (--finetune: fine-tuned as in the paper)
+    finetune: bool = False  # fine-tune the visual encoder as the paper does (default: frozen, heads trained on cached features)
     out: str = 'runs/ablate'  # study folder: one run folder per row and seed, study.json, study.md
     plan: bool = False  # list the runs and their state (done, partial, new, shared) and stop
 
@@ -312,33 +312,32 @@ def _given(args: dict) -> set:
 
 def ablate_parser() -> argparse.ArgumentParser:
     "The parser of `python -m mdmf.ablate`: the study's options and every run setting."
-    p = config_parser('python -m mdmf.ablate', _DESCRIPTION, _EXAMPLES, skip=('freeze_visual', 'name', 'runs', 'resume', 'overwrite'))
-    g = p.add_argument_group('study')
-    add_flags(g, AblateOptions())
-    g.add_argument('--finetune', dest='frozen', action='store_false', default=argparse.SUPPRESS,
-                   help='fine-tune the visual encoder as the paper does (the same as --no-frozen)')
+    p = config_parser('python -m mdmf.ablate', _DESCRIPTION, _EXAMPLES, skip=('freeze_visual', 'name', 'runs', 'resume', 'overwrite'),
+                      base=preset_config('synthetic').replace(**STUDY_SCHEDULE['frozen']))  # the study's defaults shown
+    add_flags(p.add_argument_group('study'), AblateOptions())
     return p
 
 def main(argv: Optional[Sequence[str]] = None):
     "`python -m mdmf.ablate [flags]`: see `--help`."
     argv = list(sys.argv[1:] if argv is None else argv)
-    a = vars(ablate_parser().parse_args(argv))
-    opts = AblateOptions(**{f.name: a.pop(f.name) for f in fields(AblateOptions) if f.name in a})
-    rows, regime = study_rows(opts.table, opts.rows, opts.lambdas), 'frozen' if opts.frozen else 'fine-tuned'
+    opts, a = parse_command(ablate_parser(), argv, AblateOptions)
+    rows, frozen = study_rows(opts.table, opts.rows, opts.lambdas), not opts.finetune
     given = _given(a)
-    base = config_from_args(a).replace(**{k: v for k, v in STUDY_SCHEDULE[regime].items() if k not in given})
+    schedule = STUDY_SCHEDULE['frozen' if frozen else 'fine-tuned']
+    base = config_from_args(a).replace(**{k: v for k, v in schedule.items() if k not in given})
     if opts.plan:
-        plan = plan_study(base, rows, opts.seeds, opts.frozen, opts.out)
+        plan = plan_study(base, rows, opts.seeds, frozen, opts.out)
         for r in plan: print(f'{r.row:32s} seed {r.seed}  {r.folder}  {run_status(r)}')
         return plan
-    return run_study(base, rows, opts.seeds, opts.frozen, opts.out, command=' '.join(['python -m mdmf.ablate', *argv]))
+    return run_study(base, rows, opts.seeds, frozen, opts.out, command=' '.join(['python -m mdmf.ablate', *argv]))
 
 _DESCRIPTION = ('Train the rows of the paper\'s ablation tables (3: temporal context and PPS of one view; 4: multi-view, '
                 'PPS, distillation; 5: distillation directions and conditions) and a lambda sweep, each with the same '
                 'data, schedule and seeds, one run folder per row and seed under --out. A finished run (metrics.json) '
                 'is never run again, an interrupted one is resumed: run the same command again to finish a study. '
                 'Writes study.json and study.md: per row the mean test accuracy over seeds, the spread between seeds, '
-                'the pooled 95% interval, the paired difference to the full model, and the paper\'s numbers.')
+                'the pooled 95% interval, the paired difference to the full model, and the paper\'s numbers. The '
+                'defaults shown are the frozen study\'s; with --finetune, settings not given are the preset\'s.')
 _EXAMPLES = ('examples:\n  python -m mdmf.ablate --table all --seeds 3 --out runs/ablate-frozen\n'
              '  python -m mdmf.ablate --finetune --table 4 --rows NTC --seeds 2 --out runs/ablate-finetune\n'
              '  python -m mdmf.ablate --table none --lambdas 0,0.5,1,2 --seeds 3 --out runs/ablate-frozen\n'

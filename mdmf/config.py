@@ -9,26 +9,24 @@ import argparse
 import copy
 import dataclasses
 import difflib
-import inspect
 import json
-import re
-import sys
-import traceback
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Optional, Sequence
 
-from .core import BadInput, MissingInput, UserError
+from .core import BadInput, MissingInput, add_flags, command_line
+from .core import cli  # noqa: F401 (commands import it from here too)
 from .data import DataConfig, dataset_label
 from .episodes import DATASETS
 from .model import MODELS, ModelConfig, _CHOICES as _MODEL_CHOICES
 from .video import FRAME_MODES
 
 # %% auto #0
-__all__ = ['SECTIONS', 'PAPER', 'VIDEO_TEXT_WEIGHT', 'PRESETS', 'RECIPES', 'FSAR_GPUS', 'FSAR_SOLVER', 'MDMF_RUN', 'CHOICES',
-           'OptimConfig', 'EvalConfig', 'RunConfig', 'Config', 'leaf_sections', 'with_values', 'preset_config', 'lr_at',
-           'adam_groups', 'recipe_values', 'load_config_file', 'config_from_dict', 'config_to_dict', 'field_help',
-           'add_flags', 'command_line', 'config_parser', 'config_from_args', 'resolve_config', 'cli']
+__all__ = ['SECTIONS', 'VIDEO_TEXT_WEIGHT', 'DEFAULT_MODEL', 'PAPER', 'PRESETS', 'RECIPES', 'FSAR_GPUS', 'FSAR_SOLVER',
+           'MDMF_RUN', 'CHOICES', 'OptimConfig', 'EvalConfig', 'RunConfig', 'default_model', 'Config', 'leaf_sections',
+           'with_values', 'preset_config', 'lr_at', 'adam_groups', 'recipe_values', 'load_config_file',
+           'config_from_dict', 'config_to_dict', 'config_parser', 'config_from_args', 'resolve_config',
+           'command_parser']
 
 # %% ../nbs/14_config.ipynb #2db93969
 @dataclass
@@ -81,13 +79,21 @@ class RunConfig:
 # %% ../nbs/14_config.ipynb #5c475d73
 SECTIONS = dict(data=DataConfig, model=ModelConfig, optim=OptimConfig, eval=EvalConfig, run=RunConfig)
 
+VIDEO_TEXT_WEIGHT = dict(synthetic=3.0, hmdb51=1.2, ucf101=1.5, kinetics100=1.5, ssv2_small=3.0, ssv2_full=3.0, folder=1.0)
+DEFAULT_MODEL = dict(backbone='tiny-pretrained', ffn_dim=256, return_attention=False, freeze_visual=True,
+                     video_text_weight=VIDEO_TEXT_WEIGHT['synthetic'])  # the default run's values over ModelConfig's
+
+def default_model() -> ModelConfig:
+    "The model of the default run: the offline-pretrained tiny CLIP, frozen, with laptop-sized heads."
+    return ModelConfig(**DEFAULT_MODEL)
+
 @dataclass
 class Config:
-    "Everything one run needs, in five typed sections."
+    "Everything one run needs, in five typed sections; `Config()` is the default run (the `synthetic` preset)."
     preset: str = 'synthetic'  # the preset the values started from (recorded, set with --preset)
     recipe: str = 'paper'  # the training recipe applied over the preset (recorded, set with --recipe)
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=default_model)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -140,22 +146,20 @@ def with_values(cfg: Config,  # the starting tree (not changed)
     except ValueError as e: raise BadInput(str(e)) from None
 
 # %% ../nbs/14_config.ipynb #e05a6403
-PAPER = dict(data=dict(way=5, shot=5, train_query=5, test_query=1, short_side=256, workers=8),
-             model=dict(backbone='RN50', frames=8, ffn_dim=2048, return_attention=False),
+PAPER = dict(data=dict(train_query=5, short_side=256, workers=8),  # and the defaults' 5-way 5-shot, one test query
+             model=dict(backbone='RN50', ffn_dim=2048, freeze_visual=False),  # and 8 frames
              optim=dict(lr=1e-5, accum=16, train_episodes=20000),
-             eval=dict(val_every=1000, val_episodes=1000, test_episodes=10000),
+             eval=dict(val_every=1000, val_episodes=1000),  # and 10,000 test episodes
              run=dict(checkpoint_every=200, log_every=16, threads=0))
 
 def _preset(base: dict, **sections) -> dict:
-    out = copy.deepcopy(base)
+    "`base` with `sections` over it, less the values that are the defaults' (a preset names only what it changes)."
+    out, default = copy.deepcopy(base), Config()
     for sec, values in sections.items(): out.setdefault(sec, {}).update(values)
-    return out
-
-VIDEO_TEXT_WEIGHT = dict(synthetic=3.0, hmdb51=1.2, ucf101=1.5, kinetics100=1.5, ssv2_small=3.0, ssv2_full=3.0, folder=1.0)
+    return {sec: {k: v for k, v in vals.items() if getattr(getattr(default, sec), k) != v} for sec, vals in out.items()}
 
 PRESETS = {
-    'synthetic': dict(model=dict(backbone='tiny-pretrained', ffn_dim=256, return_attention=False, freeze_visual=True,
-                                 video_text_weight=VIDEO_TEXT_WEIGHT['synthetic'])),
+    'synthetic': {},  # the defaults are the synthetic run
     **{name: _preset(PAPER, data=dict(dataset=name, data_root=f'data/{name}', flip=DATASETS[name].flip),
                      model=dict(video_text_weight=VIDEO_TEXT_WEIGHT[name]))
        for name in DATASETS if name != 'synthetic'},
@@ -262,53 +266,15 @@ def config_from_dict(d: dict) -> Config:
         model['activation_checkpoint'] = 'on' if model.pop('checkpoint') else 'auto'
         d['model'] = model
     preset = d.pop('preset', 'synthetic')
-    return with_values(Config(preset=preset), d)
+    # a saved config without some model setting was written when Config's model section was ModelConfig's defaults
+    return with_values(Config(preset=preset, model=ModelConfig()), d)
 
 def config_to_dict(cfg: Config) -> dict:
     "The tree as plain JSON values, section by section."
     return asdict(cfg)
 
 # %% ../nbs/14_config.ipynb #6d09701a
-_FIELD_COMMENT = re.compile(r'^\s+(\w+)\s*:[^#=]*=[^#]*#\s*(.+?)\s*$')
-
-def field_help(cls) -> dict:
-    "The trailing comment of each field of dataclass `cls`, read from its source (empty when there is none)."
-    try: lines = inspect.getsource(cls).splitlines()
-    except (OSError, TypeError): return {}
-    return {m.group(1): m.group(2) for m in map(_FIELD_COMMENT.match, lines) if m}
-
 CHOICES = {**_MODEL_CHOICES, 'dataset': tuple(DATASETS), 'model': MODELS, 'train_frames': FRAME_MODES, 'test_frames': FRAME_MODES}
-
-def add_flags(parser: argparse.ArgumentParser,  # the parser (or an argument group of it)
-              obj,  # a dataclass instance: its fields become flags, its values are the defaults shown
-              skip: Sequence[str] = (),  # fields without a flag
-              choices: Optional[dict] = None,  # field -> allowed values (default: CHOICES)
-              default_text: Optional[str] = None,  # the help's "(default: ...)" text (default: the field's value)
-             ):
-    "Add one flag per field of the dataclass `obj`; flags given land in the namespace under the field's name."
-    helps, choices = field_help(type(obj)), CHOICES if choices is None else choices
-    for f in fields(obj):
-        if f.name in skip or dataclasses.is_dataclass(getattr(obj, f.name)): continue
-        default, flag = getattr(obj, f.name), '--' + f.name.replace('_', '-')
-        kind = type(default)
-        text = helps.get(f.name, f.name.replace('_', ' ')).replace('%', '%%')
-        shown = repr(default) if kind is str else json.dumps(default) if kind in (list, tuple, dict) else default
-        text += '' if 'default' in text else f' (default: {default_text or shown})'
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text, default=argparse.SUPPRESS)
-        elif kind in (int, float, str):
-            c = choices.get(f.name)
-            parser.add_argument(flag, type=kind, choices=c, help=text, default=argparse.SUPPRESS,
-                                metavar=None if c else kind.__name__.upper())
-        else:
-            parser.add_argument(flag, type=json.loads, metavar='JSON', help=text, default=argparse.SUPPRESS)
-
-def command_line(prog: str, description: str, epilog: str = '') -> argparse.ArgumentParser:
-    "An argument parser with the package's common flags (`--debug`)."
-    p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--debug', action='store_true', help='show the full traceback of an error')
-    return p
 
 # %% ../nbs/14_config.ipynb #fd26d3c1
 _SECTION_TITLES = dict(data='data', model='model (see the model notebook; every ablation is a value here)',
@@ -352,17 +318,21 @@ def resolve_config(argv: Optional[Sequence[str]] = None) -> Config:
     "The config of `python -m mdmf.train` with the flags `argv`."
     return config_from_args(vars(config_parser().parse_args(argv)))
 
-# %% ../nbs/14_config.ipynb #175234bb
-def cli(main: Callable,  # the entry point: main(argv) does the work
-        argv: Optional[Sequence[str]] = None,  # default: sys.argv[1:]
-       ):
-    "Run `main(argv)`: user errors in one or two lines (exit 2), the traceback only with `--debug`."
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try: return main(argv)
-    except UserError as e:
-        if '--debug' in argv: raise
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print('\ninterrupted', file=sys.stderr)
-        sys.exit(130)
+# %% ../nbs/14_config.ipynb #9d15c761
+def command_parser(prog: str, description: str,
+                   options=None,  # the command's own dataclass instance: its fields are the first flags
+                   sections: Optional[dict] = None,  # section -> the names of its settings that are flags (None: all)
+                   epilog: str = '',
+                   base: Optional[Config] = None,  # values of the sections shown as defaults (default: Config())
+                   default_text: Optional[str] = None,  # the section flags' "(default: ...)" text, e.g. "the run's"
+                   choices: Optional[dict] = None,  # more field -> allowed values, over CHOICES
+                   required: Sequence[str] = (),  # fields of `options` that must be given
+                  ) -> argparse.ArgumentParser:
+    "The parser of a command: `--debug`, the fields of `options`, then the named settings of Config sections."
+    p, c = command_line(prog, description, epilog), {**CHOICES, **(choices or {})}
+    if options is not None: add_flags(p, options, choices=c, required=required)
+    base = base or Config()
+    for sec, names in (sections or {}).items():
+        title = _SECTION_TITLES[sec] + (f' (default: {default_text})' if default_text else '')
+        add_flags(p.add_argument_group(title), getattr(base, sec), choices=c, default_text=default_text, only=names)
+    return p

@@ -17,8 +17,9 @@ from typing import Callable, Optional, Sequence, Union
 
 # %% auto #0
 __all__ = ['PathLike', 'DPI', 'TICK', 'LABEL', 'TITLE', 'MAX_WIDTH', 'MIN_SIDE', 'MIN_TEXT_PX', 'UserError', 'MissingInput',
-           'BadInput', 'atomic_write', 'atomic_write_text', 'text_px', 'figure_png', 'png_size', 'png_facts',
-           'figure_class', 'new_figure', 'colorbar', 'short_name', 'short_names', 'wrapped']
+           'BadInput', 'field_help', 'add_flags', 'command_line', 'parse_command', 'cli', 'atomic_write',
+           'atomic_write_text', 'text_px', 'figure_png', 'png_size', 'png_facts', 'figure_class', 'new_figure',
+           'colorbar', 'short_name', 'short_names', 'wrapped']
 
 # %% ../nbs/00_core.ipynb #93707587
 class UserError(Exception):
@@ -37,6 +38,83 @@ def _unwrap_worker_message(msg: str, cls: type) -> str:
     if not (msg.startswith('Caught ') and 'Original Traceback' in msg): return msg
     hits = list(re.finditer(rf'\n(?:[\w.]+\.)?{re.escape(cls.__qualname__)}: ', msg))  # the traceback's last line
     return msg[hits[-1].end():].rstrip('\n') if hits else msg
+
+# %% ../nbs/00_core.ipynb #555079e8
+import argparse
+import dataclasses
+import inspect
+import sys
+from dataclasses import fields
+
+_FIELD_COMMENT = re.compile(r'^\s+(\w+)\s*:[^#=]*=[^#]*#\s*(.+?)\s*$')
+
+def field_help(cls) -> dict:
+    "The trailing comment of each field of dataclass `cls`, read from its source (empty when there is none)."
+    try: lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError): return {}
+    return {m.group(1): m.group(2) for m in map(_FIELD_COMMENT.match, lines) if m}
+
+def _json_value(text: str): return json.loads(text)
+_json_value.__name__ = 'JSON'  # argparse names the type in its message: "argument --lr-steps: invalid JSON value: 'x'"
+
+def add_flags(parser: argparse.ArgumentParser,  # the parser (or an argument group of it)
+              obj,  # a dataclass instance: its fields become flags, its values are the defaults shown
+              skip: Sequence[str] = (),  # fields without a flag
+              choices: Optional[dict] = None,  # field -> allowed values (config's CHOICES: the registries)
+              default_text: Optional[str] = None,  # the help's "(default: ...)" text (default: the field's value)
+              only: Optional[Sequence[str]] = None,  # the fields with a flag (default: all but `skip`)
+              required: Sequence[str] = (),  # fields the command line must give
+             ):
+    "Add one flag per field of the dataclass `obj`; flags given land in the namespace under the field's name."
+    helps, choices = field_help(type(obj)), choices or {}
+    for f in fields(obj):
+        if f.name in skip or (only is not None and f.name not in only) or dataclasses.is_dataclass(getattr(obj, f.name)):
+            continue
+        default, flag = getattr(obj, f.name), '--' + f.name.replace('_', '-')
+        kind = type(default)
+        text = helps.get(f.name, f.name.replace('_', ' ')).replace('%', '%%')
+        shown = repr(default) if kind is str else json.dumps(default) if kind in (list, tuple, dict) else default
+        text += ' (required)' if f.name in required else '' if '(default' in text else f' (default: {default_text or shown})'
+        kw = dict(help=text, default=argparse.SUPPRESS, required=f.name in required)
+        if kind is bool: parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif kind in (int, float, str):
+            c = choices.get(f.name)
+            parser.add_argument(flag, type=kind, choices=c, metavar=None if c else kind.__name__.upper(), **kw)
+        elif str(f.type).replace(' ', '') in ('list[str]', 'List[str]'):  # paths and names: --runs a b c
+            parser.add_argument(flag, nargs='+', metavar='PATH', **kw)
+        else: parser.add_argument(flag, type=_json_value, metavar='JSON', **kw)
+
+def command_line(prog: str, description: str, epilog: str = '') -> argparse.ArgumentParser:
+    "An argument parser with the package's common flags (`--debug`)."
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--debug', action='store_true', help='show the full traceback of an error')
+    return p
+
+def parse_command(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
+                  options_cls=None,  # the command's dataclass (None: the command has none)
+                 ) -> tuple:  # (the command's dataclass or None, {setting: value} of the section flags given)
+    "Parse the flags `argv` into the command's dataclass and the section settings given."
+    a = {k: v for k, v in vars(parser.parse_args(argv)).items() if k != 'debug'}
+    if options_cls is None: return None, a
+    own = {f.name: a.pop(f.name) for f in fields(options_cls) if f.name in a}
+    try: return options_cls(**own), a
+    except ValueError as e: raise BadInput(str(e)) from None
+
+# %% ../nbs/00_core.ipynb #10736caf
+def cli(main: Callable,  # the entry point: main(argv) does the work
+        argv: Optional[Sequence[str]] = None,  # default: sys.argv[1:]
+       ):
+    "Run `main(argv)`: user errors in one or two lines (exit 2), the traceback only with `--debug`."
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try: return main(argv)
+    except UserError as e:
+        if '--debug' in argv: raise
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print('\ninterrupted', file=sys.stderr)
+        sys.exit(130)
 
 # %% ../nbs/00_core.ipynb #22edabaa
 PathLike = Union[str, os.PathLike]

@@ -20,16 +20,17 @@ from tqdm.auto import tqdm
 
 from fastcore.imports import in_notebook
 
-from .config import Config, EvalConfig, RunConfig, add_flags, cli, command_line, with_values
-from .core import atomic_write_text
-from .data import ClipDataset, DataConfig, EpisodeDataset, dataset_label, load_data
+from .config import Config, command_parser, with_values
+from .core import BadInput, UserError, atomic_write_text, cli, parse_command
+from .data import ClipDataset, EpisodeDataset, dataset_label, load_data
 from .episodes import EpisodeSampler, Split, episode_generator
-from .runs import load_model
+from .runs import checkpoint_path, load_checkpoint, load_model
 from .runtime import Runtime, all_max, all_sum, autocast, init_runtime, set_threads
 from .video import RANDOM_FRAME_MODES
 
 # %% auto #0
-__all__ = ['SMALL_SPLIT', 'summarize', 'crop_size', 'encode_split', 'EvalResult', 'evaluate', 'evaluate_run', 'main']
+__all__ = ['SMALL_SPLIT', 'summarize', 'crop_size', 'encode_split', 'EvalResult', 'evaluate', 'evaluate_run', 'EvaluateOptions',
+           'example_note', 'main']
 
 # %% ../nbs/16_evaluate.ipynb #eb177e3e
 def summarize(acc) -> dict:
@@ -205,33 +206,44 @@ def evaluate_run(model: nn.Module, cfg: Config,  # a model and its run's config 
               + (f'; written to {out}' if out else ''))
     return metrics
 
-_EVAL_RUN_FLAGS = ('device', 'threads', 'progress')
+# %% ../nbs/16_evaluate.ipynb #b2009bc3
+@dataclass
+class EvaluateOptions:
+    "What `python -m mdmf.evaluate` evaluates; every other setting is the saved run's unless given."
+    checkpoint: str = ''  # best.pt or last.pt, or a run folder (its best.pt)
+    split: str = 'test'  # split to draw episodes from
+    episodes: int = 0  # number of episodes (0: the run's test_episodes, or val_episodes for val)
+    out: str = ''  # metrics file (default: eval-<split>-<shot>shot-<episodes>.json next to the checkpoint)
+
+def example_note(path) -> Optional[str]:
+    "What a shipped example file given as a checkpoint is and how to use it (None for any other file)."
+    try: ck = load_checkpoint(checkpoint_path(path))
+    except UserError: return None
+    if 'model' in ck or not {'format', 'base', 'weights', 'config'} <= set(ck): return None
+    model, acc = ck['config']['model']['model'], (ck.get('metrics') or {}).get('test', {}).get('accuracy')
+    return (f'{path} is an example file shipped with mdmf, not a checkpoint: the {model} run of the default schedule '
+            f'({ck.get("name")}, test accuracy {acc} %), holding its config, log and metrics and, in float16, only the '
+            'weights training changed.\nMake its run folder with `python -c "from mdmf.inspect import example_run; '
+            f"print(example_run('{model}'))\"` (under $MDMF_HOME, default ~/.cache/mdmf) and give that folder to "
+            '--checkpoint.')
 
 def main(argv=None):
     "`python -m mdmf.evaluate --checkpoint PATH [...]`: see `--help`."
-    p = command_line('python -m mdmf.evaluate', 'Evaluate a saved run on random episodes: accuracy and 95% interval '
-                     'in percent. Settings not given are the run\'s own.')
-    p.add_argument('--checkpoint', required=True, metavar='PATH', help='best.pt or last.pt, or a run folder (its best.pt)')
-    p.add_argument('--split', default='test', choices=('train', 'val', 'test'), help='split to draw episodes from (default: test)')
-    p.add_argument('--episodes', type=int, help="number of episodes (default: the run's test_episodes, or val_episodes for val)")
-    p.add_argument('--out', metavar='FILE', help='metrics file (default: eval-<split>-<shot>shot-<episodes>.json next to the checkpoint)')
-    add_flags(p.add_argument_group('data (default: the run\'s)'), DataConfig(), default_text="the run's")
-    add_flags(p.add_argument_group('evaluation'), EvalConfig(), skip=('val_every', 'val_episodes', 'test_episodes'),
-              default_text="the run's")
-    add_flags(p.add_argument_group('run'), RunConfig(), skip=[f for f in RunConfig.__dataclass_fields__
-                                                               if f not in _EVAL_RUN_FLAGS], default_text="the run's")
-    a = vars(p.parse_args(argv))
-    path, split, n, out = a.pop('checkpoint'), a.pop('split'), a.pop('episodes'), a.pop('out')
-    a.pop('debug')
-    model, cfg = load_model(path)
-    cfg = with_values(cfg, a)
+    p = command_parser('python -m mdmf.evaluate', 'Evaluate a saved run on random episodes: accuracy and 95% interval '
+                       "in percent. Settings not given are the run's own.", EvaluateOptions(),
+                       dict(data=None, eval=('eval_batch', 'cache', 'episode_batch'), run=('device', 'threads', 'progress')),
+                       default_text="the run's", choices=dict(split=('train', 'val', 'test')), required=('checkpoint',))
+    o, given = parse_command(p, argv, EvaluateOptions)
+    try: model, cfg = load_model(o.checkpoint)
+    except BadInput as e: raise BadInput(example_note(o.checkpoint) or str(e)) from None
+    cfg = with_values(cfg, given)
     set_threads(cfg.run.threads)
     rt = init_runtime(cfg.run.device, cfg.optim.amp)
     try:
-        n = n or (cfg.eval.test_episodes if split == 'test' else cfg.eval.val_episodes)
-        folder = Path(path) if Path(path).is_dir() else Path(path).parent
-        out = out or folder / f'eval-{split}-{cfg.data.shot}shot-{n}.json'
-        return evaluate_run(model.to(rt.device), cfg, split, n, out=out, rt=rt, checkpoint=str(path))
+        n = o.episodes or (cfg.eval.test_episodes if o.split == 'test' else cfg.eval.val_episodes)
+        folder = Path(o.checkpoint) if Path(o.checkpoint).is_dir() else Path(o.checkpoint).parent
+        out = o.out or folder / f'eval-{o.split}-{cfg.data.shot}shot-{n}.json'
+        return evaluate_run(model.to(rt.device), cfg, o.split, n, out=out, rt=rt, checkpoint=o.checkpoint)
     finally:
         if torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
 

@@ -19,13 +19,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .backbone import CLIP, PRETRAINED_FILES, RANDOM_CONFIGS, TINY_CONFIGS, Backbone, load_clip
-from .config import PRESETS, Config, add_flags, cli, command_line, preset_config
-from .core import BadInput, atomic_write_text
+from .config import PRESETS, Config, RunConfig, command_parser, preset_config
+from .core import BadInput, atomic_write_text, cli, parse_command
 from .data import random_episode
 from .episodes import read_split, splits_dir
 from .model import build_model
 from .runs import preserved_rng
-from .runtime import Runtime, autocast, device_name
+from .runtime import Runtime, autocast, device_name, set_threads
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'MEASURED', 'GiB', 'FRAGMENTATION', 'WORKSPACE', 'CHUNKS', 'CARDS', 'BANK_SHARE', 'BANK_DIMS',
@@ -410,16 +410,14 @@ class MemoryOptions:
     backbones: str = 'tiny-vit,tiny-rn,RN50,ViT-B/16'  # comma-separated backbones that --measure measures
     out: str = ''  # the file --measure writes (default: the package's mdmf/assets/frame_memory.json)
     chunk: int = 64  # frames per checkpointed chunk in the table
-    threads: int = 0  # torch CPU threads (0: torch's default)
 
 def main(argv: Optional[Sequence[str]] = None):
     "`python -m mdmf.memory [--measure]`: see `--help`."
-    p = command_line('python -m mdmf.memory', 'Print the predicted peak GPU memory of a training step for every preset, '
-                     'backbone and precision, and the cards it fits; --measure measures the per-frame figures it '
-                     'is computed from on this CPU and stores them.')
-    add_flags(p, MemoryOptions())
-    o = MemoryOptions(**{k: v for k, v in vars(p.parse_args(argv)).items() if k != 'debug'})
-    if o.threads > 0: torch.set_num_threads(o.threads)
+    p = command_parser('python -m mdmf.memory', 'Print the predicted peak GPU memory of a training step for every preset, '
+                       'backbone and precision, and the cards it fits; --measure measures the per-frame figures it '
+                       'is computed from on this CPU and stores them.', MemoryOptions(), dict(run=('threads',)))
+    o, given = parse_command(p, argv, MemoryOptions)
+    set_threads(given.get('threads', RunConfig.threads))
     if not o.measure:
         print(format_memory_table(memory_table(chunk=o.chunk)) + '\n\n' + bank_table())
         return

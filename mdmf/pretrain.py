@@ -4,18 +4,17 @@
 
 # %% auto #0
 __all__ = ['POOL_KEY', 'STATES', 'pool_rng', 'pool_params', 'check_disjoint', 'render_pool', 'sample_frames', 'augment',
-           'batch_captions', 'clip_loss', 'fact_loss', 'frame_features', 'text_features', 'PretrainConfig', 'pretrain',
-           'save_weights', 'split_features', 'class_prompt_features', 'zero_shot_accuracy', 'order_blind_ceiling',
-           'pps_hits', 'split_states', 'probe_states', 'measure', 'main']
+           'batch_captions', 'clip_loss', 'fact_loss', 'frame_features', 'text_features', 'PretrainConfig',
+           'trained_with', 'pretrain', 'save_weights', 'split_features', 'class_prompt_features', 'zero_shot_accuracy',
+           'order_blind_ceiling', 'pps_hits', 'split_states', 'probe_states', 'measure', 'main']
 
 # %% ../nbs/27_pretrain.ipynb #9d3a0f6c
-import argparse
 import hashlib
 import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 from typing import Optional, Union
@@ -28,8 +27,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .backbone import load_clip
+from .backbone import TINY_CONFIGS, load_clip
 import clip  # after mdmf.backbone, which imports it with its setuptools warning silenced
+from .config import RunConfig, command_parser
+from .core import atomic_write, atomic_write_text, cli, parse_command
 from .captions import FACTS, Crop, describe_clip, describe_frame, fact_truth, view_objects
 from .data import ClipDataset, resolve_videos
 from .episodes import EpisodeSampler, episode_generator, load_split
@@ -195,6 +196,18 @@ class PretrainConfig:
     short_side: int = 72  # frames are resized to this short side before cropping
     base: str = 'tiny-rn'  # the TINY_CONFIGS model that is trained
     workers: int = 2  # processes rendering the pool
+    # where the weights go and what is checked (the command's; not recorded with the weights)
+    out: str = ''  # weights file to write, e.g. tiny-clip-synthetic.pt (its settings and history go to FILE.json)
+    save_every: int = 0  # also write FILE-stepN.pt every this many steps (0: never)
+    float32: bool = False  # store float32 weights (default: float16, half the size)
+    check_pixels: bool = False  # also compare rendered frames with the dataset's (slower)
+    measure_root: str = ''  # measure zero-shot, PPS and probes on the val and test classes of the dataset in this folder
+
+_OUTPUT = ('out', 'save_every', 'float32', 'check_pixels', 'measure_root')
+
+def trained_with(cfg: PretrainConfig) -> dict:
+    "The settings that shape the weights (what the sidecar file records): every field but the output's."
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in _OUTPUT}
 
 def _optimizer(params: list, cfg: PretrainConfig) -> tuple:
     decay = [p for p in params if p.ndim >= 2]
@@ -261,7 +274,7 @@ def pretrain(cfg: PretrainConfig = PretrainConfig(),
             log(f'step {step + 1}: ' + ', '.join(f'{k} {v:.3f}' for k, v in mean.items())
                 + f', scale {history[-1]["scale"]:.1f}, {time.perf_counter() - t0:.0f} s')
     model.eval()
-    info = dict(config=asdict(cfg), history=history, seconds=dict(pool=round(t_pool, 1),
+    info = dict(config=trained_with(cfg), history=history, seconds=dict(pool=round(t_pool, 1),
                 total=round(time.perf_counter() - t0, 1)))
     if log: log(f'pretrained {cfg.base} for {cfg.steps} steps on {cfg.clips} clips in {info["seconds"]["total"]:.0f} s '
                 f'(pool {t_pool:.0f} s)')
@@ -274,10 +287,7 @@ def save_weights(model, path: Union[str, Path], half: bool = True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: (v.detach().half() if half and v.is_floating_point() else v.detach()).cpu().clone()
           for k, v in model.state_dict().items()}
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    torch.save(sd, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: torch.save(sd, f))
 
 # %% ../nbs/27_pretrain.ipynb #5bc954e5
 @torch.no_grad()
@@ -391,51 +401,40 @@ def _block_means(history: list, every: int) -> list:
     return [dict(step=b[-1]['step'], **{k: round(float(np.mean([h[k] for h in b])), 4) for k in b[0] if k != 'step'})
             for b in blocks]
 
-def main(argv=None):
-    "`python -m mdmf.pretrain --out FILE [...]`."
-    d = PretrainConfig()
-    ap = argparse.ArgumentParser(prog='python -m mdmf.pretrain',
-                                 description='Contrastive image-text pretraining of a tiny CLIP on captioned synthetic '
-                                             'clips that are not the few-shot videos; writes a clip.load-style state dict.')
-    ap.add_argument('--out', required=True, metavar='FILE', help='weights file to write (e.g. tiny-clip-synthetic.pt)')
-    for name in ('seed', 'steps', 'clips', 'batch', 'k', 'lr', 'warmup', 'frame_weight', 'fact_weight', 'base', 'workers'):
-        v = getattr(d, name)
-        ap.add_argument('--' + name.replace('_', '-'), type=type(v), default=v, help=f'PretrainConfig.{name} (default: {v})')
-    ap.add_argument('--threads', type=int, default=1, help='torch CPU threads (default: 1: the matrices are small, '
-                    'more threads gain little and lose much on a busy machine)')
-    ap.add_argument('--log-every', type=int, default=50, help='print the losses every this many steps (default: 50)')
-    ap.add_argument('--save-every', type=int, default=0, help='also write FILE-stepN.pt every this many steps (default: 0, never)')
-    ap.add_argument('--float32', action='store_true', help='store float32 weights (default: float16, half the size)')
-    ap.add_argument('--check-pixels', action='store_true', help='also compare rendered frames with the dataset\'s (slower)')
-    ap.add_argument('--measure-root', metavar='DIR', help='measure zero-shot, PPS and probes on the val and test classes of this dataset')
-    ap.add_argument('--no-progress', action='store_true', help='no progress bars')
-    a = ap.parse_args(argv)
-    if a.threads: torch.set_num_threads(a.threads)
-    cfg = PretrainConfig(**{k: getattr(a, k) for k in asdict(d) if hasattr(a, k)})
+def main(argv: Optional[list] = None):
+    "`python -m mdmf.pretrain --out FILE [...]`: see `--help`."
+    p = command_parser('python -m mdmf.pretrain', 'Contrastive image-text pretraining of a tiny CLIP on captioned synthetic '
+                       'clips that are not the few-shot videos; writes a clip.load-style state dict.', PretrainConfig(),
+                       dict(run=('threads', 'log_every', 'progress')), choices=dict(base=tuple(TINY_CONFIGS)),
+                       required=('out',))
+    cfg, given = parse_command(p, argv, PretrainConfig)
+    run = RunConfig(**given)  # threads, log_every, progress: the run section's settings
+    if run.threads: torch.set_num_threads(run.threads)
     t0 = time.perf_counter()
-    pool = render_pool(cfg.seed, cfg.clips, cfg.pool_frames, cfg.size, cfg.workers, not a.no_progress)
-    checks = check_disjoint(cfg.seed, cfg.clips, pixels=a.check_pixels, frames=cfg.pool_frames, size=cfg.size, pool=pool[0])
+    pool = render_pool(cfg.seed, cfg.clips, cfg.pool_frames, cfg.size, cfg.workers, run.progress)
+    checks = check_disjoint(cfg.seed, cfg.clips, pixels=cfg.check_pixels, frames=cfg.pool_frames, size=cfg.size,
+                            pool=pool[0])
     if any(v for k, v in checks.items() if k.startswith('equal')):
         raise RuntimeError(f'the pool meets the few-shot dataset: {checks}')
     print(f'pool of {cfg.clips} clips rendered in {time.perf_counter() - t0:.0f} s; disjoint from the dataset: {checks}')
-    out = Path(a.out)
+    out = Path(cfg.out)
     def save_some(step, model):
-        if a.save_every and (step + 1) % a.save_every == 0 and step + 1 < cfg.steps:
-            save_weights(model, out.with_name(f'{out.stem}-step{step + 1}{out.suffix}'), half=not a.float32)
-    model, info = pretrain(cfg, pool, progress=not a.no_progress, log_every=a.log_every, on_step=save_some)
-    save_weights(model, out, half=not a.float32)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            save_weights(model, out.with_name(f'{out.stem}-step{step + 1}{out.suffix}'), half=not cfg.float32)
+    model, info = pretrain(cfg, pool, progress=run.progress, log_every=run.log_every, on_step=save_some)
+    save_weights(model, out, half=not cfg.float32)
     info.update(history=_block_means(info['history'], 10), checks=checks,
                 seconds=dict(info['seconds'], wall=round(time.perf_counter() - t0, 1)),
                 torch_threads=torch.get_num_threads(), load_average=[round(v, 2) for v in os.getloadavg()],
                 file=out.name, megabytes=round(out.stat().st_size / 1e6, 2))
-    if a.measure_root:
+    if cfg.measure_root:
         m = load_clip(str(out))
-        info['measured'] = {s: measure(m, a.measure_root, s) for s in ('val', 'test')}
+        info['measured'] = {s: measure(m, cfg.measure_root, s) for s in ('val', 'test')}
         print(json.dumps(info['measured'], indent=1))
-    out.with_suffix('.json').write_text(json.dumps(info, indent=1), encoding='utf-8')
+    atomic_write_text(out.with_suffix('.json'), json.dumps(info, indent=1))
     print(f'wrote {out} ({info["megabytes"]} MB) in {info["seconds"]["wall"]:.0f} s')
     return out
 
 # %% ../nbs/27_pretrain.ipynb #6b8edb8c
 #| eval: false
-if __name__ == '__main__' and not in_notebook(): main()  # a notebook kernel's __name__ is '__main__' too
+if __name__ == '__main__' and not in_notebook(): cli(main)  # a notebook kernel's __name__ is '__main__' too

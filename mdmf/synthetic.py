@@ -5,15 +5,14 @@
 # %% auto #0
 __all__ = ['PAIRS', 'SINGLES', 'CLASSES', 'CLASS_BY_NAME', 'SHAPES', 'COLOURS', 'BACKGROUNDS', 'DATASET_VERSION', 'FPS',
            'ActionClass', 'assign_splits', 'ClipParams', 'sample_params', 'render_scene', 'render', 'video_rng',
-           'video_params', 'video_id', 'is_complete', 'make_synthetic', 'read_classes', 'main']
+           'video_params', 'video_id', 'is_complete', 'make_synthetic', 'read_classes', 'SyntheticOptions', 'main']
 
 # %% ../nbs/04_synthetic.ipynb #6799be2b
-import argparse
 import json
 import shutil
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 from typing import Optional, Union
@@ -21,7 +20,8 @@ from typing import Optional, Union
 import numpy as np
 from fastcore.imports import in_notebook
 
-from .core import atomic_write_text
+from .core import BadInput, add_flags, atomic_write_text, cli, command_line, parse_command
+from .data import DataConfig
 from .video import write_mp4
 
 # %% ../nbs/04_synthetic.ipynb #9472ae82
@@ -97,13 +97,14 @@ def assign_splits(val_classes: int = 8, test_classes: int = 8) -> dict:
     "Deterministic split of `CLASSES` into {'train','val','test'}: lists of `ActionClass`, pairs kept together."
     (pt, ut), (pv, uv) = _split_sizes(test_classes), _split_sizes(val_classes)
     if pt + pv > len(PAIRS) or ut + uv > len(SINGLES):
-        raise ValueError(f'cannot take {val_classes} val and {test_classes} test classes out of {len(CLASSES)}')
+        raise BadInput(f'cannot take {val_classes} val and {test_classes} test classes (--val-classes, --test-classes) '
+                       f'out of {len(CLASSES)}')
     test = [c for p in PAIRS[:pt] for c in p] + SINGLES[:ut]
     val = [c for p in PAIRS[len(PAIRS) - pv:] for c in p] + SINGLES[len(SINGLES) - uv:]
     taken = {c.name for c in test + val}
     train = [c for c in CLASSES if c.name not in taken]
     if len(train) < 5:
-        raise ValueError(f'only {len(train)} train classes would remain: at least 5 are needed for 5-way episodes')
+        raise BadInput(f'only {len(train)} train classes would remain: at least 5 are needed for 5-way episodes')
     return {'train': train, 'val': val, 'test': test}
 
 # %% ../nbs/04_synthetic.ipynb #608f4137
@@ -121,12 +122,8 @@ def _normals(n, offset_deg):
 
 _TRI, _HEX = _normals(3, 60), _normals(6, 0)  # all shapes are symmetric about their u axis
 
-def _polygon(u, v, normals, inradius):
-    d = None
-    for c, s in zip(*normals):
-        h = u * float(c) + v * float(s)
-        d = h if d is None else np.maximum(d, h)
-    return d - inradius
+def _polygon(u, v, normals, inradius):  # the largest distance along the normals of the sides
+    return np.stack([u * float(c) + v * float(s) for c, s in zip(*normals)]).max(0) - inradius
 
 def _sdf(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     "Signed distance (in object radii) to `shape` centred at 0 with radius about 1; negative inside."
@@ -192,14 +189,10 @@ class ClipParams:
 
 _TWO_OBJECTS = {'two_apart', 'push', 'cover', 'stack', 'swap'}
 
-def _as_class(action) -> ActionClass:
-    if isinstance(action, ActionClass): return action
-    if action in CLASS_BY_NAME: return CLASS_BY_NAME[action]
-    raise KeyError(f'unknown action {action!r}; see CLASSES')
-
 def sample_params(rng: np.random.Generator, action: Union[str, ActionClass]) -> ClipParams:
     "Draw the nuisance variables of one clip of `action` (a class name or `ActionClass`)."
-    c = _as_class(action)
+    c = action if isinstance(action, ActionClass) else CLASS_BY_NAME.get(action)
+    if c is None: raise KeyError(f'unknown action {action!r}; see CLASSES')
     pick = lambda xs, exclude=(): str(rng.choice([x for x in xs if x not in exclude]))
     shapes = SHAPES if c.family != 'rotate' else tuple(s for s in SHAPES if s != 'circle')  # rotation must show
     colour = pick(list(COLOURS))
@@ -385,7 +378,7 @@ def _clear(root: Path):
     ours = (_read_json(root / 'classes.json') or {}).get('generator') == 'mdmf.synthetic'
     videos = root / 'videos'
     if videos.exists() and any(videos.iterdir()) and not ours:
-        raise FileExistsError(f'{videos} exists and was not made by mdmf.synthetic: choose another --root')
+        raise BadInput(f'{videos} exists and was not made by mdmf.synthetic: choose another --data-root')
     for name in ('.complete', 'classes.json'): (root / name).unlink(missing_ok=True)
     for name in ('videos', 'splits'): shutil.rmtree(root / name, ignore_errors=True)
 
@@ -397,8 +390,8 @@ def make_synthetic(root: Union[str, Path] = 'data/synthetic', seed: int = 0, vid
     params = dict(version=DATASET_VERSION, seed=seed, videos_per_class=videos_per_class, frames=frames, size=size,
                   val_classes=val_classes, test_classes=test_classes)
     if not force and is_complete(root, **{k: v for k, v in params.items() if k != 'version'}): return root
-    if size % 2: raise ValueError(f'size must be even (yuv420p), got {size}')
-    if frames < 2 or videos_per_class < 1: raise ValueError('need frames >= 2 and videos_per_class >= 1')
+    if size % 2: raise BadInput(f'the frame size (--video-size) must be even (yuv420p), got {size}')
+    if frames < 2 or videos_per_class < 1: raise BadInput('need --video-frames >= 2 and --videos-per-class >= 1')
     splits = assign_splits(val_classes, test_classes)
     start = time.time()
     info = _read_json(root / 'classes.json')
@@ -430,21 +423,28 @@ def read_classes(root: Union[str, Path]) -> list:
     return json.loads((Path(root) / 'classes.json').read_text(encoding='utf-8'))['classes']
 
 # %% ../nbs/04_synthetic.ipynb #7aaed89f
-_FLAGS = dict(root=('data/synthetic', 'output folder'), seed=(0, 'dataset seed'), videos_per_class=(30, 'videos per class'),
-              frames=(16, 'frames per video'), size=(64, 'frame height and width, even'), val_classes=(8, 'classes in val'),
-              test_classes=(8, 'classes in test; train keeps the rest'), workers=(2, 'processes rendering videos'))
+@dataclass
+class SyntheticOptions:
+    "What `python -m mdmf.synthetic` renders: `make_synthetic`'s arguments after `root`, in its order."
+    dataset_seed: int = 0  # seed of every video's record (training renders seed 0)
+    videos_per_class: int = 30  # videos per class
+    video_frames: int = 16  # frames per video
+    video_size: int = 64  # frame height and width, even
+    val_classes: int = 8  # classes in val
+    test_classes: int = 8  # classes in test; train keeps the rest
+    render_workers: int = 2  # processes rendering videos
+    force: bool = False  # regenerate even if a complete dataset is there
 
 def main(argv=None):
-    "Command line: `python -m mdmf.synthetic --root DIR [...]`."
-    ap = argparse.ArgumentParser(prog='python -m mdmf.synthetic',
-                                 description='Render the synthetic few-shot action dataset (mp4 files and split lists).')
-    for k, (default, text) in _FLAGS.items():
-        ap.add_argument('--' + k.replace('_', '-'), type=type(default), default=default, help=f'{text} (default: {default})')
-    ap.add_argument('--force', action='store_true', help='regenerate even if a complete dataset is there')
-    root = make_synthetic(**vars(ap.parse_args(argv)), verbose=True)
+    "Command line: `python -m mdmf.synthetic --data-root DIR [...]`: see `--help`."
+    p = command_line('python -m mdmf.synthetic', 'Render the synthetic few-shot action dataset (mp4 files and split lists).')
+    add_flags(p, SyntheticOptions())
+    add_flags(p.add_argument_group('data'), DataConfig(), only=('data_root',))  # the run's flag: where the videos are
+    o, given = parse_command(p, argv, SyntheticOptions)
+    root = make_synthetic(given.get('data_root', DataConfig.data_root), *astuple(o), verbose=True)
     print(f'dataset ready: {root}')
     return root
 
 # %% ../nbs/04_synthetic.ipynb #5c023a8c
 #| eval: false
-if __name__ == '__main__' and not in_notebook(): main()  # a notebook kernel's __name__ is '__main__' too
+if __name__ == '__main__' and not in_notebook(): cli(main)  # a notebook kernel's __name__ is '__main__' too

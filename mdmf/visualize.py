@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -15,7 +15,8 @@ import numpy as np
 from fastcore.imports import in_notebook
 from matplotlib.ticker import MaxNLocator
 
-from .config import Config, add_flags, cli, command_line, config_from_dict
+from .config import Config, RunConfig, command_parser, config_from_dict
+from .core import add_flags, cli, parse_command
 from .core import BadInput, MissingInput, atomic_write, atomic_write_text
 from .data import dataset_label, load_data
 from .evaluate import crop_size
@@ -29,7 +30,7 @@ from .runtime import pick_device
 
 # %% auto #0
 __all__ = ['TABLE_COLUMNS', 'read_run', 'run_label', 'run_table', 'table_markdown', 'plot_curves', 'plot_table',
-           'plot_lambda_sweep', 'write_figures', 'FigureOptions', 'visualize_parser', 'main']
+           'plot_lambda_sweep', 'FigureOptions', 'write_figures', 'visualize_parser', 'main']
 
 # %% ../nbs/24_visualize.ipynb #9bf639d8
 def read_run(run,  # a run folder of `mdmf.train`
@@ -151,27 +152,35 @@ def _unique_folders(folders: list) -> list:
         if f.resolve() not in seen and (f / CONFIG).exists(): seen.add(f.resolve()); out.append(f)
     return out
 
+# %% ../nbs/24_visualize.ipynb #f1a0e2b7
+@dataclass
+class FigureOptions:
+    "What `write_figures` and `python -m mdmf.visualize` draw, and from which run folders."
+    run: str = ''  # run folder to draw (default: the example CLIP-MDMF run, made under $MDMF_HOME)
+    out: str = 'figures'  # folder for the PNG files (made if absent)
+    compare: str = ''  # a second run folder drawn beside the first, e.g. CLIP-FSAR (default with the example run: the example CLIP-FSAR run)
+    more_runs: list[str] = field(default_factory=list)  # more run folders for the table of runs and the lambda sweep
+    siblings: bool = True  # add the finished run folders next to --run (same dataset, way and shot) to the table
+    episode: int = 0  # test episode drawn
+    query: int = 0  # query of that episode
+    view: str = 'fused'  # view of the attention and OTAM figures
+    episodes: int = 100  # test episodes of the per-class accuracy
+    tsne_episodes: int = 3  # test episodes of the t-SNE
+    dpi: int = DPI  # resolution of the PNG files
+    save_examples: list[str] = field(default_factory=list)  # maintainers: write the shipped example files from these finished runs of the default schedule (one CLIP-MDMF, one CLIP-FSAR) instead of drawing
+
 # %% ../nbs/24_visualize.ipynb #ed5ccf22
-def write_figures(run,  # the run folder to draw
-                  out,  # folder for the PNG files (made if absent)
-                  compare=None,  # a second run folder (e.g. CLIP-FSAR), drawn beside the first
-                  runs: Sequence = (),  # more run folders for the ablation table and the lambda sweep
-                  siblings: bool = True,  # add the finished run folders next to `run` (same dataset, way, shot)
-                  episode: int = 0,  # test episode drawn
-                  query: int = 0,  # its query drawn
-                  view: str = 'fused',  # view of the attention and OTAM figures
-                  episodes: int = 100,  # test episodes of the per-class accuracy
-                  tsne_episodes: int = 3,  # test episodes of the t-SNE
+def write_figures(o: FigureOptions,  # what to draw: `o.run` (a run folder), `o.out`, `o.compare`, the episode, ...
                   device='cpu',  # where the models run
-                  dpi: int = DPI,  # resolution of the PNG files
                   data_root: str = '',  # data folder (default: the run's)
                  ) -> list:  # the files written
-    "Write every figure of a run folder (and of a comparison run) as PNG files into `out`."
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    "Write every figure of run folder `o.run` (and of a comparison run) as PNG files into `o.out`."
+    run, compare, episode, query, view = o.run, o.compare or None, o.episode, o.query, o.view
+    out = Path(o.out); out.mkdir(parents=True, exist_ok=True)
     written = []
     def save(name, fig):
         if fig is None: return
-        png = figure_png(fig, dpi)
+        png = figure_png(fig, o.dpi)
         atomic_write(out / f'{name}.png', lambda f: f.write(png))
         written.append(out / f'{name}.png')
     def load(folder):
@@ -196,14 +205,15 @@ def write_figures(run,  # the run folder to draw
     if ex.get('posteriors'): save('posteriors', plot_posteriors(ins, query))
     save('gradcam', plot_gradcam({k: grad_cam(m, batch, query) for k, m in models.items()}, batch))
     for suffix, (k, m) in zip(('', '_compare'), models.items()):
-        save(f'tsne{suffix}', plot_tsne(episode_embeddings(m, cfg, tsne_episodes, data=data), title=k))
-    save('per_class', plot_per_class({k: per_class_accuracy(m, cfg, episodes, data=data) for k, m in models.items()}))
+        save(f'tsne{suffix}', plot_tsne(episode_embeddings(m, cfg, o.tsne_episodes, data=data), title=k))
+    save('per_class', plot_per_class({k: per_class_accuracy(m, cfg, o.episodes, data=data) for k, m in models.items()}))
     for suffix, folder in (('', run), ('_compare', compare)):
         r = read_run(folder) if folder else None
         if r and r['log']:
             test = ((r['metrics'] or {}).get('test') or {}).get('accuracy')
             save(f'curves{suffix}', plot_curves(r['log'], f"{r['name']}: {run_label(r['config'])}", test))
-    folders = _unique_folders([run] + ([compare] if compare else []) + list(runs) + (_siblings(Path(run)) if siblings else []))
+    more = list(o.more_runs) + (_siblings(Path(run)) if o.siblings else [])
+    folders = _unique_folders([run] + ([compare] if compare else []) + more)
     if len(folders) >= 2:
         rows = run_table(folders)
         save('runs', plot_table(rows, title=f'{dataset_label(cfg.data)} {cfg.data.way}-way {cfg.data.shot}-shot runs'))
@@ -212,49 +222,27 @@ def write_figures(run,  # the run folder to draw
     return written
 
 # %% ../nbs/24_visualize.ipynb #6ee2ccb2
-@dataclass
-class FigureOptions:
-    "What `python -m mdmf.visualize` draws, and from which run folders."
-    run: str = ''  # run folder to draw (default: the example CLIP-MDMF run, made under $MDMF_HOME)
-    out: str = 'figures'  # folder for the PNG files (made if absent)
-    compare: str = ''  # a second run folder drawn beside the first, e.g. CLIP-FSAR (default with the example run: the example CLIP-FSAR run)
-    siblings: bool = True  # add the finished run folders next to --run (same dataset, way and shot) to the table
-    episode: int = 0  # test episode drawn
-    query: int = 0  # query of that episode
-    view: str = 'fused'  # view of the attention and OTAM figures
-    episodes: int = 100  # test episodes of the per-class accuracy
-    tsne_episodes: int = 3  # test episodes of the t-SNE
-    data_root: str = ''  # data folder (default: the run's)
-    device: str = 'auto'  # auto, cpu, cuda, cuda:1, mps
-    dpi: int = DPI  # resolution of the PNG files
-
 _VIEWS = ('gtc', 'ltc', 'ntc', 'fsar', 'fused')
 
 def visualize_parser() -> argparse.ArgumentParser:
-    "The command line of `python -m mdmf.visualize`."
-    p = command_line('python -m mdmf.visualize',
-                     'Write the figures of a run folder (an episode taken apart, Grad-CAM, t-SNE, per-class accuracy, '
-                     'training curves, the table of runs) as PNG files.')
-    add_flags(p, FigureOptions(), choices=dict(view=_VIEWS))
-    p.add_argument('--runs', nargs='+', default=[], metavar='DIR', help='more run folders for the table of runs')
-    p.add_argument('--save-examples', nargs='+', metavar='RUN', default=argparse.SUPPRESS,
-                   help='maintainers: write the shipped example files from these finished runs of the default schedule '
-                        '(one CLIP-MDMF, one CLIP-FSAR) instead of drawing')
+    "The command line of `python -m mdmf.visualize`: `FigureOptions` and the run's --device and --data-root."
+    p = command_parser('python -m mdmf.visualize',
+                       'Write the figures of a run folder (an episode taken apart, Grad-CAM, t-SNE, per-class accuracy, '
+                       'training curves, the table of runs) as PNG files.', FigureOptions(), dict(data=('data_root',)),
+                       default_text="the run's", choices=dict(view=_VIEWS))
+    add_flags(p.add_argument_group('run'), RunConfig(), only=('device',))
     return p
 
 def main(argv: Optional[Sequence[str]] = None) -> list:
     "`python -m mdmf.visualize [flags]`: see `--help`."
-    a = vars(visualize_parser().parse_args(argv))
-    if 'save_examples' in a:
-        written = [save_example(run) for run in a['save_examples']]
+    o, given = parse_command(visualize_parser(), argv, FigureOptions)
+    if o.save_examples:
+        written = [save_example(run) for run in o.save_examples]
         for path in written: print(f'{path} ({path.stat().st_size / 1e6:.2f} MB)')
         return written
-    o = FigureOptions(**{f.name: a[f.name] for f in fields(FigureOptions) if f.name in a})
-    run, compare = o.run, o.compare
-    if not run: run, compare = example_run('mdmf'), compare or example_run('clip-fsar')
-    if not Path(run).is_dir(): raise MissingInput(f'--run {run} is not a folder: give a run folder of mdmf.train')
-    paths = write_figures(run, o.out, compare or None, a['runs'], o.siblings, o.episode, o.query, o.view, o.episodes,
-                          o.tsne_episodes, pick_device(o.device), o.dpi, o.data_root)
+    if not o.run: o = replace(o, run=str(example_run('mdmf')), compare=o.compare or str(example_run('clip-fsar')))
+    if not Path(o.run).is_dir(): raise MissingInput(f'--run {o.run} is not a folder: give a run folder of mdmf.train')
+    paths = write_figures(o, pick_device(given.get('device', RunConfig.device)), given.get('data_root', ''))
     for path in paths: print(path)
     return paths
 

@@ -72,3 +72,24 @@ def test_default_run_is_frozen_and_finetuning_one_flag_away():
     assert cfg.model.freeze_visual and cfg.optim.train_draws > 0 and cfg.eval.test_episodes == 10000
     assert not resolve_config(['--no-freeze-visual']).model.freeze_visual
     assert not any(preset_config(p).model.freeze_visual for p in ('hmdb51', 'ucf101', 'kinetics100', 'ssv2_small'))
+
+
+def test_the_example_file_is_named_as_such_with_how_to_use_it(home, tmp_path):
+    "Given a shipped example file, the command says what it is and how to make its run folder (exit 2)."
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    from mdmf.evaluate import main
+    from mdmf.inspect import example_file
+    p = subprocess.run([sys.executable, '-m', 'mdmf.evaluate', '--checkpoint', str(example_file('mdmf'))],
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    lines = p.stderr.splitlines()
+    assert p.returncode == 2 and len(lines) == 2 and 'Traceback' not in p.stderr, p.stderr
+    assert lines[0].startswith(f'error: {example_file("mdmf")} is an example file shipped with mdmf, not a checkpoint')
+    assert "from mdmf.inspect import example_run; print(example_run('mdmf'))" in lines[1] and '--checkpoint' in lines[1]
+    # the folder example_run makes is what --checkpoint takes
+    out = tmp_path / 'eval.json'
+    main(['--checkpoint', str(home / 'examples' / 'synthetic-mdmf'), '--episodes', '4', '--no-progress', '--no-cache',
+          '--workers', '0', '--out', str(out)])
+    assert json.loads(out.read_text())['test']['episodes'] == 4

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mdmf.core import BadInput
 from mdmf.synthetic import (CLASS_BY_NAME, CLASSES, COLOURS, PAIRS, ClipParams, assign_splits, is_complete,
                             make_synthetic, read_classes, render, render_scene, sample_params, video_id, video_params)
 
@@ -17,8 +18,8 @@ SPLITS = ('train', 'val', 'test')
 
 
 def cli(root, *args):
-    cmd = [sys.executable, '-m', 'mdmf.synthetic', '--root', str(root), '--videos-per-class', '12',
-           '--frames', '8', '--size', '32', *args]
+    cmd = [sys.executable, '-m', 'mdmf.synthetic', '--data-root', str(root), '--videos-per-class', '12',
+           '--video-frames', '8', '--video-size', '32', *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
 
 
@@ -44,7 +45,8 @@ def data(tmp_path_factory):
 def test_cli_help():
     out = subprocess.run([sys.executable, '-m', 'mdmf.synthetic', '--help'], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout
-    for opt in ('--root', '--seed', '--videos-per-class', '--frames', '--size', '--test-classes', '--workers', '--force'):
+    for opt in ('--data-root', '--dataset-seed', '--videos-per-class', '--video-frames', '--video-size', '--test-classes',
+                '--render-workers', '--force'):
         assert opt in out
 
 
@@ -184,8 +186,8 @@ def test_complete_marker(tmp_path):
     assert len(list((root / 'videos').rglob('*.mp4'))) == len(CLASSES)
     assert is_complete(root, **{**params, 'videos_per_class': 1}) and not is_complete(root, **params)
     # --force rewrites
-    cli_out = subprocess.run([sys.executable, '-m', 'mdmf.synthetic', '--root', str(root), '--videos-per-class', '1',
-                              '--frames', '4', '--size', '16', '--workers', '1', '--force'],
+    cli_out = subprocess.run([sys.executable, '-m', 'mdmf.synthetic', '--data-root', str(root), '--videos-per-class', '1',
+                              '--video-frames', '4', '--video-size', '16', '--render-workers', '1', '--force'],
                              cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert 'wrote' in cli_out
 
@@ -193,13 +195,23 @@ def test_complete_marker(tmp_path):
 def test_refuses_foreign_folder_and_bad_sizes(tmp_path):
     (tmp_path / 'videos' / 'x').mkdir(parents=True)
     (tmp_path / 'videos' / 'x' / 'a.mp4').write_bytes(b'')
-    with pytest.raises(FileExistsError):
+    with pytest.raises(BadInput, match='not made by mdmf.synthetic: choose another --data-root'):
         make_synthetic(tmp_path, videos_per_class=1, frames=4, size=16, workers=1)
     assert (tmp_path / 'videos' / 'x' / 'a.mp4').exists()
     with pytest.raises(ValueError, match='even'):
         make_synthetic(tmp_path / 'o', videos_per_class=1, frames=4, size=15)
     with pytest.raises(ValueError):
         assign_splits(val_classes=18, test_classes=18)
+
+
+def test_command_line_errors_name_the_flag(tmp_path):
+    "A bad value is one line naming the flag, exit status 2, no traceback."
+    run = lambda *a: subprocess.run([sys.executable, '-m', 'mdmf.synthetic', '--data-root', str(tmp_path / 'o'), *a],
+                                    cwd=ROOT, capture_output=True, text=True)
+    odd, word = run('--video-size', '15'), run('--videos-per-class', 'many')
+    assert (odd.returncode, word.returncode) == (2, 2)
+    assert odd.stderr == 'error: the frame size (--video-size) must be even (yuv420p), got 15\n'
+    assert "argument --videos-per-class: invalid int value: 'many'" in word.stderr and 'Traceback' not in word.stderr
 
 
 def test_video_ids_unique():
