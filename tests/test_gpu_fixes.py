@@ -361,10 +361,11 @@ def _resume_worker(rank, world, port, cfg_values, out):
     with mock.patch.object(t, 'tqdm', _Bar):
         t.train(cfg.replace(name='whole'), quiet=True)
     bar = list(_Bar.log)
-    def stop(self, i, loss):  # both ranks stop before their first collective after the checkpoint at episode 3
+    episode_loss = t.Trainer.episode_loss
+    def stop(self, i, batch, scale=1.0):  # both ranks stop before their first collective after the checkpoint at episode 3
         if i >= 3 + self.rt.rank: raise _Stop
-        return loss
-    with mock.patch.object(t.Trainer, 'loss_hook', stop):
+        return episode_loss(self, i, batch, scale)
+    with mock.patch.object(t.Trainer, 'episode_loss', stop):
         try: t.train(cfg.replace(name='cut'), quiet=True)
         except _Stop: pass
     t.train(cfg.replace(name='cut', resume=True), quiet=True)
