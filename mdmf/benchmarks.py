@@ -62,12 +62,12 @@ def _ratio(a, b): return None if a is None or b is None or b == 0 else float(a /
 
 # %% ../nbs/25_benchmarks.ipynb #d13766e6
 def _otam_episode(solver: Callable, costs: list, weights: Tensor, lam: float):
-    "Bidirectional OTAM of every view summed, one backward: (distances [V, Q, N], gradients [V, Q, N, T, T])."
+    "Bidirectional OTAM of every view summed, one backward: (distances [views, Q, N], gradients [views, Q, N, T, T])."
     for c in costs: c.grad = None
     if solver is otam:  # the project's path, as the model runs it: every view and direction in one solve
-        dist = otam_bidirectional(torch.stack(costs), lam)  # [V, Q, N]
+        dist = otam_bidirectional(torch.stack(costs), lam)  # [views, Q, N]
     else:  # the reference: one call per view and direction
-        dist = torch.stack([solver(c, lam) + solver(c.transpose(-1, -2), lam) for c in costs])  # [V, Q, N]
+        dist = torch.stack([solver(c, lam) + solver(c.transpose(-1, -2), lam) for c in costs])  # [views, Q, N]
     (dist * weights).sum().backward()
     return dist.detach(), torch.stack([c.grad for c in costs])
 
@@ -78,7 +78,7 @@ def bench_otam(device='cpu', repeats: int = 5, queries: int = 25, way: int = 5, 
     g = torch.Generator().manual_seed(seed)
     make = lambda: [(2 * torch.rand(queries, way, frames, frames, generator=g)).to(device).requires_grad_()
                     for _ in range(views)]  # [Q, N, T, T] per view, costs in [0, 2]
-    fast_in, weights = make(), torch.randn(views, queries, way, generator=g).to(device)  # [V, Q, N]
+    fast_in, weights = make(), torch.randn(views, queries, way, generator=g).to(device)  # [views, Q, N]
     ref_in = [c.detach().clone().requires_grad_() for c in fast_in]
     times = time_interleaved({'reference': lambda: _otam_episode(otam_reference, ref_in, weights, lam),
                               'fast': lambda: _otam_episode(otam, fast_in, weights, lam)}, repeats, 1, device)

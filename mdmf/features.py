@@ -24,7 +24,7 @@ from .data import EpisodeDataset, episode_data
 from .episodes import Split, episode_rng
 from .evaluate import crop_size, encode_split
 from .memory import bank_bytes, bank_place
-from .model import FewShotModel, MDMFOutput
+from .model import FewShotModel, ModelOutput
 from .runs import preserved_rng
 from .runtime import Runtime, all_max, all_sum, autocast, unwrap
 from .video import crop_clip, frame_indices, num_frames, read_frames
@@ -224,7 +224,7 @@ class FeatureForward(nn.Module):
                 class_names: list,  # N readable class names
                 query_labels: Tensor = None,  # [Q] long; None: no loss
                 generator: torch.Generator = None,  # for the PPS draw
-               ) -> MDMFOutput:
+               ) -> ModelOutput:
         m = self.model
         return m.forward_features(support_feats.float(), support_labels, query_feats.float(), m.class_tokens(class_names), query_labels,
                                   generator, class_names=class_names)

@@ -74,12 +74,12 @@ class Trainer:
                           seconds=dict(train=0.0, val=0.0), history=[])
         self.best_weights = None  # CPU copy of the best weights so far
         self._sums = self._zero_sums()
-        self.fast = uses_features(cfg)  # frozen visual encoder: training episodes of cached features (features notebook)
-        self.net = FeatureForward(self.model) if self.fast else self.model
+        self.cached = uses_features(cfg)  # trains on cached features: the visual encoder frozen (features notebook)
+        self.net = FeatureForward(self.model) if self.cached else self.model
         self.ddp = None
         if self.rt.distributed and self.params:
             self.ddp = DistributedDataParallel(self.net, device_ids=ddp_device_ids(self.rt),  # searching costs a pass per step
-                                               find_unused_parameters=bool(unused_parameters(self.net, self.model, cfg, self.rt, self.fast)))
+                                               find_unused_parameters=bool(unused_parameters(self.net, self.model, cfg, self.rt, self.cached)))
         self.train_split = self.val_split = None
 
     def _zero_sums(self) -> dict:
@@ -178,7 +178,7 @@ def episode_loss(self: Trainer, i: int, batch: dict, scale: float = 1.0):
     "Forward and backward of training episode `i`; sums loss, accuracy and loss parts on the device."
     net, rt = self.ddp or self.net, self.rt
     b = to_device(batch, rt.device)
-    x = (b['support_feats'], b['query_feats']) if self.fast else (b['support'], b['query'])
+    x = (b['support_feats'], b['query_feats']) if self.cached else (b['support'], b['query'])
     with autocast(rt):
         out = net(x[0], b['support_labels'], x[1], b['class_names'], b['query_labels'],
                   generator=episode_generator(self.cfg.run.seed, 'train', i, rt.device))
@@ -240,7 +240,7 @@ def validate(self: Trainer) -> dict:
     t0 = time.perf_counter()
     self.sync_buffers()
     with preserved_rng():
-        feats = frozen_split_features(self.model, self.val_split, self.cfg, self.rt) if self.fast else None
+        feats = frozen_split_features(self.model, self.val_split, self.cfg, self.rt) if self.cached else None
         r = evaluate(self.model, self.cfg, 'val', self.cfg.eval.val_episodes, rt=self.rt, data=self.val_split,
                      features=feats, progress=self.cfg.run.progress)
     self.state['seconds']['val'] += time.perf_counter() - t0
@@ -295,7 +295,7 @@ def train_schedule(start: int,  # episodes already done (a resumed run's `state[
 def _loader(self: Trainer, episodes: list):
     "A loader of the training episodes `episodes`, one per batch: decoded clips, or cached features (frozen encoder)."
     cfg, rt = self.cfg, self.rt
-    if self.fast: return feature_loader(self.model, self.train_split, cfg, rt, episodes, self.log.write)
+    if self.cached: return feature_loader(self.model, self.train_split, cfg, rt, episodes, self.log.write)
     data = episode_data(cfg.data, self.train_split, cfg.model.frames, crop_size(self.model), cfg.optim.train_episodes,
                         cfg.run.seed)
     return DataLoader(data, batch_size=None, sampler=episodes, num_workers=cfg.data.workers,
@@ -356,7 +356,7 @@ def test(self: Trainer, episodes: Optional[int] = None, shot: Optional[int] = No
     if self.best_weights is not None: self.model.load_state_dict(self.best_weights)
     self.sync_buffers()
     split = load_data(self.cfg.data, 'test')
-    feats = frozen_split_features(self.model, split, self.cfg, self.rt) if self.fast else None
+    feats = frozen_split_features(self.model, split, self.cfg, self.rt) if self.cached else None
     r = evaluate(self.model, self.cfg, 'test', episodes or self.cfg.eval.test_episodes, shot=shot, rt=self.rt,
                  data=split, features=feats, progress=self.cfg.run.progress)
     self.test_result = r

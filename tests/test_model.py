@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from mdmf.data import random_episode
-from mdmf.model import (ABLATIONS, MODELS, VIEWS, CLIPFSAR, MDMF, FrameMean, ModelConfig, MDMFOutput, ZeroShotCLIP,
+from mdmf.model import (ABLATIONS, MODELS, VIEWS, CLIPFSAR, MDMF, FrameMean, ModelConfig, ModelOutput, ZeroShotCLIP,
                         build_model)
 
 SIZES = [(1, 1), (5, 1), (1, 5), (5, 5)]  # (shot, queries per class), 5-way
@@ -57,7 +57,7 @@ def test_build_model_classes(backbone):
 def test_every_model_shapes(backbone, name, shot, query):
     m = build_model(ModelConfig(model=name), backbone=backbone)
     out = m.forward_features(*_features(m.dim, shot, query))
-    assert isinstance(out, MDMFOutput)
+    assert isinstance(out, ModelOutput)
     assert out.logits.shape == (5 * query, 5) and out.logits.dtype == torch.float32
     assert torch.isfinite(out.loss) and out.loss.ndim == 0
     torch.testing.assert_close(out.loss, sum(out.losses.values()))

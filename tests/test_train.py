@@ -254,7 +254,7 @@ def test_frozen_run_uses_cached_features_and_matches_the_plain_path(data_root, t
     from mdmf.runs import load_model
     cfg = tiny_cfg(data_root, tmp_path, freeze_visual=True, train_draws=2, name='frozen')
     metrics, trainer = train(cfg, quiet=True, return_trainer=True)
-    assert trainer.fast
+    assert trainer.cached
     model, saved = load_model(tmp_path / 'frozen')
     r = evaluate(model, saved, 'test', saved.eval.test_episodes, cache=False)
     assert (r.predictions == trainer.test_result.predictions).all()
