@@ -243,10 +243,10 @@ def test_float32_rows_against_float32_peaks():
 
 def test_bench_json_is_written_as_each_part_finishes(tmp_path):
     "A benchmark stopped by a time-out keeps the parts and training rows that finished."
-    from mdmf import bench
+    from mdmf import bench, benchmarks
     snaps = []
     with mock.patch.object(bench, 'bench_otam', return_value=dict(speedup=2.0)), \
-         mock.patch.object(bench, '_path', side_effect=lambda *a, **k: dict(episodes_per_s=1.0, dtype='float32', tf32=False)):
+         mock.patch.object(benchmarks, '_path', side_effect=lambda *a, **k: dict(episodes_per_s=1.0, dtype='float32', tf32=False)):
         r = bench.run_bench(bench.BenchOptions(size='tiny', device='cpu', parts='otam,train', quick=True),
                             log=lambda m: None, on_part=lambda res: snaps.append(json.loads(json.dumps(res))))
     assert snaps[0]['otam'] == dict(speedup=2.0) and snaps[0]['train'] == dict(speedup=None)  # otam written alone
