@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -26,6 +25,7 @@ from .config import (Config, config_from_args, config_parser, config_to_dict, lo
 from .core import BadInput, MissingInput, PathLike, add_flags, atomic_write_text, cli, parse_command
 from .model import ABLATIONS
 from .runs import CONFIG, LAST, METRICS
+from .runtime import load_average
 from .train import train
 
 # %% auto #0
@@ -247,10 +247,6 @@ def study_markdown(study: dict) -> str:
                   'Tables 3-4); — : not reported there (Table 5 and the middle rows of Table 4).\n')
 
 # %% ../nbs/20_ablate.ipynb #09b7dc03
-def _load() -> Optional[float]:
-    try: return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError): return None
-
 def run_study(base: Config,  # the settings every run shares
               rows: Sequence[str],  # from `study_rows`
               seeds: int = 3,  # training seeds per row
@@ -279,7 +275,7 @@ def run_study(base: Config,  # the settings every run shares
         how = 'done before' if status == 'done' else f'= {run.same_as.name}' if status == 'shared' else f'{t_runs[-1]:.0f} s'
         say(f'[{k}/{len(plan)}] {run.row} seed {run.seed}: {m["test"]["accuracy"]:.2f} ± {m["test"]["ci95"]:.2f} % ({how}) | '
             f'{run.row} so far {rec["mean"]:.2f} %' + (f' (sd {rec["std"]:.2f}, {rec["n"]} seeds)' if rec['std'] else '') + eta)
-        study.update(rows=summarize_rows(plan, results), runs_done=len(results), trained_now=trained, load=_load(),
+        study.update(rows=summarize_rows(plan, results), runs_done=len(results), trained_now=trained, load=load_average(),
                      wall_s=sum(results[r.row, r.seed]['timings']['total_s'] for r in plan[:k] if r.same_as is None),
                      updated=time.strftime('%Y-%m-%d %H:%M:%S'))
         atomic_write_text(out / STUDY_JSON, json.dumps(study, indent=1))

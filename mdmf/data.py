@@ -267,10 +267,12 @@ def random_episode(way: int = 5,  # classes
                    frames: int = 8,  # frames per video T
                    size: int = 64,  # frame size S
                    seed: int = 0,  # seed of the pixels
+                   normal: bool = False,  # float32 frames drawn from N(0, 1), as if already normalised, instead of uint8 pixels
                   ) -> dict:
-    "An episode dict with random uint8 frames `[n, T, 3, S, S]`, class-major labels and names 'class 0', ..."
+    "An episode dict with random frames `[n, T, 3, S, S]` (uint8, or float32 with `normal`), class-major labels and names 'class 0', ..."
     g = torch.Generator().manual_seed(seed)
-    clips = lambda n: torch.randint(0, 256, (n, frames, 3, size, size), generator=g, dtype=torch.uint8)
+    clips = lambda n: (torch.randn((n, frames, 3, size, size), generator=g) if normal else
+                       torch.randint(0, 256, (n, frames, 3, size, size), generator=g, dtype=torch.uint8))
     return dict(support=clips(way * shot), support_labels=torch.arange(way).repeat_interleave(shot),
                 query=clips(way * query), query_labels=torch.arange(way).repeat_interleave(query),
                 class_names=[f'class {i}' for i in range(way)], class_ids=torch.arange(way),

@@ -25,7 +25,7 @@ from .core import BadInput, UserError, atomic_write_text, cli, parse_command
 from .data import ClipDataset, EpisodeDataset, dataset_label, load_data
 from .episodes import EpisodeSampler, Split, episode_generator
 from .runs import checkpoint_path, load_checkpoint, load_model
-from .runtime import Runtime, all_max, all_sum, autocast, init_runtime, set_threads
+from .runtime import Runtime, all_max, all_sum, autocast, init_runtime, set_threads, unwrap
 from .video import RANDOM_FRAME_MODES
 
 # %% auto #0
@@ -41,11 +41,9 @@ def summarize(acc) -> dict:
     return dict(accuracy=round(100 * float(a.mean()), 4), ci95=round(100 * float(ci), 4), episodes=n)
 
 # %% ../nbs/16_evaluate.ipynb #6574ff53
-def _unwrap(model: nn.Module) -> nn.Module: return getattr(model, 'module', model)
-
 def crop_size(model: nn.Module) -> int:
     "The frames' crop size: the backbone's input resolution."
-    return _unwrap(model).backbone.image_size
+    return unwrap(model).backbone.image_size
 
 @torch.no_grad()
 def encode_split(model: nn.Module,  # a model of mdmf.model (or its DistributedDataParallel wrapper)
@@ -55,7 +53,7 @@ def encode_split(model: nn.Module,  # a model of mdmf.model (or its DistributedD
                  progress: bool = False,
                 ) -> Tensor:  # [V, T, D]
     "Backbone features of every video of `split` (test frames, centre crop, eval mode), computed once."
-    rt, model = rt or Runtime(), _unwrap(model)
+    rt, model = rt or Runtime(), unwrap(model)
     was_training = model.training
     model.eval()
     ds = ClipDataset(split, cfg.model.frames, crop_size(model), cfg.data.short_side, cfg.data.test_frames)
@@ -156,7 +154,7 @@ def evaluate(model: nn.Module,  # a model of mdmf.model (or its DistributedDataP
              progress: Optional[bool] = None,  # default: cfg.run.progress
             ) -> EvalResult:
     "Accuracy of `model` on `episodes` episodes of `split`."
-    rt, model, d = rt or Runtime(), _unwrap(model), cfg.data
+    rt, model, d = rt or Runtime(), unwrap(model), cfg.data
     n = episodes or (cfg.eval.test_episodes if split == 'test' else cfg.eval.val_episodes)
     shot, cache = shot or d.shot, cfg.eval.cache if cache is None else cache
     cache = cache and d.test_frames not in RANDOM_FRAME_MODES  # frames drawn per episode: nothing to reuse

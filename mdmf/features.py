@@ -6,8 +6,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import statistics
 import time
 import zlib
 from collections import OrderedDict
@@ -20,22 +18,21 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .config import Config, preset_config
+from .config import Config
 from .core import BadInput, PathLike
-from .data import EpisodeDataset, episode_data, load_data, random_episode
-from .episodes import Split, episode_rng, read_split, splits_dir
+from .data import EpisodeDataset, episode_data
+from .episodes import Split, episode_rng
 from .evaluate import crop_size, encode_split
 from .memory import bank_bytes, bank_place
-from .model import FewShotModel, MDMFOutput, build_model
+from .model import FewShotModel, ModelOutput
 from .runs import preserved_rng
-from .runtime import Runtime, all_max, all_sum, autocast
+from .runtime import Runtime, all_max, all_sum, autocast, unwrap
 from .video import crop_clip, frame_indices, num_frames, read_frames
 
 # %% auto #0
-__all__ = ['MEMO_SIZE', 'FRAME_GFLOP', 'BENCHMARKS', 'draw_rng', 'video_draws', 'episode_draws', 'DrawEpisodes', 'check_frozen',
-           'FeatureBank', 'build_bank', 'FeatureEpisodes', 'FeatureForward', 'clear_memo', 'cached_bank',
-           'frozen_split_features', 'uses_features', 'feature_loader', 'bench_frozen', 'format_frozen',
-           'bench_frozen_step', 'project_frozen', 'projection_table']
+__all__ = ['MEMO_SIZE', 'draw_rng', 'video_draws', 'episode_draws', 'DrawEpisodes', 'check_frozen', 'FeatureBank', 'build_bank',
+           'FeatureEpisodes', 'FeatureForward', 'clear_memo', 'cached_bank', 'frozen_split_features', 'uses_features',
+           'feature_loader']
 
 # %% ../nbs/18_features.ipynb #982d2d76
 def draw_rng(seed: int,  # the run's seed
@@ -106,11 +103,9 @@ class DrawEpisodes(Dataset):
                     query=self._clips(m['query_index'], m['query_draws']), **m)  # [Q, T, 3, S, S] uint8
 
 # %% ../nbs/18_features.ipynb #57cb5f48
-def _unwrap(model: nn.Module) -> FewShotModel: return getattr(model, 'module', model)
-
 def check_frozen(model: nn.Module):
     "Raise `BadInput` unless the model's visual encoder is frozen and computes the same in train and eval mode."
-    m = _unwrap(model)
+    m = unwrap(model)
     if not m.backbone.freeze_visual:
         raise BadInput('cached training features need a frozen visual encoder: pass --freeze-visual '
                        '(or --train-draws 0 to train without the cache)')
@@ -163,7 +158,7 @@ def build_bank(model: nn.Module,  # a model of mdmf.model (or its DistributedDat
                progress: bool = False,
               ) -> FeatureBank:
     "Frame features `[V, K, T, D]` of K augmented draws of every video of `split`."
-    rt, m = rt or Runtime(), _unwrap(model)
+    rt, m = rt or Runtime(), unwrap(model)
     check_frozen(m)
     K = cfg.optim.train_draws if draws is None else draws
     if K < 1: raise BadInput(f'a feature bank needs at least one draw per video, not train_draws={K}')
@@ -229,7 +224,7 @@ class FeatureForward(nn.Module):
                 class_names: list,  # N readable class names
                 query_labels: Tensor = None,  # [Q] long; None: no loss
                 generator: torch.Generator = None,  # for the PPS draw
-               ) -> MDMFOutput:
+               ) -> ModelOutput:
         m = self.model
         return m.forward_features(support_feats.float(), support_labels, query_feats.float(), m.class_tokens(class_names), query_labels,
                                   generator, class_names=class_names)
@@ -243,13 +238,13 @@ def clear_memo(): _MEMO.clear()
 def _weights_key(model: nn.Module) -> str:
     "Hash of the visual encoder's weights and buffers."
     h = hashlib.blake2b(digest_size=16)
-    for k, t in _unwrap(model).backbone.clip.visual.state_dict().items():
+    for k, t in unwrap(model).backbone.clip.visual.state_dict().items():
         h.update(k.encode()); h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 def _memo_key(kind: str, model: nn.Module, split: Split, cfg: Config, rt: Runtime, *more) -> tuple:
     paths = hashlib.blake2b('\n'.join(map(str, split.paths)).encode(), digest_size=16).hexdigest()
-    return (kind, _weights_key(model), split.split, paths, cfg.model.frames, crop_size(_unwrap(model)), cfg.data.short_side,
+    return (kind, _weights_key(model), split.split, paths, cfg.model.frames, crop_size(unwrap(model)), cfg.data.short_side,
             str(rt.device), str(rt.amp_dtype), rt.rank, rt.world, *more)
 
 def _remember(key: tuple, make: Callable):
@@ -303,148 +298,9 @@ def feature_loader(model: nn.Module,  # the model being trained (visual encoder 
     "The training episodes of a run as cached features (a DataLoader, one episode per item, in `indices` order)."
     rt = rt or Runtime()
     check_frozen(model)
-    episodes = episode_data(cfg.data, split, cfg.model.frames, crop_size(_unwrap(model)), cfg.optim.train_episodes,
+    episodes = episode_data(cfg.data, split, cfg.model.frames, crop_size(unwrap(model)), cfg.optim.train_episodes,
                             cfg.run.seed)
     bank = lambda: cached_bank(model, split, cfg, rt, cfg.run.progress, log)  # built when first asked for
     data = FeatureEpisodes(episodes, bank)
     return DataLoader(data, batch_size=None, sampler=list(range(len(data))) if indices is None else list(indices),
                       num_workers=0, generator=torch.Generator().manual_seed(cfg.run.seed))
-
-# %% ../nbs/18_features.ipynb #065cdf98
-def _load() -> Optional[float]:
-    try: return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError): return None
-
-def _median(xs: list) -> float: return float(statistics.median(xs))
-
-def bench_frozen(root: PathLike,  # data root of a synthetic set (`make_synthetic`)
-                 cfg: Optional[Config] = None,  # default: the synthetic preset (its episodes, backbone, draws)
-                 episodes: int = 8,  # timed episodes per path
-                 warmup: int = 2,  # untimed episodes first
-                 rt: Optional[Runtime] = None,  # the device (default: the CPU)
-                ) -> dict:
-    "Per-episode training time with the visual encoder frozen: uncached against cached features."
-    rt = rt or Runtime()
-    cfg = (cfg or preset_config('synthetic')).replace(data_root=str(root), freeze_visual=True, progress=False)
-    load_before = _load()
-    torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg.model).to(rt.device).train()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr)
-    split, n = load_data(cfg.data, 'train'), warmup + episodes
-    fresh = episode_data(cfg.data, split, cfg.model.frames, crop_size(model), n, cfg.run.seed)
-    bank = build_bank(model, split, cfg, rt)
-    cached, net = FeatureEpisodes(fresh, bank), FeatureForward(model)
-    def run(i: int, feats: bool) -> tuple:  # (data seconds, step seconds)
-        t0 = time.perf_counter()
-        b = (cached if feats else fresh)[i]
-        t1 = time.perf_counter()
-        x = (b['support_feats'], b['query_feats']) if feats else (b['support'].to(rt.device), b['query'].to(rt.device))
-        with autocast(rt):
-            out = (net if feats else model)(x[0], b['support_labels'].to(rt.device), x[1], b['class_names'],
-                                            b['query_labels'].to(rt.device))
-        out.loss.float().backward(); opt.step(); opt.zero_grad(set_to_none=True)
-        if rt.device.type == 'cuda': torch.cuda.synchronize(rt.device)
-        return t1 - t0, time.perf_counter() - t1
-    times = {False: [], True: []}
-    for i in range(n):
-        for feats in (False, True): times[feats].append(run(i, feats))
-    part = lambda feats, k: _median([t[k] for t in times[feats][warmup:]])
-    path = lambda feats: dict(data_s=part(feats, 0), step_s=part(feats, 1),
-                              episode_s=_median([sum(t) for t in times[feats][warmup:]]))
-    u, c, N = path(False), path(True), cfg.optim.train_episodes
-    return dict(backbone=cfg.model.backbone, device=str(rt.device), threads=torch.get_num_threads(),
-                load=(load_before, _load()), episodes=episodes, videos_per_episode=len(cached[0]['support_index']) +
-                len(cached[0]['query_index']), frames=cfg.model.frames, size=crop_size(model),
-                uncached=u, cached=c, bank=dict(videos=len(split), draws=bank.draws, seconds=bank.seconds),
-                speedup=u['episode_s'] / c['episode_s'], step_speedup=u['step_s'] / c['step_s'],
-                run=dict(train_episodes=N, uncached_s=N * u['episode_s'], cached_s=bank.seconds + N * c['episode_s'],
-                         speedup=N * u['episode_s'] / (bank.seconds + N * c['episode_s'])))
-
-# %% ../nbs/18_features.ipynb #70f559db
-def format_frozen(r: dict) -> str:
-    "A `bench_frozen` result as a Markdown table and one line of context."
-    ms = lambda s: f'{1000 * s:.1f}'
-    u, c, run = r['uncached'], r['cached'], r['run']
-    return (f'| frozen visual encoder, per training episode | data ms | step ms | episode ms |\n|---|---|---|---|\n'
-            f'| uncached (decode, crop, encoder, heads) | {ms(u["data_s"])} | {ms(u["step_s"])} | {ms(u["episode_s"])} |\n'
-            f'| cached (bank lookup, heads) | {ms(c["data_s"])} | {ms(c["step_s"])} | {ms(c["episode_s"])} |\n'
-            f'| speedup | | {r["step_speedup"]:.1f}x | {r["speedup"]:.1f}x |\n\n'
-            f'{r["backbone"]} on {r["device"]} ({r["threads"]} threads), {r["videos_per_episode"]} videos of {r["frames"]} '
-            f'frames at {r["size"]} px per episode, medians of {r["episodes"]} episodes; bank: {r["bank"]["videos"]} videos x '
-            f'{r["bank"]["draws"]} draws in {r["bank"]["seconds"]:.1f} s; a run of {run["train_episodes"]} episodes: '
-            f'{run["uncached_s"]:.0f} s uncached, {run["cached_s"]:.0f} s cached ({run["speedup"]:.1f}x); '
-            f'load average {r["load"][0]} -> {r["load"][1]}')
-
-# %% ../nbs/18_features.ipynb #3d8de6c4
-def bench_frozen_step(model: FewShotModel,  # visual encoder frozen (its `cfg.freeze_visual`)
-                      way: int = 5, shot: int = 5, query: int = 5,  # the episode (paper: 5-way 5-shot, 5 queries)
-                      repeats: int = 3,  # timed steps per path (medians)
-                      warmup: int = 1,  # untimed steps per path first
-                      rt: Optional[Runtime] = None,
-                     ) -> dict:
-    "Training-step seconds of one episode with the encoder frozen: frames (encoder and heads) against cached features (heads)."
-    rt = rt or Runtime()
-    check_frozen(model)
-    model = model.to(rt.device).train()
-    ep = random_episode(way, shot, query, model.cfg.frames, model.backbone.image_size)
-    sup, qry = ep['support'].to(rt.device), ep['query'].to(rt.device)
-    with torch.no_grad(), autocast(rt): feats = model.encode_frames(torch.cat([sup, qry])).float()  # [S+Q, T, D]
-    s_feats, q_feats = feats.split([len(sup), len(qry)])
-    opt, net = torch.optim.Adam([p for p in model.parameters() if p.requires_grad]), FeatureForward(model)
-    labels = ep['support_labels'].to(rt.device), ep['query_labels'].to(rt.device)
-    def step(cached: bool) -> float:
-        t0 = time.perf_counter()
-        with autocast(rt):
-            out = net(s_feats, labels[0], q_feats, ep['class_names'], labels[1]) if cached else \
-                  model(sup, labels[0], qry, ep['class_names'], labels[1])
-        out.loss.float().backward(); opt.step(); opt.zero_grad(set_to_none=True)
-        if rt.device.type == 'cuda': torch.cuda.synchronize(rt.device)
-        return time.perf_counter() - t0
-    times = {False: [], True: []}
-    for _ in range(warmup + repeats):
-        for cached in (False, True): times[cached].append(step(cached))
-    u, c = _median(times[False][warmup:]), _median(times[True][warmup:])
-    return dict(backbone=model.cfg.backbone, dim=model.dim, frames_per_episode=len(feats) * model.cfg.frames,
-                size=model.backbone.image_size, uncached_s=u, cached_s=c, speedup=u / c, repeats=repeats,
-                device=str(rt.device), threads=torch.get_num_threads(), load=_load())
-
-# %% ../nbs/18_features.ipynb #8279f1c5
-FRAME_GFLOP = {'RN50': 11.6, 'ViT-B/16': 33.7}  # forward GFLOP per 224x224 frame
-BENCHMARKS = ('hmdb51', 'ucf101', 'kinetics100', 'ssv2_small', 'ssv2_full')
-
-def project_frozen(dataset: str,  # a benchmark of the shipped split lists
-                   backbone: str = 'RN50',  # 'RN50' or 'ViT-B/16'
-                   draws: int = 8,  # K, cached draws per training video
-                   train_episodes: int = 20_000, val_every: int = 1000,  # the paper's schedule
-                   way: int = 5, shot: int = 5, train_query: int = 5, frames: int = 8,
-                   tflops: float = 100.0,  # sustained TFLOP/s assumed for the encoder
-                   step_overhead_s: float = 0.015,  # assumed launch-bound time of one cached episode
-                   heads_share: float = 0.01,  # heads / encoder training cost (under 1%)
-                  ) -> dict:
-    "Projected GPU hours of one fine-tuned and one frozen-backbone training run (a projection, not a measurement)."
-    V = {s: len(read_split(splits_dir(dataset) / f'{s}.txt')) for s in ('train', 'val', 'test')}
-    F, T = FRAME_GFLOP[backbone] * 1e9, frames
-    ep_frames, rounds = way * (shot + train_query) * T, max(1, train_episodes // max(val_every, 1))
-    sec = lambda flop: flop / (tflops * 1e12)
-    encoder_train = train_episodes * ep_frames * 3 * F
-    fine = dict(train=sec(encoder_train * (1 + heads_share)), val=sec(rounds * V['val'] * T * F), test=sec(V['test'] * T * F))
-    heads = max(sec(encoder_train * heads_share), train_episodes * step_overhead_s)
-    frozen = dict(bank=sec(V['train'] * draws * T * F), train=heads, val=sec(V['val'] * T * F), test=sec(V['test'] * T * F))
-    h = lambda d: sum(d.values()) / 3600
-    return dict(dataset=dataset, backbone=backbone, videos=V, draws=draws, train_episodes=train_episodes,
-                finetuned_h=h(fine), frozen_h=h(frozen), speedup=h(fine) / h(frozen),
-                finetuned_s=fine, frozen_s=frozen, projection=True,
-                assumptions=dict(frame_gflop=FRAME_GFLOP[backbone], train_step_factor=3, heads_share=heads_share,
-                                 tflops=tflops, step_overhead_s=step_overhead_s, decoding='not counted'))
-
-def projection_table(draws: int = 8, **kw) -> str:
-    "`project_frozen` for every benchmark and both backbones, as a Markdown table (labelled a projection)."
-    rows = [project_frozen(d, b, draws, **kw) for d in BENCHMARKS for b in FRAME_GFLOP]
-    a = rows[0]['assumptions']
-    out = ('| benchmark | backbone | train videos | fine-tuned GPU h | frozen GPU h (bank) | speedup |\n|---|---|---|---|---|---|\n')
-    out += ''.join(f'| {r["dataset"]} | {r["backbone"]} | {r["videos"]["train"]} | {r["finetuned_h"]:.2f} | '
-                   f'{r["frozen_h"]:.2f} ({r["frozen_s"]["bank"] / 3600:.2f}) | {r["speedup"]:.0f}x |\n' for r in rows)
-    return out + (f'\nProjection, not a measurement: {rows[0]["train_episodes"]} training episodes, K = {draws} draws, '
-                  f'{a["tflops"]:g} TFLOP/s sustained, {1000 * a["step_overhead_s"]:g} ms per cached episode, forward '
-                  f'x{a["train_step_factor"]} per training step, heads {100 * a["heads_share"]:g}% of the encoder, '
-                  'video decoding not counted.')

@@ -26,7 +26,7 @@ from .core import BadInput, MissingInput, atomic_write_text
 from .data import EpisodeDataset, load_data
 from .episodes import EpisodeSampler, Split, episode_generator
 from .evaluate import crop_size, evaluate
-from .model import MDMFOutput, build_model
+from .model import ModelOutput, build_model
 from .runs import (BEST, CONFIG, LOG, METRICS, RunLock, checkpoint_path, load_checkpoint, load_model, read_log,
                        save_checkpoint)
 from .runtime import Runtime
@@ -176,7 +176,7 @@ def load_episode(cfg: Config,  # the run's config (data, frames, seed)
 class Inspection:
     "One episode run through a model, with everything the pictures read."
     batch: dict  # the episode dict (on the CPU)
-    out: MDMFOutput  # the model's output (tensors detached, on the CPU)
+    out: ModelOutput  # the model's output (tensors detached, on the CPU)
     model: str  # 'mdmf', 'clip-fsar', ...
     views: tuple  # the distance views: ('gtc', 'ltc'), ('ltc',), ('fsar',), ...
     fused: dict  # view -> (support rows [S or N, L, D], queries [Q, L', D]) from the fusion encoder

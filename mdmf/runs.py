@@ -24,12 +24,13 @@ from tqdm.auto import tqdm
 
 from .config import Config, config_from_dict, config_to_dict
 from .core import BadInput, MissingInput, atomic_write, atomic_write_text
-from .runtime import Runtime, broadcast_object
+from .runtime import Runtime, broadcast_object, main_first
 
 # %% auto #0
 __all__ = ['CONFIG', 'TEXT_LOG', 'LOG', 'LAST', 'BEST', 'METRICS', 'LOCK', 'SPLITS', 'RUN_FILES', 'HEARTBEAT', 'STALE_AFTER',
-           'RunLock', 'open_run', 'RunLog', 'read_log', 'rng_state', 'set_rng_state', 'preserved_rng',
-           'seed_everything', 'save_checkpoint', 'load_checkpoint', 'checkpoint_path', 'load_model', 'resume_config']
+           'RunLock', 'open_run', 'prepare_data', 'run_metrics', 'RunLog', 'read_log', 'rng_state', 'set_rng_state',
+           'preserved_rng', 'seed_everything', 'save_checkpoint', 'load_checkpoint', 'checkpoint_path', 'load_model',
+           'resume_config']
 
 # %% ../nbs/15_runs.ipynb #a4bd87fa
 CONFIG, TEXT_LOG, LOG, LAST, BEST, METRICS, LOCK, SPLITS = (
@@ -141,6 +142,35 @@ def open_run(cfg: Config, rt: Optional[Runtime] = None) -> tuple:  # (folder, lo
             shutil.rmtree(folder / SPLITS, ignore_errors=True)
     folder = Path(broadcast_object(str(folder) if folder else None, rt))
     return folder, lock, note
+
+# %% ../nbs/15_runs.ipynb #d54ac905
+def prepare_data(cfg: Config, rt: Optional[Runtime] = None, log: Callable = print):
+    "Make the synthetic dataset under the data root if it is absent; other datasets must be there."
+    rt = rt or Runtime()
+    with main_first(rt):
+        if cfg.data.dataset == 'synthetic' and rt.is_main:
+            from mdmf.synthetic import make_synthetic
+            if not (Path(cfg.data.data_root) / '.complete').exists():
+                log(f'making the synthetic dataset under {cfg.data.data_root} ...')
+                t0 = time.perf_counter()
+                make_synthetic(cfg.data.data_root, workers=max(1, min(os.cpu_count() or 1, 8)))
+                log(f'made the synthetic dataset in {time.perf_counter() - t0:.1f} s')
+
+def run_metrics(cfg: Config, state: dict, test: dict, rt: Runtime, timings: dict) -> dict:
+    "What metrics.json holds: test and best val accuracy, training sums and timings, from the trainer's `state`."
+    st = state
+    last_train = next((h for h in reversed(st['history']) if h['kind'] == 'train'), {})
+    secs = st['seconds']
+    return dict(
+        test=dict({k: test[k] for k in ('accuracy', 'ci95', 'episodes', 'videos', 'draws_per_video')},
+                  way=cfg.data.way, shot=cfg.data.shot, query=cfg.data.test_query, split='test'),
+        val=dict(accuracy=st['best_accuracy'], ci95=st['best_ci95'], episodes=cfg.eval.val_episodes,
+                 best_episode=st['best_episode']),
+        train=dict(episodes=st['episode'], steps=st['step'], final_loss=last_train.get('loss'),
+                   final_accuracy=last_train.get('accuracy')),
+        timings=dict(timings, train_s=round(secs['train'], 2), val_s=round(secs['val'], 2),
+                     test_encode_s=round(test['seconds']['encode'], 2), test_episodes_s=round(test['seconds']['episodes'], 2)),
+        model=cfg.model.model, dataset=cfg.data.dataset, backbone=cfg.model.backbone, world=rt.world, device=str(rt.device))
 
 # %% ../nbs/15_runs.ipynb #8e8ed305
 class RunLog:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import subprocess
 import tempfile
 import time
@@ -15,7 +16,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -27,9 +28,9 @@ from .core import BadInput
 # %% auto #0
 __all__ = ['DIST_TIMEOUT', 'PEAK_TFLOPS', 'VECTOR_FLAGS', 'ISA_LIMITS', 'Runtime', 'pick_device', 'amp_dtype', 'tf32_enabled',
            'set_tf32', 'set_backend_flags', 'backend_flags', 'init_runtime', 'ddp_device_ids', 'autocast',
-           'set_threads', 'device_name', 'synchronize', 'peak_flops', 'load_average', 'cpu_facts', 'time_interleaved',
-           'count_flops', 'host_syncs', 'run_timed', 'all_sum', 'all_max', 'barrier', 'broadcast_object', 'main_first',
-           'to_device']
+           'set_threads', 'device_name', 'synchronize', 'peak_flops', 'load_average', 'cpu_facts', 'median',
+           'time_interleaved', 'count_flops', 'host_syncs', 'run_timed', 'all_sum', 'all_max', 'barrier',
+           'broadcast_object', 'main_first', 'to_device', 'unwrap']
 
 # %% ../nbs/13_runtime.ipynb #a3f69422
 @dataclass
@@ -202,6 +203,10 @@ def cpu_facts() -> dict:
                 torch_capability=torch.backends.cpu.get_cpu_capability())
 
 # %% ../nbs/13_runtime.ipynb #859c3aed
+def median(xs: Sequence[float]) -> Optional[float]:
+    "The median of some timings, the figure every benchmark reports (None when there are none)."
+    return float(statistics.median(xs)) if len(xs) else None
+
 def time_interleaved(fns: dict, repeats: int = 5, warmup: int = 1, device='cpu') -> dict:
     "Seconds of each call of each function of `fns` (name -> no-argument callable), run in turns: name -> [repeats]."
     for _ in range(warmup):
@@ -285,3 +290,6 @@ def to_device(batch: dict, device) -> dict:
     "An episode with its tensors on `device` (asynchronous copies from pinned memory)."
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    "The model itself, whether or not DistributedDataParallel wraps it."
+    return getattr(model, 'module', model)

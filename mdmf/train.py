@@ -6,12 +6,11 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -22,34 +21,22 @@ from tqdm.auto import tqdm
 
 from fastcore.imports import in_notebook
 
-from .config import Config, adam_groups, cli, config_from_dict, config_parser, config_to_dict, config_from_args, lr_at
+from .config import Config, adam_groups, cli, config_parser, config_to_dict, config_from_args, lr_at
 from .core import BadInput, atomic_write_text
-from .data import dataset_label, episode_data, freeze_split, load_data, random_episode
+from .data import dataset_label, episode_data, freeze_split, load_data
 from .episodes import episode_generator
 from .evaluate import crop_size, evaluate
 from .features import FeatureForward, feature_loader, frozen_split_features, uses_features
 from .memory import GiB, plan_training, unused_parameters
 from .model import build_model
-from .runs import (BEST, CONFIG, LAST, LOCK, METRICS, SPLITS, RunLog, load_checkpoint, open_run, preserved_rng, resume_config, rng_state,
-                       save_checkpoint, seed_everything, set_rng_state)
+from .runs import (BEST, CONFIG, LAST, LOCK, METRICS, SPLITS, RunLog, load_checkpoint, open_run, prepare_data, preserved_rng,
+                       resume_config, rng_state, run_metrics, save_checkpoint, seed_everything, set_rng_state)
 from .runtime import Runtime, all_sum, autocast, ddp_device_ids, init_runtime, main_first, set_threads, to_device
 
 # %% auto #0
-__all__ = ['prepare_data', 'episode_indices', 'NonFiniteLoss', 'Trainer', 'train', 'main']
+__all__ = ['episode_indices', 'NonFiniteLoss', 'Trainer', 'Tick', 'train_schedule', 'train', 'main']
 
 # %% ../nbs/19_train.ipynb #3c74862c
-def prepare_data(cfg: Config, rt: Optional[Runtime] = None, log: Callable = print):
-    "Make the synthetic dataset under the data root if it is absent; other datasets must be there."
-    rt = rt or Runtime()
-    with main_first(rt):
-        if cfg.data.dataset == 'synthetic' and rt.is_main:
-            from mdmf.synthetic import make_synthetic
-            if not (Path(cfg.data.data_root) / '.complete').exists():
-                log(f'making the synthetic dataset under {cfg.data.data_root} ...')
-                t0 = time.perf_counter()
-                make_synthetic(cfg.data.data_root, workers=max(1, min(os.cpu_count() or 1, 8)))
-                log(f'made the synthetic dataset in {time.perf_counter() - t0:.1f} s')
-
 def episode_indices(start: int, total: int, accum: int, rank: int = 0, world: int = 1) -> list:
     "Training episodes of process `rank` from `start` on: in each window of `accum` episodes, every `world`-th."
     return [i for i in range(start, total) if (i % accum) % world == rank]
@@ -64,8 +51,6 @@ def _crossed(before: int, after: int, every: int) -> bool:
 
 class Trainer:
     "Trains a model with the episodic protocol, selects it on val, tests it; writes the run folder."
-    loss_hook: Optional[Callable] = None  # a method loss_hook(self, i, loss) -> loss: instrumentation for tests; None in runs
-
     def __init__(self, cfg: Config, rt: Optional[Runtime] = None, folder: Optional[Path] = None,
                  quiet: bool = False, on_log: Optional[Callable] = None):  # on_log(entry): called with each log record
         self.cfg, self.rt, self.on_log = cfg, rt or Runtime(), on_log
@@ -89,12 +74,12 @@ class Trainer:
                           seconds=dict(train=0.0, val=0.0), history=[])
         self.best_weights = None  # CPU copy of the best weights so far
         self._sums = self._zero_sums()
-        self.fast = uses_features(cfg)  # frozen visual encoder: training episodes of cached features (features notebook)
-        self.net = FeatureForward(self.model) if self.fast else self.model
+        self.cached = uses_features(cfg)  # trains on cached features: the visual encoder frozen (features notebook)
+        self.net = FeatureForward(self.model) if self.cached else self.model
         self.ddp = None
         if self.rt.distributed and self.params:
             self.ddp = DistributedDataParallel(self.net, device_ids=ddp_device_ids(self.rt),  # searching costs a pass per step
-                                               find_unused_parameters=bool(unused_parameters(self.net, self.model, cfg, self.rt, self.fast)))
+                                               find_unused_parameters=bool(unused_parameters(self.net, self.model, cfg, self.rt, self.cached)))
         self.train_split = self.val_split = None
 
     def _zero_sums(self) -> dict:
@@ -193,12 +178,11 @@ def episode_loss(self: Trainer, i: int, batch: dict, scale: float = 1.0):
     "Forward and backward of training episode `i`; sums loss, accuracy and loss parts on the device."
     net, rt = self.ddp or self.net, self.rt
     b = to_device(batch, rt.device)
-    x = (b['support_feats'], b['query_feats']) if self.fast else (b['support'], b['query'])
+    x = (b['support_feats'], b['query_feats']) if self.cached else (b['support'], b['query'])
     with autocast(rt):
         out = net(x[0], b['support_labels'], x[1], b['class_names'], b['query_labels'],
                   generator=episode_generator(self.cfg.run.seed, 'train', i, rt.device))
     loss = out.loss.float()
-    if self.loss_hook is not None: loss = self.loss_hook(i, loss)
     self.scaler.scale(loss * scale).backward()
     s, loss = self._sums, loss.detach()
     s['window'] += loss; s['loss'] += loss; s['episodes'] += 1
@@ -256,7 +240,7 @@ def validate(self: Trainer) -> dict:
     t0 = time.perf_counter()
     self.sync_buffers()
     with preserved_rng():
-        feats = frozen_split_features(self.model, self.val_split, self.cfg, self.rt) if self.fast else None
+        feats = frozen_split_features(self.model, self.val_split, self.cfg, self.rt) if self.cached else None
         r = evaluate(self.model, self.cfg, 'val', self.cfg.eval.val_episodes, rt=self.rt, data=self.val_split,
                      features=feats, progress=self.cfg.run.progress)
     self.state['seconds']['val'] += time.perf_counter() - t0
@@ -272,12 +256,46 @@ def validate(self: Trainer) -> dict:
                    + (' (best so far)' if better else ''))
     return entry
 
+# %% ../nbs/19_train.ipynb #29dd6132
+class Tick(NamedTuple):
+    "What one training episode of one process does, and what follows its backward."
+    episode: int  # i: the episode this process trains
+    window: tuple  # (first, end): its accumulation window; the loss is scaled by world / (end - first)
+    step: bool  # the process's last episode of the window: gradients summed over processes, Adam steps
+    done: int  # episodes done by all processes afterwards (the run's `state['episode']`)
+    log: bool  # log the training sums
+    validate: bool  # a val round
+    checkpoint: bool  # save last.pt (inside a window: with the partial gradients)
+
+def train_schedule(start: int,  # episodes already done (a resumed run's `state['episode']`)
+                   total: int,  # train_episodes (with several processes: a whole number of episodes per window each)
+                   accum: int,  # A, episodes per optimiser step
+                   rank: int = 0, world: int = 1,  # this process, and how many share each window
+                   log_every: int = 0, val_every: int = 0, val_start: int = 0, checkpoint_every: int = 0,  # 0: never
+                  ) -> list:  # [Tick] in training order
+    "Per training episode of process `rank`: its window, and when it steps, logs, validates and saves."
+    ticks, done, boundary = [], start, (start // accum) * accum  # boundary: episodes done at the last window end
+    mine = episode_indices(start, total, accum, rank, world)
+    last = {i // accum: i for i in mine}  # this process's last episode of each window
+    for i in mine:
+        first = i // accum * accum
+        end = min(first + accum, total)
+        step = last[i // accum] == i
+        before, now = done, end if step else i + 1
+        if step or world == 1: done = now  # with several processes, episodes count whole windows
+        log = step and (_crossed(boundary, now, log_every) or now == total)
+        val = step and ((_crossed(boundary, now, val_every) and now >= val_start) or now == total)
+        if step: boundary = now
+        save = (step or world == 1) and _crossed(before, now, checkpoint_every)
+        ticks.append(Tick(i, (first, end), step, done, log, val, save))
+    return ticks
+
 # %% ../nbs/19_train.ipynb #895094e9
 @patch
 def _loader(self: Trainer, episodes: list):
     "A loader of the training episodes `episodes`, one per batch: decoded clips, or cached features (frozen encoder)."
     cfg, rt = self.cfg, self.rt
-    if self.fast: return feature_loader(self.model, self.train_split, cfg, rt, episodes, self.log.write)
+    if self.cached: return feature_loader(self.model, self.train_split, cfg, rt, episodes, self.log.write)
     data = episode_data(cfg.data, self.train_split, cfg.model.frames, crop_size(self.model), cfg.optim.train_episodes,
                         cfg.run.seed)
     return DataLoader(data, batch_size=None, sampler=episodes, num_workers=cfg.data.workers,
@@ -298,41 +316,34 @@ def fit(self: Trainer) -> Trainer:
     if self.opt is None: total = start  # nothing to train (e.g. frozen zero-shot CLIP)
     with torch.no_grad(): self.model.class_tokens(self.train_split.class_names)  # frozen prompts, one batch (as on resume)
     self.model.set_text_classes(self.train_split.class_names)  # CLIP-FSAR's video-text loss covers every training class
-    mine = episode_indices(start, total, A, rt.rank, W)
-    last_of_window = {i // A: i for i in mine}
+    ticks = train_schedule(start, total, A, rt.rank, W, cfg.run.log_every, cfg.eval.val_every, cfg.eval.val_start,
+                           cfg.run.checkpoint_every)
     bar = tqdm(total=total, initial=start, desc='train', disable=not (cfg.run.progress and rt.is_main),
                dynamic_ncols=True, unit='ep')
     self.model.train()
-    t_last, boundary, pos = time.perf_counter(), (start // A) * A, 0  # boundary: episodes done at the last window end
-    while pos < len(mine):  # one loader per stretch between val rounds (see `_loader`)
-        batches, val_round = iter(self._loader(mine[pos:])), False
-        for i in mine[pos:]:
+    t_last, pos = time.perf_counter(), 0
+    while pos < len(ticks):  # one loader per stretch between val rounds (see `_loader`)
+        batches = iter(self._loader([t.episode for t in ticks[pos:]]))
+        for t in ticks[pos:]:
             batch, pos = next(batches), pos + 1
-            w = i // A
-            w_start, w_end = w * A, min(w * A + A, total)
-            sync = last_of_window[w] == i
-            with (self.ddp.no_sync() if self.ddp is not None and not sync else nullcontext()):
-                self.episode_loss(i, batch, scale=W / (w_end - w_start))
-            before, now = self.state['episode'], (w_end if sync else i + 1)
-            if sync:
-                self._check_finite(i)
-                self.step(lr_at(cfg.optim, w_end - 1))
-                self.state['episode'] = now
-            elif W == 1:
-                self.state['episode'] = now
-            bar.update(self.state['episode'] - bar.n)  # episodes done by all processes (whole windows when several)
+            first, end = t.window
+            with (self.ddp.no_sync() if self.ddp is not None and not t.step else nullcontext()):
+                self.episode_loss(t.episode, batch, scale=W / (end - first))
+            if t.step:
+                self._check_finite(t.episode)
+                self.step(lr_at(cfg.optim, end - 1))
+            self.state['episode'] = t.done
+            bar.update(t.done - bar.n)  # episodes done by all processes (whole windows when several)
             self.state['seconds']['train'] += time.perf_counter() - t_last
-            if sync and (_crossed(boundary, now, cfg.run.log_every) or now == total): self._log_train(bar)
-            if sync and ((_crossed(boundary, now, cfg.eval.val_every) and now >= cfg.eval.val_start) or now == total):
-                batches = val_round = None  # end the training workers and their prefetched episodes first
+            if t.log: self._log_train(bar)
+            if t.validate:
+                batches = None  # end the training workers and their prefetched episodes first
                 self.validate()
-                val_round = True
-            if sync: boundary = now
-            if _crossed(before, now, cfg.run.checkpoint_every) and (sync or W == 1):
-                if not sync: self._check_finite(i)
-                self.save_last(grads=not sync)
+            if t.checkpoint:
+                if not t.step: self._check_finite(t.episode)
+                self.save_last(grads=not t.step)
             t_last = time.perf_counter()
-            if val_round: break
+            if t.validate: break
     bar.close()
     if self.state.get('saved_episode') != total: self.save_last()
     if self.state['best_episode'] < 0: self.validate()  # nothing trained: select the weights as they are
@@ -345,29 +356,13 @@ def test(self: Trainer, episodes: Optional[int] = None, shot: Optional[int] = No
     if self.best_weights is not None: self.model.load_state_dict(self.best_weights)
     self.sync_buffers()
     split = load_data(self.cfg.data, 'test')
-    feats = frozen_split_features(self.model, split, self.cfg, self.rt) if self.fast else None
+    feats = frozen_split_features(self.model, split, self.cfg, self.rt) if self.cached else None
     r = evaluate(self.model, self.cfg, 'test', episodes or self.cfg.eval.test_episodes, shot=shot, rt=self.rt,
                  data=split, features=feats, progress=self.cfg.run.progress)
     self.test_result = r
     entry = dict(kind='test', **r.metrics(), seconds=r.seconds)
     self.log.record(**entry)
     return entry
-
-# %% ../nbs/19_train.ipynb #c51f50ac
-def _metrics(cfg: Config, trainer: Trainer, test: dict, rt: Runtime, timings: dict) -> dict:
-    st = trainer.state
-    last_train = next((h for h in reversed(st['history']) if h['kind'] == 'train'), {})
-    secs = st['seconds']
-    return dict(
-        test=dict({k: test[k] for k in ('accuracy', 'ci95', 'episodes', 'videos', 'draws_per_video')},
-                  way=cfg.data.way, shot=cfg.data.shot, query=cfg.data.test_query, split='test'),
-        val=dict(accuracy=st['best_accuracy'], ci95=st['best_ci95'], episodes=cfg.eval.val_episodes,
-                 best_episode=st['best_episode']),
-        train=dict(episodes=st['episode'], steps=st['step'], final_loss=last_train.get('loss'),
-                   final_accuracy=last_train.get('accuracy')),
-        timings=dict(timings, train_s=round(secs['train'], 2), val_s=round(secs['val'], 2),
-                     test_encode_s=round(test['seconds']['encode'], 2), test_episodes_s=round(test['seconds']['episodes'], 2)),
-        model=cfg.model.model, dataset=cfg.data.dataset, backbone=cfg.model.backbone, world=rt.world, device=str(rt.device))
 
 # %% ../nbs/19_train.ipynb #fa8ad694
 def train(cfg: Config,  # the run's settings
@@ -405,7 +400,7 @@ def train(cfg: Config,  # the run's settings
         test = trainer.test()
         timings = dict(data_s=round(t_data, 2), test_s=round(time.perf_counter() - t_test, 2),
                        total_s=round(time.perf_counter() - t0, 2))
-        metrics = _metrics(cfg, trainer, test, rt, timings)
+        metrics = run_metrics(cfg, trainer.state, test, rt, timings)
         metrics['memory'] = trainer.memory_metrics()
         if rt.is_main: atomic_write_text(folder / METRICS, json.dumps(metrics, indent=1))
         st = trainer.state

@@ -11,7 +11,8 @@ from unittest import mock
 import pytest
 import torch
 
-from mdmf.bench import PARTS, SIZES, BenchOptions, bench_config, bench_otam, format_table, run_bench, train_path
+from mdmf.bench import PARTS, BenchOptions, format_table, run_bench
+from mdmf.benchmarks import SIZES, bench_config, bench_frozen_step, bench_otam, train_path
 from mdmf.core import BadInput
 from mdmf.runtime import Runtime
 
@@ -37,7 +38,8 @@ def test_bench_otam_reports_equal_values_and_gradients():
 def test_json_keys_and_types(quick):
     r = json.loads(json.dumps(quick))  # what --out writes
     assert isinstance(r['device'], str) and r['device']
-    for part, key in [('otam', 'speedup'), ('eval', 'cache_speedup'), ('train', 'speedup')]:
+    for part, key in [('otam', 'speedup'), ('eval', 'cache_speedup'), ('train', 'speedup'), ('frozen', 'speedup'),
+                      ('frozen', 'step_speedup')]:
         assert isinstance(r[part][key], float), (part, key)
     for k in ('reference_ms', 'fast_ms', 'max_abs_diff', 'grad_max_abs_diff'): assert _number_or_none(r['otam'][k])
     e = r['eval']
@@ -58,6 +60,7 @@ def test_json_keys_and_types(quick):
     assert {(x['backbone'], x['precision']) for x in rows} >= {('RN50', 'float16'), ('ViT-B/16', 'bfloat16')}
     text = format_table(quick)
     assert 'otam' in text and 'eval' in text and 'predicted peak GPU memory' in text and '16 GB' in text
+    assert 'frozen' in text and r['frozen']['uncached']['episode_s'] > 0 and r['frozen']['cached']['episode_s'] > 0
 
 
 def test_cached_equals_uncached_predictions(quick):
@@ -70,6 +73,7 @@ def test_unmeasured_parts_are_null_and_unknown_parts_refused():
     r = run_bench(BenchOptions(device='cpu', parts='otam', quick=True), log=lambda m: None)
     assert isinstance(r['otam']['speedup'], float) and r['memory']['rows'] is None
     assert r['eval']['cache_speedup'] is None and r['train']['speedup'] is None and r['data']['keeps_up'] is None
+    assert r['frozen']['speedup'] is None
     with pytest.raises(BadInput, match='unknown part nope'): run_bench(BenchOptions(parts='nope'), log=lambda m: None)
 
 
@@ -85,6 +89,20 @@ def test_training_step_is_the_trainers():
         r = train_path(cfg, Runtime(), fast=False, repeats=1, steps=2, warmup=0)
     assert calls == ['loss', 'step'] * 3  # the measured first step, then one block of 2
     assert (r['dtype'], r['tf32'], r['cudnn_benchmark'], r['fused_adam'], r['channels_last']) == ('float32', False, False, False, False)
+
+
+def test_frozen_step_is_the_trainers():
+    "The frozen-encoder benchmark times Trainer.episode_loss + Trainer.step too, on frames and on cached features."
+    from mdmf.train import Trainer
+    calls = []
+    real_loss, real_step = Trainer.episode_loss, Trainer.step
+    def loss(self, i, batch, *a, **k): calls.append(('loss', 'support_feats' in batch, self.net is not self.model)); return real_loss(self, i, batch, *a, **k)
+    def step(self, *a, **k): calls.append('step'); return real_step(self, *a, **k)
+    cfg = bench_config(SIZES['tiny'])
+    with mock.patch.object(Trainer, 'episode_loss', loss), mock.patch.object(Trainer, 'step', step):
+        r = bench_frozen_step(cfg, way=2, shot=1, query=1, repeats=1, warmup=0)
+    assert calls == [('loss', False, False), 'step', ('loss', True, True), 'step']  # frames, then cached features
+    assert r['frames_per_episode'] == 2 * 2 * 8 and r['uncached_s'] > 0 and r['cached_s'] > 0
 
 
 def test_baseline_is_ieee_float32_and_fast_path_on_cuda_runtime():

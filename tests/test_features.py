@@ -12,8 +12,9 @@ from mdmf.data import episode_data, load_data
 from mdmf.episodes import episode_generator
 from mdmf.evaluate import crop_size, encode_split
 from mdmf.features import (DrawEpisodes, FeatureEpisodes, FeatureForward, build_bank, cached_bank, check_frozen,
-                           clear_memo, draw_rng, episode_draws, feature_loader, frozen_split_features, project_frozen,
+                           clear_memo, draw_rng, episode_draws, feature_loader, frozen_split_features,
                            uses_features, video_draws, _MEMO)
+from mdmf.benchmarks import project_frozen
 from mdmf.model import build_model
 from mdmf.runs import rng_state
 from mdmf.synthetic import make_synthetic

@@ -243,10 +243,10 @@ def test_float32_rows_against_float32_peaks():
 
 def test_bench_json_is_written_as_each_part_finishes(tmp_path):
     "A benchmark stopped by a time-out keeps the parts and training rows that finished."
-    from mdmf import bench
+    from mdmf import bench, benchmarks
     snaps = []
     with mock.patch.object(bench, 'bench_otam', return_value=dict(speedup=2.0)), \
-         mock.patch.object(bench, '_path', side_effect=lambda *a, **k: dict(episodes_per_s=1.0, dtype='float32', tf32=False)):
+         mock.patch.object(benchmarks, '_path', side_effect=lambda *a, **k: dict(episodes_per_s=1.0, dtype='float32', tf32=False)):
         r = bench.run_bench(bench.BenchOptions(size='tiny', device='cpu', parts='otam,train', quick=True),
                             log=lambda m: None, on_part=lambda res: snaps.append(json.loads(json.dumps(res))))
     assert snaps[0]['otam'] == dict(speedup=2.0) and snaps[0]['train'] == dict(speedup=None)  # otam written alone
@@ -361,10 +361,11 @@ def _resume_worker(rank, world, port, cfg_values, out):
     with mock.patch.object(t, 'tqdm', _Bar):
         t.train(cfg.replace(name='whole'), quiet=True)
     bar = list(_Bar.log)
-    def stop(self, i, loss):  # both ranks stop before their first collective after the checkpoint at episode 3
+    episode_loss = t.Trainer.episode_loss
+    def stop(self, i, batch, scale=1.0):  # both ranks stop before their first collective after the checkpoint at episode 3
         if i >= 3 + self.rt.rank: raise _Stop
-        return loss
-    with mock.patch.object(t.Trainer, 'loss_hook', stop):
+        return episode_loss(self, i, batch, scale)
+    with mock.patch.object(t.Trainer, 'episode_loss', stop):
         try: t.train(cfg.replace(name='cut'), quiet=True)
         except _Stop: pass
     t.train(cfg.replace(name='cut', resume=True), quiet=True)

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from mdmf.model import (ABLATIONS, MODELS, VIEWS, CLIPFSAR, MDMF, FrameMean, ModelConfig, MDMFOutput, ZeroShotCLIP,
+from mdmf.data import random_episode
+from mdmf.model import (ABLATIONS, MODELS, VIEWS, CLIPFSAR, MDMF, FrameMean, ModelConfig, ModelOutput, ZeroShotCLIP,
                         build_model)
 
 SIZES = [(1, 1), (5, 1), (1, 5), (5, 5)]  # (shot, queries per class), 5-way
@@ -20,11 +21,10 @@ def _features(D, shot=1, query=1, way=5, T=8, seed=0, labels=True):
             torch.arange(way).repeat_interleave(query) if labels else None)
 
 
-def _episode(size, shot=1, query=1, way=5, T=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(way * shot, T, 3, size, size, generator=g), torch.arange(way).repeat_interleave(shot),
-            torch.randn(way * query, T, 3, size, size, generator=g), [f'class {i}' for i in range(way)],
-            torch.arange(way).repeat_interleave(query))
+def _episode(size, shot=1, query=1):
+    "`random_episode` with float frames, as the model's positional arguments."
+    e = random_episode(5, shot, query, 8, size, normal=True)
+    return e['support'], e['support_labels'], e['query'], e['class_names'], e['query_labels']
 
 
 def _grad(module):
@@ -57,7 +57,7 @@ def test_build_model_classes(backbone):
 def test_every_model_shapes(backbone, name, shot, query):
     m = build_model(ModelConfig(model=name), backbone=backbone)
     out = m.forward_features(*_features(m.dim, shot, query))
-    assert isinstance(out, MDMFOutput)
+    assert isinstance(out, ModelOutput)
     assert out.logits.shape == (5 * query, 5) and out.logits.dtype == torch.float32
     assert torch.isfinite(out.loss) and out.loss.ndim == 0
     torch.testing.assert_close(out.loss, sum(out.losses.values()))

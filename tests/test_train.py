@@ -19,7 +19,7 @@ from mdmf.model import build_model
 from mdmf.runs import load_checkpoint
 from mdmf.runtime import Runtime
 from mdmf.synthetic import make_synthetic
-from mdmf.train import train
+from mdmf.train import Trainer, train, train_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]),
@@ -118,8 +118,22 @@ def test_kill_and_resume_gives_same_metrics(data_root, tmp_path):
     assert whole['train']['episodes'] == 12
 
 
-NAN_AT_5 = ("import sys, mdmf.train as t; t.Trainer.loss_hook = lambda self, i, loss: loss * float('nan') if i >= 5 "
-            "else loss; t.cli(t.main, sys.argv[1:])")
+def nan_from(k: int):
+    "`Trainer.episode_loss` with the model's loss made NaN from episode `k` on (patched in by the tests only)."
+    import dataclasses
+    from mdmf.train import Trainer
+    episode_loss = Trainer.episode_loss
+    def patched(self, i, batch, scale=1.0):
+        forward = self.net.forward  # the module DDP wraps: its gradient hooks stay
+        nan = lambda *a, **kw: dataclasses.replace(out := forward(*a, **kw), loss=out.loss * float('nan'))
+        if i >= k: self.net.forward = nan
+        try: return episode_loss(self, i, batch, scale)
+        finally: self.net.__dict__.pop('forward', None)
+    return patched
+
+
+NAN_AT_5 = ("import sys, mdmf.train as t, tests.test_train as h; t.Trainer.episode_loss = h.nan_from(5); "
+            "t.cli(t.main, sys.argv[1:])")
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path):
@@ -240,10 +254,57 @@ def test_frozen_run_uses_cached_features_and_matches_the_plain_path(data_root, t
     from mdmf.runs import load_model
     cfg = tiny_cfg(data_root, tmp_path, freeze_visual=True, train_draws=2, name='frozen')
     metrics, trainer = train(cfg, quiet=True, return_trainer=True)
-    assert trainer.fast
+    assert trainer.cached
     model, saved = load_model(tmp_path / 'frozen')
     r = evaluate(model, saved, 'test', saved.eval.test_episodes, cache=False)
     assert (r.predictions == trainer.test_result.predictions).all()
     assert r.accuracy == metrics['test']['accuracy']
     resumed = train(cfg.replace(resume=True, train_episodes=8), quiet=True)  # a frozen run resumes too
     assert resumed['train']['episodes'] == 6  # --resume keeps the run's own settings
+
+
+def _after_steps(ticks) -> list:
+    return [(t.window, t.done, t.log, t.validate, t.checkpoint) for t in ticks if t.step]
+
+
+def test_schedule_of_the_resumed_run_is_the_rest_of_the_whole_one():
+    "The kill-and-resume run's schedule (accum 3, checkpoints every 2, val every 6): any resume goes on as the whole run."
+    whole = train_schedule(0, 12, 3, val_every=6, checkpoint_every=2)
+    assert [t.episode for t in whole] == list(range(12))
+    assert [t.episode for t in whole if t.step] == [2, 5, 8, 11]
+    assert [t.done for t in whole if t.validate] == [6, 12]
+    assert [t.done for t in whole if t.checkpoint] == [2, 4, 6, 8, 10, 12]  # 2 and 4 inside a window
+    assert [t.done for t in whole] == list(range(1, 13))
+    for start in range(13): assert train_schedule(start, 12, 3, val_every=6, checkpoint_every=2) == whole[start:], start
+    nan = train_schedule(0, 10, 2, checkpoint_every=2)  # the NaN run: the checkpoint at 4 is the last before episode 5
+    assert [t.done for t in nan if t.checkpoint and t.episode < 5] == [2, 4]
+
+
+def test_schedule_of_two_processes():
+    "The two-process runs: every episode trained once, one step per window each, the same rounds on every rank."
+    ranks = [train_schedule(0, 8, 4, r, 2, val_every=4) for r in (0, 1)]  # test_two_process_ddp_on_cpu
+    assert sorted(t.episode for ts in ranks for t in ts) == list(range(8))
+    assert _after_steps(ranks[0]) == _after_steps(ranks[1]) == [((0, 4), 4, False, True, False), ((4, 8), 8, True, True, False)]
+    assert [t.done for t in ranks[0]] == [0, 4, 4, 8]  # episodes done count whole windows
+    ranks = [train_schedule(0, 6, 3, r, 2, log_every=6, checkpoint_every=3) for r in (0, 1)]  # accum 3 over 2 processes
+    assert [[t.episode for t in ts] for ts in ranks] == [[0, 2, 3, 5], [1, 4]]
+    assert _after_steps(ranks[0]) == _after_steps(ranks[1]) == [((0, 3), 3, False, False, True), ((3, 6), 6, True, True, True)]
+    for r in (0, 1):  # resumed at the checkpoint at 3
+        assert train_schedule(3, 6, 3, r, 2, log_every=6, checkpoint_every=3) == [t for t in ranks[r] if t.episode >= 3]
+
+
+def test_fit_carries_out_its_schedule(data_root, tmp_path, monkeypatch):
+    "What `fit` does after each episode is what `train_schedule` says (seen by patching the trainer's methods)."
+    cfg = tiny_cfg(data_root, tmp_path, train_episodes=7, accum=3, val_every=3, log_every=2, checkpoint_every=2)
+    seen, trainer = [], Trainer(cfg, folder=tmp_path / 'run', quiet=True)
+    for name in ('step', 'validate', 'save_last', '_log_train'):
+        method = getattr(Trainer, name)
+        monkeypatch.setattr(Trainer, name, lambda self, *a, _m=method, _n=name, **kw: (seen.append((_n, self.state['episode'])), _m(self, *a, **kw))[1])
+    trainer.fit()
+    want = []
+    for t in train_schedule(0, 7, 3, log_every=2, val_every=3, checkpoint_every=2):
+        want += [('step', t.episode)] if t.step else []  # the episodes done before it steps
+        want += [('_log_train', t.done)] if t.log else []
+        want += [('validate', t.done)] if t.validate else []
+        want += [('save_last', t.done)] if t.checkpoint else []
+    assert seen == want + [('save_last', 7)] and trainer.state['episode'] == 7  # and the final checkpoint
