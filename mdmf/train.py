@@ -39,16 +39,16 @@ __all__ = ['prepare_data', 'episode_indices', 'NonFiniteLoss', 'Trainer', 'train
 
 # %% ../nbs/19_train.ipynb #3c74862c
 def prepare_data(cfg: Config, rt: Optional[Runtime] = None, log: Callable = print):
-    "Make the synthetic dataset under the data root if it is absent; other datasets must be there."
+    "Make the synthetic dataset under the data root if it is absent; other datasets (and the mechanism world) must be there."
     rt = rt or Runtime()
     with main_first(rt):
-        if cfg.data.dataset == 'synthetic' and rt.is_main:
+        if cfg.data.dataset == 'synthetic' and rt.is_main and not (Path(cfg.data.data_root) / '.complete').exists():
+            if cfg.preset == 'synthetic-mech': raise BadInput(f'{cfg.data.data_root} holds no finished mechanism world: make it with `python -m mdmf.world --root {cfg.data.data_root}`')
             from mdmf.synthetic import make_synthetic
-            if not (Path(cfg.data.data_root) / '.complete').exists():
-                log(f'making the synthetic dataset under {cfg.data.data_root} ...')
-                t0 = time.perf_counter()
-                make_synthetic(cfg.data.data_root, workers=max(1, min(os.cpu_count() or 1, 8)))
-                log(f'made the synthetic dataset in {time.perf_counter() - t0:.1f} s')
+            log(f'making the synthetic dataset under {cfg.data.data_root} ...')
+            t0 = time.perf_counter()
+            make_synthetic(cfg.data.data_root, workers=max(1, min(os.cpu_count() or 1, 8)))
+            log(f'made the synthetic dataset in {time.perf_counter() - t0:.1f} s')
 
 def episode_indices(start: int, total: int, accum: int, rank: int = 0, world: int = 1) -> list:
     "Training episodes of process `rank` from `start` on: in each window of `accum` episodes, every `world`-th."
