@@ -31,7 +31,7 @@ def main(argv=None):
     pps, out = PPS(0.005, 'video'), {}
     for shot in (5, 1):
         hits = {f: [] for f in ('order', 'pace', 'attribute')}
-        partner = []
+        partner, drawn_family = [], {f: [] for f in hits}
         for seed in map(int, a.seeds.split(',')):
             sampler = EpisodeSampler(labels.numpy(), 5, shot, 1, seed, 'test')
             for i in range(a.episodes):
@@ -41,9 +41,12 @@ def main(argv=None):
                 for j, c in enumerate(ep.class_ids):
                     w = WORLD_BY_NAME[names[c]]
                     hits[w.family].append(int(drawn[j]) == j)
+                    drawn_family[w.family].append(WORLD_BY_NAME[names[ep.class_ids[int(drawn[j])]]].family)
                     if w.partner and w.partner in [names[k] for k in ep.class_ids]:
                         partner.append((w.family, int(drawn[j]) == j, names[ep.class_ids[int(drawn[j])]] == w.partner))
-        out[f'{shot}-shot'] = {f: dict(own_prompt=100 * float(np.mean(h)), queries=len(h)) for f, h in hits.items()}
+        out[f'{shot}-shot'] = {f: dict(own_prompt=100 * float(np.mean(h)), queries=len(h),
+                                       drawn_family={g: 100 * float(np.mean([x == g for x in drawn_family[f]])) for g in hits})
+                               for f, h in hits.items()}
         for f in ('order', 'pace'):
             rows = [(o, p) for fam, o, p in partner if fam == f]
             out[f'{shot}-shot'][f]['with_partner_in_episode'] = dict(
