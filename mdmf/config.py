@@ -164,6 +164,7 @@ PRESETS = {
                      model=dict(video_text_weight=VIDEO_TEXT_WEIGHT[name]))
        for name in DATASETS if name != 'synthetic'},
 }
+PRESETS['synthetic-mech'] = _preset(PRESETS['synthetic'], data=dict(data_root='data/synthetic-mech'))  # the mechanism world: `python -m mdmf.world`
 
 def preset_config(name: str = 'synthetic') -> Config:
     "The config of preset `name`."

@@ -145,12 +145,15 @@ def open_run(cfg: Config, rt: Optional[Runtime] = None) -> tuple:  # (folder, lo
 
 # %% ../nbs/15_runs.ipynb #d54ac905
 def prepare_data(cfg: Config, rt: Optional[Runtime] = None, log: Callable = print):
-    "Make the synthetic dataset under the data root if it is absent; other datasets must be there."
+    "Make the synthetic dataset under the data root if it is absent; other datasets (and the mechanism world) must be there."
     rt = rt or Runtime()
     with main_first(rt):
         if cfg.data.dataset == 'synthetic' and rt.is_main:
             from mdmf.synthetic import make_synthetic
             if not (Path(cfg.data.data_root) / '.complete').exists():
+                if cfg.preset == 'synthetic-mech':  # made by its own command, never the default world in its place
+                    raise BadInput(f'{cfg.data.data_root} holds no finished mechanism world: make it with '
+                                   f'`python -m mdmf.world --root {cfg.data.data_root}`')
                 log(f'making the synthetic dataset under {cfg.data.data_root} ...')
                 t0 = time.perf_counter()
                 make_synthetic(cfg.data.data_root, workers=max(1, min(os.cpu_count() or 1, 8)))
