@@ -153,7 +153,7 @@ def prepare_data(cfg: Config, rt: Optional[Runtime] = None, log: Callable = prin
             if not (Path(cfg.data.data_root) / '.complete').exists():
                 if cfg.preset == 'synthetic-mech':  # made by its own command, never the default world in its place
                     raise BadInput(f'{cfg.data.data_root} holds no finished mechanism world: make it with '
-                                   f'`python -m mdmf.world --root {cfg.data.data_root}`')
+                                   f'`python -m mdmf.world --data-root {cfg.data.data_root}`')
                 log(f'making the synthetic dataset under {cfg.data.data_root} ...')
                 t0 = time.perf_counter()
                 make_synthetic(cfg.data.data_root, workers=max(1, min(os.cpu_count() or 1, 8)))

@@ -15,10 +15,11 @@ from mdmf.memory import MemoryOptions
 from mdmf.pretrain import PretrainConfig
 from mdmf.synthetic import SyntheticOptions
 from mdmf.visualize import FigureOptions
+from mdmf.world import WorldOptions
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ('train', 'evaluate', 'ablate', 'visualize', 'memory', 'pretrain', 'synthetic', 'bench')
-COMMAND_OPTIONS = (EvaluateOptions, AblateOptions, FigureOptions, MemoryOptions, SyntheticOptions)
+COMMANDS = ('train', 'evaluate', 'ablate', 'visualize', 'memory', 'pretrain', 'synthetic', 'world', 'bench')
+COMMAND_OPTIONS = (EvaluateOptions, AblateOptions, FigureOptions, MemoryOptions, SyntheticOptions, WorldOptions)
 PRETRAINING_ONLY = {'seed', 'lr', 'weight_decay', 'workers'}  # the tiny CLIP's own training, not a few-shot run's
 
 

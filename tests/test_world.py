@@ -140,6 +140,8 @@ def test_preset_and_missing_world(tmp_path):
 
 
 def test_cli(tmp_path):
-    out = subprocess.run([sys.executable, '-m', 'mdmf.world', '--root', str(tmp_path / 'cli'), '--videos-per-class', '1',
-                          '--frames', '4', '--size', '16', '--workers', '1'], cwd=ROOT, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, '-m', 'mdmf.world', '--data-root', str(tmp_path / 'cli'), '--videos-per-class', '1',
+                          '--video-frames', '4', '--video-size', '16', '--render-workers', '1'], cwd=ROOT, capture_output=True, text=True, check=True)
     assert 'dataset ready' in out.stdout and (tmp_path / 'cli' / '.complete').exists()
+    bad = subprocess.run([sys.executable, '-m', 'mdmf.world', '--video-size', 'big'], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and '--video-size' in bad.stderr and 'Traceback' not in bad.stderr  # one line naming the flag
