@@ -21,7 +21,7 @@ import numpy as np
 
 from fastcore.imports import in_notebook
 
-from .core import add_flags, atomic_write_text, cli, command_line, parse_command
+from .core import BadInput, add_flags, atomic_write_text, cli, command_line, parse_command
 from .data import DataConfig
 from .synthetic import (BACKGROUNDS, COLOURS, FPS, SHAPES, ClipParams, _background, _distractor, _obj, _paint,
                             _read_json)
@@ -178,11 +178,11 @@ def make_world(root: Union[str, Path] = 'data/synthetic-mech', seed: int = 0, vi
     params = dict(world='mech', version=WORLD_VERSION, seed=seed, videos_per_class=videos_per_class, frames=frames, size=size)
     marker = _read_json(root / '.complete')
     if not force and marker is not None and marker.get('params') == params: return root
-    if size % 2: raise ValueError(f'size must be even (yuv420p), got {size}')
-    if frames < 2 or videos_per_class < 1: raise ValueError('need frames >= 2 and videos_per_class >= 1')
+    if size % 2: raise BadInput(f'the frame size (--video-size) must be even (yuv420p), got {size}')
+    if frames < 2 or videos_per_class < 1: raise BadInput('need --video-frames >= 2 and --videos-per-class >= 1')
     info, videos = _read_json(root / 'classes.json'), root / 'videos'
     if videos.exists() and any(videos.iterdir()) and (info or {}).get('generator') != 'mdmf.world':
-        raise FileExistsError(f'{videos} exists and was not made by mdmf.world: choose another --root')
+        raise FileExistsError(f'{videos} exists and was not made by mdmf.world: choose another --data-root')
     if force or (info or {}).get('params') != params:
         for name in ('videos', 'splits'): shutil.rmtree(root / name, ignore_errors=True)
     start = time.time()
