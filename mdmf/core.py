@@ -39,20 +39,42 @@ def _unwrap_worker_message(msg: str, cls: type) -> str:
     hits = list(re.finditer(rf'\n(?:[\w.]+\.)?{re.escape(cls.__qualname__)}: ', msg))  # the traceback's last line
     return msg[hits[-1].end():].rstrip('\n') if hits else msg
 
+# %% ../nbs/00_core.ipynb #f1e1d002
+import ast
+import inspect
+import tokenize
+
+def _comments(source: str) -> tuple:
+    "Line number -> comment text, and the set of lines where the comment stands alone."
+    text, alone = {}, set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type != tokenize.COMMENT: continue
+        text[tok.start[0]] = tok.string.lstrip('#').strip()
+        if not tok.line[:tok.start[1]].strip(): alone.add(tok.start[0])
+    return text, alone
+
+def field_help(cls) -> dict:
+    "Field name -> the help comment of each field of dataclass `cls`, read from its source ({} without source)."
+    try: source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError): return {}
+    body = ast.parse(source).body[0].body
+    text, alone = _comments(source)
+    helps = {}
+    for node in body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)): continue
+        lines = range(node.lineno, node.end_lineno + 1)
+        found = [text[n] for n in lines if n in text and n not in alone]  # at the end of the statement's lines
+        if not found:  # the comment block right above the field
+            n = node.lineno - 1
+            while n in alone: found, n = [text[n]] + found, n - 1
+        if found: helps[node.target.id] = ' '.join(found)
+    return helps
+
 # %% ../nbs/00_core.ipynb #555079e8
 import argparse
 import dataclasses
-import inspect
 import sys
 from dataclasses import fields
-
-_FIELD_COMMENT = re.compile(r'^\s+(\w+)\s*:[^#=]*=[^#]*#\s*(.+?)\s*$')
-
-def field_help(cls) -> dict:
-    "The trailing comment of each field of dataclass `cls`, read from its source (empty when there is none)."
-    try: lines = inspect.getsource(cls).splitlines()
-    except (OSError, TypeError): return {}
-    return {m.group(1): m.group(2) for m in map(_FIELD_COMMENT.match, lines) if m}
 
 def _json_value(text: str): return json.loads(text)
 _json_value.__name__ = 'JSON'  # argparse names the type in its message: "argument --lr-steps: invalid JSON value: 'x'"
