@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from mdmf.ablate import AblateOptions
+from mdmf.bench import BenchOptions
 from mdmf.config import Config, leaf_sections, preset_config, resolve_config
 from mdmf.evaluate import EvaluateOptions
 from mdmf.memory import MemoryOptions
@@ -21,7 +22,7 @@ from mdmf.world import WorldOptions
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ('train', 'evaluate', 'ablate', 'visualize', 'memory', 'pretrain', 'synthetic', 'world', 'bench')
 COMMAND_OPTIONS = (TrainOptions, EvaluateOptions, AblateOptions, FigureOptions, MemoryOptions, SyntheticOptions,
-                   WorldOptions)
+                   WorldOptions, BenchOptions)
 PRETRAINING_ONLY = {'seed', 'lr', 'weight_decay', 'workers'}  # the tiny CLIP's own training, not a few-shot run's
 
 
