@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 from .core import BadInput, MissingInput, add_flags, command_line
 from .core import cli  # noqa: F401 (commands import it from here too)
 from .data import DataConfig, dataset_label
-from .episodes import DATASETS
+from .datasets import DATASETS
 from .model import MODELS, ModelConfig, _CHOICES as _MODEL_CHOICES
 from .video import FRAME_MODES
 

@@ -23,7 +23,8 @@ from fastcore.imports import in_notebook
 from .config import Config, command_parser, with_values
 from .core import BadInput, UserError, atomic_write_text, cli, parse_command
 from .data import ClipDataset, EpisodeDataset, dataset_label, load_data
-from .episodes import EpisodeSampler, Split, episode_generator
+from .datasets import Split
+from .episodes import EpisodeSampler, episode_generator
 from .runs import checkpoint_path, load_checkpoint, load_model
 from .runtime import Runtime, all_max, all_sum, autocast, init_runtime, set_threads, unwrap
 from .video import RANDOM_FRAME_MODES

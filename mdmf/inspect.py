@@ -24,7 +24,8 @@ from torch.nn import functional as nnf
 from .config import Config, config_from_dict, config_to_dict, preset_config
 from .core import BadInput, MissingInput, atomic_write_text
 from .data import EpisodeDataset, load_data
-from .episodes import EpisodeSampler, Split, episode_generator
+from .datasets import Split
+from .episodes import EpisodeSampler, episode_generator
 from .evaluate import crop_size, evaluate
 from .model import ModelOutput, build_model
 from .runs import (BEST, CONFIG, LOG, METRICS, RunLock, checkpoint_path, load_checkpoint, load_model, read_log,
