@@ -222,7 +222,7 @@ def example_note(path) -> Optional[str]:
     model, acc = ck['config']['model']['model'], (ck.get('metrics') or {}).get('test', {}).get('accuracy')
     return (f'{path} is an example file shipped with mdmf, not a checkpoint: the {model} run of the default schedule '
             f'({ck.get("name")}, test accuracy {acc} %), holding its config, log and metrics and, in float16, only the '
-            'weights training changed.\nMake its run folder with `python -c "from mdmf.inspect import example_run; '
+            'weights training changed.\nMake its run folder with `python -c "from mdmf.examples import example_run; '
             f"print(example_run('{model}'))\"` (under $MDMF_HOME, default ~/.cache/mdmf) and give that folder to "
             '--checkpoint.')
 
