@@ -19,62 +19,66 @@ from fastcore.imports import in_notebook
 
 from .benchmarks import (SIZES, bench_config, bench_data, bench_data_root, bench_default_run, bench_eval, bench_frozen,
                              bench_otam, bench_train, format_default_run)
-from .config import add_flags, cli, command_line, preset_config
-from .core import BadInput, atomic_write_text
+from .config import Config, RunConfig, cli, command_parser, preset_config, with_values
+from .core import BadInput, add_flags, atomic_write_text, parse_command
+from .data import DataConfig
 from .memory import format_memory_table, memory_table
-from .runtime import device_name, init_runtime, load_average
+from .runtime import device_name, init_runtime, load_average, set_threads
 
 # %% auto #0
-__all__ = ['PARTS', 'BenchOptions', 'run_bench', 'format_table', 'main']
+__all__ = ['PARTS', 'SMALL', 'BenchOptions', 'run_bench', 'format_table', 'main']
 
 # %% ../nbs/28_bench.ipynb #5dc2bdcc
 PARTS = ('memory', 'otam', 'eval', 'train', 'frozen', 'data')
 
 @dataclass
 class BenchOptions:
-    "What `python -m mdmf.bench` measures, and where."
+    "What `python -m mdmf.bench` measures (device, threads and seed are the run's settings)."
     size: str = 'tiny'  # tiny (the tiny CLIP: minutes on a CPU), rn50 or vit-b16 (random weights with the real shapes, 224 px: for a GPU)
-    device: str = 'auto'  # auto (this machine's GPU if it has one), cpu, cuda, cuda:1
     parts: str = 'memory,otam,eval,train,frozen,data'  # comma-separated parts to run
-    repeats: int = 0  # repeats of each timing (0: 5, or 3 for training on a CPU, 1 with --quick)
-    quick: bool = False  # a reduced run (1-shot episodes, few videos, one repeat) for tests and CPU checks
-    data_root: str = ''  # make (or reuse) the small synthetic dataset here (default: a temporary folder)
-    workers: str = ''  # comma-separated data loader worker counts to measure (default: 0,2,4,8 up to the CPU count)
+    repeats: int = 0  # repeats of each timing (0: 5, or 3 for training on a CPU)
+    worker_counts: str = ''  # comma-separated data loader worker counts to measure (default: 0,2,4,8 up to the CPU count)
     compile: bool = False  # also torch.compile the visual encoder in the fast training path
-    activation_checkpoint: bool = False  # also time the fast path with activation checkpointing forced on (a third row)
-    threads: int = 0  # torch CPU threads (0: torch's default)
-    seed: int = 0  # seed of the weights, episodes and data
+    checkpoint_row: bool = False  # also time the fast path with activation checkpointing forced on (a third row)
     out: str = ''  # write the results as JSON to this file
     default_run: bool = False  # instead: time `python -m mdmf.train` with its defaults (flags after `--` go to it)
 
-def _settings(o: BenchOptions, gpu: bool) -> dict:
+SMALL = dict(repeats=1, train_repeats=1, cached_episodes=2, uncached_episodes=1, eval_shot=1, train_shot=1, train_query=1,
+             train_steps=1, train_warmup=0, data_episodes=2, frozen_episodes=1, frozen_warmup=0, videos_per_class=2,
+             workers=[0])  # `run_bench(sizes=SMALL)`: 1-shot episodes, one query, two videos per class, one repeat
+
+def _settings(o: BenchOptions, gpu: bool, sizes: Optional[dict] = None) -> dict:
     s = dict(repeats=5, train_repeats=5 if gpu else 3, cached_episodes=100 if gpu else 50, uncached_episodes=30 if gpu else 10,
              eval_shot=5, train_shot=5, train_query=5, train_steps=3 if gpu else 1, train_warmup=3 if gpu else 1,
              data_episodes=12 if gpu else 6, frozen_episodes=8 if gpu else 4, frozen_warmup=2 if gpu else 1, videos_per_class=10, eval_workers=8 if gpu else 0,
              workers=[w for w in ((0, 4, 8) if gpu else (0, 2, 4, 8)) if w <= (os.cpu_count() or 1)],
              default_workers=preset_config(SIZES[o.size].preset).data.workers)
-    if o.quick:  # 1-shot episodes with one query, two videos per class, one repeat of everything
-        s.update(repeats=1, train_repeats=1, cached_episodes=2, uncached_episodes=1, eval_shot=1, train_shot=1, train_query=1,
-                 train_steps=1, train_warmup=0, data_episodes=2, frozen_episodes=1, frozen_warmup=0, videos_per_class=2, workers=[0])
+    s.update(sizes or {})
     if o.repeats: s['repeats'] = s['train_repeats'] = o.repeats
-    if o.workers: s['workers'] = [int(w) for w in o.workers.split(',')]
+    if o.worker_counts: s['workers'] = [int(w) for w in o.worker_counts.split(',')]
     return s
 
 
 # %% ../nbs/28_bench.ipynb #41c65bc7
 def run_bench(o: Optional[BenchOptions] = None,  # what to run (default: `BenchOptions()`)
-              log: Callable = print, on_part: Optional[Callable] = None) -> dict:  # on_part(results so far): after each part and row
-    "Run the parts `o.parts` for `o.size` on `o.device`; returns everything measured as one dict."
-    o = o or BenchOptions()
+              run: Optional[RunConfig] = None,  # device, CPU threads and seed (default: `RunConfig()`, as a run's)
+              log: Callable = print,
+              on_part: Optional[Callable] = None,  # on_part(results so far): after each part and row
+              sizes: Optional[dict] = None,  # sizes over the real ones: `SMALL` for tests and CPU checks
+              data_root: str = '',  # make (or reuse) the small synthetic dataset here (default: a temporary folder)
+             ) -> dict:
+    "Run the parts `o.parts` for `o.size` on `run.device`; returns everything measured as one dict."
+    o, run = o or BenchOptions(), run or RunConfig()
     parts = [p.strip() for p in o.parts.split(',') if p.strip()]
     bad = [p for p in parts if p not in PARTS]
     if bad: raise BadInput(f'--parts: unknown part {", ".join(bad)}; choose from {", ".join(PARTS)}')
     if o.size not in SIZES: raise BadInput(f'--size {o.size!r}: choose one of {", ".join(SIZES)}')
-    if o.threads > 0: torch.set_num_threads(o.threads)
-    size, rt = SIZES[o.size], init_runtime(o.device)
-    st, image_size = _settings(o, rt.device.type == 'cuda'), size.shapes['image_resolution']
+    set_threads(run.threads)
+    size, rt = SIZES[o.size], init_runtime(run.device)
+    st, image_size = _settings(o, rt.device.type == 'cuda', sizes), size.shapes['image_resolution']
     res = dict(device=device_name(rt.device), device_type=rt.device.type, torch=torch.__version__, size=o.size,
-               backbone=size.backbone, image_size=image_size, frames=8, repeats=st['repeats'], quick=o.quick,
+               backbone=size.backbone, image_size=image_size, frames=8, repeats=st['repeats'], small=bool(sizes),
+               threads=torch.get_num_threads(), seed=run.seed,
                amp_dtype=str(rt.amp_dtype), memory=dict(rows=None), otam=dict(speedup=None), eval=dict(cache_speedup=None),
                train=dict(speedup=None), frozen=dict(speedup=None), data=dict(keeps_up=None), seconds={}, load_average=load_average())
     def part(name: str, fn: Callable):
@@ -82,22 +86,22 @@ def run_bench(o: Optional[BenchOptions] = None,  # what to run (default: `BenchO
         res[name] = fn()
         res['seconds'][name] = round(time.perf_counter() - t0, 2); on_part and on_part(res)
     train_row = lambda rows: (res.update(train=dict(rows, partial=True)), on_part and on_part(res))
-    root, tmp = o.data_root, None
+    root, tmp = data_root, None
     try:
         if 'memory' in parts: part('memory', lambda: dict(rows=memory_table()))
         if {'eval', 'frozen', 'data'} & set(parts):
             if not root: root = tmp = tempfile.mkdtemp(prefix='mdmf-bench-')
             part('dataset', lambda: str(bench_data_root(root, size.video_size, st['videos_per_class'],
                                                         workers=min(8, os.cpu_count() or 1))))
-        cfg = lambda **values: bench_config(size, str(root), o.seed, **values)
-        if 'otam' in parts: part('otam', lambda: bench_otam(rt.device, st['repeats'], seed=o.seed))
+        cfg = lambda **values: bench_config(size, str(root), run.seed, **values)
+        if 'otam' in parts: part('otam', lambda: bench_otam(rt.device, st['repeats'], seed=run.seed))
         if 'eval' in parts:
             part('eval', lambda: bench_eval(cfg(shot=st['eval_shot'], test_query=1, workers=st['eval_workers']), rt,
                                             st['repeats'], st['cached_episodes'], st['uncached_episodes']))
         episodes = dict(shot=st['train_shot'], train_query=st['train_query'])
         if 'train' in parts:
             part('train', lambda: bench_train(size, cfg(**episodes), rt, st['train_repeats'], st['train_steps'],
-                                              st['train_warmup'], o.compile, o.activation_checkpoint, train_row))
+                                              st['train_warmup'], o.compile, o.checkpoint_row, train_row))
         if 'frozen' in parts:
             part('frozen', lambda: bench_frozen(root, cfg(**episodes), st['frozen_episodes'], st['frozen_warmup'], rt))
         if 'data' in parts:
@@ -162,7 +166,7 @@ def format_table(r: dict) -> str:
     lines = ['  '.join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, '  '.join('-' * w for w in widths))
     head = (f'mdmf benchmark: size {r["size"]} ({r["backbone"]}, {r["image_size"]} px, T={r["frames"]}); device {r["device"]}; '
-            f'torch {r["torch"]}; medians of {r["repeats"]} repeats' + (' (quick)' if r['quick'] else '')
+            f'torch {r["torch"]}; medians of {r["repeats"]} repeats' + (' (small sizes)' if r.get('small') else '')
             + (f'; load average {r["load_average"]:.1f}' if r.get('load_average') is not None else ''))
     memory = [format_memory_table(r['memory']['rows']), ''] if r['memory'].get('rows') else []
     return '\n'.join(memory + [head, ''] + (lines if len(rows) > 1 else []))
@@ -170,26 +174,30 @@ def format_table(r: dict) -> str:
 # %% ../nbs/28_bench.ipynb #9ddbe905
 def main(argv: Optional[Sequence[str]] = None):
     "`python -m mdmf.bench [--size tiny|rn50|vit-b16] [--device D] [--parts ...] [--out FILE]`: see `--help`."
-    p = command_line('python -m mdmf.bench', 'Print the predicted GPU memory of every preset, then measure side by side on '
-                     'one device: fast OTAM against the cell-by-cell loop, evaluation with the feature cache against '
-                     'without, the trainer\'s fast training step against the same trainer in IEEE float32, training on cached '
-                     'features against decoded frames with the encoder frozen, and data '
-                     'loading against what training consumes. Prints a table; --out writes everything as JSON. '
-                     '--default-run times `python -m mdmf.train` instead (flags after -- go to it).')
-    add_flags(p, BenchOptions(), choices={'size': tuple(SIZES)})
+    p = command_parser('python -m mdmf.bench', _DESCRIPTION, options=BenchOptions(), sections=dict(run=('device', 'threads', 'seed')),
+                       choices={'size': tuple(SIZES)})
+    add_flags(p.add_argument_group('data'), DataConfig(), only=('data_root',), default_text='a temporary folder')
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index('--') if '--' in argv else len(argv)  # flags after `--` go to mdmf.train (--default-run)
-    o = BenchOptions(**{k: v for k, v in vars(p.parse_args(argv[:cut])).items() if k != 'debug'})
-    train_args = argv[cut + 1:]
+    o, given = parse_command(p, argv[:cut], BenchOptions)
+    run, train_args = with_values(Config(), given).run, argv[cut + 1:]
     if train_args and not o.default_run: raise BadInput('flags after -- are for --default-run (mdmf.train\'s flags)')
     save = lambda r, complete=False: atomic_write_text(o.out, json.dumps(dict(r, complete=complete), indent=1))
     if o.default_run: r = bench_default_run(train_args)
-    else: r = run_bench(o, log=lambda m: print(m, flush=True), on_part=save if o.out else None)  # written after each part
+    else: r = run_bench(o, run, log=lambda m: print(m, flush=True), on_part=save if o.out else None,  # written after each part
+                        data_root=given.get('data_root', ''))
     print(format_default_run(r) if o.default_run else format_table(r), flush=True)
     if o.out:
         save(r, True)
         print(f'written to {o.out}')
     return r
+
+_DESCRIPTION = ('Print the predicted GPU memory of every preset, then measure side by side on one device: fast OTAM against '
+                'the cell-by-cell loop, evaluation with the feature cache against without, the trainer\'s fast training step '
+                'against the same trainer in IEEE float32, training on cached features against decoded frames with the '
+                'encoder frozen, and data loading against what training consumes. Prints a table; --out writes everything '
+                'as JSON. The small synthetic dataset it reads is made under --data-root. --default-run times '
+                '`python -m mdmf.train` instead (flags after -- go to it).')
 
 # %% ../nbs/28_bench.ipynb #296941cf
 #| eval: false

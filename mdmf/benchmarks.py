@@ -23,7 +23,8 @@ from .backbone import CLIP, RANDOM_CONFIGS, TINY_CONFIGS
 from .config import Config, preset_config
 from .core import BadInput, PathLike
 from .data import EpisodeDataset, episode_data, episode_loader, frames_split, load_data, random_episode
-from .episodes import EpisodeSampler, read_split, splits_dir
+from .datasets import read_split, splits_dir
+from .episodes import EpisodeSampler
 from .evaluate import crop_size, encode_split, evaluate, summarize
 from .features import FeatureEpisodes, build_bank
 from .memory import GiB, LiveBytes

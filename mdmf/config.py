@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 from .core import BadInput, MissingInput, add_flags, command_line
 from .core import cli  # noqa: F401 (commands import it from here too)
 from .data import DataConfig, dataset_label
-from .episodes import DATASETS
+from .datasets import DATASETS
 from .model import MODELS, ModelConfig, _CHOICES as _MODEL_CHOICES
 from .video import FRAME_MODES
 
@@ -285,9 +285,11 @@ def config_parser(prog: str = 'python -m mdmf.train', description: str = '', epi
                   sections: Sequence[str] = tuple(SECTIONS),  # the sections whose settings are flags
                   skip: Sequence[str] = (),  # settings without a flag
                   base: Optional[Config] = None,  # values shown as defaults (default: the synthetic preset)
+                  options=None,  # the command's own dataclass instance: its fields are the first flags
                  ) -> argparse.ArgumentParser:
-    "A parser with `--preset`, `--config` and one flag per setting of `sections`."
+    "A parser with the fields of `options`, `--preset`, `--config` and one flag per setting of `sections`."
     p = command_line(prog, description, epilog)
+    if options is not None: add_flags(p, options, choices=CHOICES)
     base = base or preset_config('synthetic')
     p.add_argument('--preset', choices=list(PRESETS), default=argparse.SUPPRESS,
                    help="starting values: synthetic (default) or a benchmark with the paper's protocol")
@@ -302,8 +304,8 @@ def config_parser(prog: str = 'python -m mdmf.train', description: str = '', epi
     return p
 
 def config_from_args(args: dict) -> Config:
-    "The config a parsed command line asks for: preset, then recipe, then config file, then flags."
-    args = {k: v for k, v in args.items() if k not in ('debug', 'print_config')}
+    "The config a parsed command line (without the command's own options) asks for: preset, recipe, config file, flags."
+    args = {k: v for k, v in args.items() if k != 'debug'}
     from_file = load_config_file(args.pop('config')) if 'config' in args else {}
     flat_file = {k: v for sec in SECTIONS for k, v in (from_file.get(sec) or {}).items()} | \
                 {k: v for k, v in from_file.items() if k not in SECTIONS}

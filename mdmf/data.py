@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .core import BadInput, MissingInput, PathLike
-from .episodes import (VIDEO_EXTS, EpisodeSampler, Split, _scan, episode_rng, get_dataset, load_split,
-                           split_class_folders, write_split_lists)
+from .datasets import VIDEO_EXTS, Split, _scan, get_dataset, load_split, split_class_folders, write_split_lists
+from .episodes import EpisodeSampler, episode_rng
 from .video import RANDOM_FRAME_MODES, num_frames, read_clip, read_frames, write_frames
 
 # %% auto #0

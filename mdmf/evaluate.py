@@ -23,7 +23,8 @@ from fastcore.imports import in_notebook
 from .config import Config, command_parser, with_values
 from .core import BadInput, UserError, atomic_write_text, cli, parse_command
 from .data import ClipDataset, EpisodeDataset, dataset_label, load_data
-from .episodes import EpisodeSampler, Split, episode_generator
+from .datasets import Split
+from .episodes import EpisodeSampler, episode_generator
 from .runs import checkpoint_path, load_checkpoint, load_model
 from .runtime import Runtime, all_max, all_sum, autocast, init_runtime, set_threads, unwrap
 from .video import RANDOM_FRAME_MODES
@@ -221,7 +222,7 @@ def example_note(path) -> Optional[str]:
     model, acc = ck['config']['model']['model'], (ck.get('metrics') or {}).get('test', {}).get('accuracy')
     return (f'{path} is an example file shipped with mdmf, not a checkpoint: the {model} run of the default schedule '
             f'({ck.get("name")}, test accuracy {acc} %), holding its config, log and metrics and, in float16, only the '
-            'weights training changed.\nMake its run folder with `python -c "from mdmf.inspect import example_run; '
+            'weights training changed.\nMake its run folder with `python -c "from mdmf.examples import example_run; '
             f"print(example_run('{model}'))\"` (under $MDMF_HOME, default ~/.cache/mdmf) and give that folder to "
             '--checkpoint.')
 

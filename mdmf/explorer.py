@@ -15,9 +15,9 @@ from torch import nn
 
 from .config import Config
 from .data import load_data
-from .episodes import Split
+from .datasets import Split
 from .evaluate import crop_size
-from .inspect import Inspection, distill_decision, grad_cam, inspect_episode, load_episode
+from .inspection import Inspection, distill_decision, grad_cam, inspect_episode, load_episode
 from .plots import (Picture, figure_png, plot_attention, plot_episode, plot_gradcam, plot_otam, plot_posteriors,
                         plot_pps, plot_prediction, png_size, short_names)
 

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from .config import Config
 from .core import BadInput, PathLike
 from .data import EpisodeDataset, episode_data
-from .episodes import Split, episode_rng
+from .datasets import Split
+from .episodes import episode_rng
 from .evaluate import crop_size, encode_split
 from .memory import bank_bytes, bank_place
 from .model import FewShotModel, ModelOutput

@@ -22,7 +22,7 @@ from .backbone import CLIP, PRETRAINED_FILES, RANDOM_CONFIGS, TINY_CONFIGS, Back
 from .config import PRESETS, Config, RunConfig, command_parser, preset_config
 from .core import BadInput, atomic_write_text, cli, parse_command
 from .data import random_episode
-from .episodes import read_split, splits_dir
+from .datasets import read_split, splits_dir
 from .model import build_model
 from .runs import preserved_rng
 from .runtime import Runtime, autocast, device_name, set_threads

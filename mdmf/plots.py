@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .core import (DPI, LABEL, MAX_WIDTH, MIN_SIDE, TICK, TITLE, BadInput, colorbar, figure_class, figure_png, new_figure,
                        png_size, short_name, short_names, wrapped)
-from .inspect import Inspection, distill_decision, embed_2d
+from .inspection import Inspection, distill_decision, embed_2d
 from .otam import otam_path
 from .video import CLIP_MEAN, CLIP_STD
 

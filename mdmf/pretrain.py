@@ -33,7 +33,8 @@ from .config import RunConfig, command_parser
 from .core import atomic_write, atomic_write_text, cli, parse_command
 from .captions import FACTS, Crop, describe_clip, describe_frame, fact_truth, view_objects
 from .data import ClipDataset, resolve_videos
-from .episodes import EpisodeSampler, episode_generator, load_split
+from .datasets import load_split
+from .episodes import EpisodeSampler, episode_generator
 from .pps import PPS
 from .synthetic import CLASSES, ClipParams, render, render_scene, sample_params, video_params
 from .video import frame_indices, normalize, resize_short, to_clip_input

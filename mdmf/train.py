@@ -9,6 +9,7 @@ import json
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Sequence
 
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 from fastcore.imports import in_notebook
 
 from .config import Config, adam_groups, cli, config_parser, config_to_dict, config_from_args, lr_at
-from .core import BadInput, atomic_write_text
+from .core import BadInput, atomic_write_text, parse_command
 from .data import dataset_label, episode_data, freeze_split, load_data
 from .episodes import episode_generator
 from .evaluate import crop_size, evaluate
@@ -34,7 +35,7 @@ from .runs import (BEST, CONFIG, LAST, LOCK, METRICS, SPLITS, RunLog, load_check
 from .runtime import Runtime, all_sum, autocast, ddp_device_ids, init_runtime, main_first, set_threads, to_device
 
 # %% auto #0
-__all__ = ['episode_indices', 'NonFiniteLoss', 'Trainer', 'Tick', 'train_schedule', 'train', 'main']
+__all__ = ['episode_indices', 'NonFiniteLoss', 'Trainer', 'Tick', 'train_schedule', 'train', 'TrainOptions', 'main']
 
 # %% ../nbs/19_train.ipynb #3c74862c
 def episode_indices(start: int, total: int, accum: int, rank: int = 0, world: int = 1) -> list:
@@ -416,12 +417,16 @@ def train(cfg: Config,  # the run's settings
     return (metrics, trainer) if return_trainer else metrics
 
 # %% ../nbs/19_train.ipynb #6d97d847
+@dataclass
+class TrainOptions:
+    "What `python -m mdmf.train` does besides the run its settings describe."
+    print_config: bool = False  # print the settings the flags resolve to (JSON) and exit
+
 def main(argv: Optional[Sequence[str]] = None):
     "`python -m mdmf.train [flags]`: see `--help`."
-    p = config_parser(description=_DESCRIPTION, epilog=_EXAMPLES)
-    p.add_argument('--print-config', action='store_true', help='print the settings the flags resolve to (JSON) and exit')
-    cfg = config_from_args(args := vars(p.parse_args(argv)))
-    if args.get('print_config'): return print(json.dumps(config_to_dict(cfg), indent=1))
+    o, args = parse_command(config_parser(description=_DESCRIPTION, epilog=_EXAMPLES, options=TrainOptions()), argv, TrainOptions)
+    cfg = config_from_args(args)
+    if o.print_config: return print(json.dumps(config_to_dict(cfg), indent=1))
     try: return train(cfg)
     except NonFiniteLoss as e:
         print(f'error: {e}', file=sys.stderr)

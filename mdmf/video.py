@@ -17,7 +17,7 @@ from PIL import Image
 from torch.nn import functional as F
 
 from .core import BadInput, MissingInput, PathLike, atomic_write
-from .episodes import IMAGE_EXTS, natural_key
+from .datasets import IMAGE_EXTS, natural_key
 
 # %% auto #0
 __all__ = ['CLIP_MEAN', 'CLIP_STD', 'FRAME_MODES', 'RANDOM_FRAME_MODES', 'write_mp4', 'write_frames', 'frame_files', 'num_frames',

@@ -20,8 +20,8 @@ from .core import add_flags, cli, parse_command
 from .core import BadInput, MissingInput, atomic_write, atomic_write_text
 from .data import dataset_label, load_data
 from .evaluate import crop_size
-from .inspect import (episode_embeddings, example_run, grad_cam, inspect_episode, load_episode,
-                          load_run, per_class_accuracy, save_example)
+from .examples import example_run, save_example
+from .inspection import episode_embeddings, grad_cam, inspect_episode, load_episode, load_run, per_class_accuracy
 from .model import ABLATIONS, ModelConfig
 from .plots import (DPI, LABEL, TICK, TITLE, Picture, figure_png, new_figure, plot_attention, plot_episode,
                         plot_gradcam, plot_otam, plot_per_class, plot_posteriors, plot_pps, plot_prediction, plot_tsne)

@@ -182,7 +182,7 @@ def make_world(root: Union[str, Path] = 'data/synthetic-mech', seed: int = 0, vi
     if frames < 2 or videos_per_class < 1: raise BadInput('need --video-frames >= 2 and --videos-per-class >= 1')
     info, videos = _read_json(root / 'classes.json'), root / 'videos'
     if videos.exists() and any(videos.iterdir()) and (info or {}).get('generator') != 'mdmf.world':
-        raise FileExistsError(f'{videos} exists and was not made by mdmf.world: choose another --data-root')
+        raise BadInput(f'{videos} exists and was not made by mdmf.world: choose another --data-root')
     if force or (info or {}).get('params') != params:
         for name in ('videos', 'splits'): shutil.rmtree(root / name, ignore_errors=True)
     start = time.time()

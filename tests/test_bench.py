@@ -11,8 +11,9 @@ from unittest import mock
 import pytest
 import torch
 
-from mdmf.bench import PARTS, BenchOptions, format_table, run_bench
+from mdmf.bench import PARTS, SMALL, BenchOptions, format_table, run_bench
 from mdmf.benchmarks import SIZES, bench_config, bench_frozen_step, bench_otam, train_path
+from mdmf.config import RunConfig
 from mdmf.core import BadInput
 from mdmf.runtime import Runtime
 
@@ -24,8 +25,8 @@ def _number_or_none(x):
 
 
 @pytest.fixture(scope='module')
-def quick():
-    return run_bench(BenchOptions(device='cpu', quick=True), log=lambda m: None)
+def small():
+    return run_bench(BenchOptions(), RunConfig(device='cpu'), log=lambda m: None, sizes=SMALL)
 
 
 def test_bench_otam_reports_equal_values_and_gradients():
@@ -35,9 +36,10 @@ def test_bench_otam_reports_equal_values_and_gradients():
     assert all(_number_or_none(r[k]) for k in ('reference_ms', 'fast_ms', 'speedup'))
 
 
-def test_json_keys_and_types(quick):
-    r = json.loads(json.dumps(quick))  # what --out writes
+def test_json_keys_and_types(small):
+    r = json.loads(json.dumps(small))  # what --out writes
     assert isinstance(r['device'], str) and r['device']
+    assert (r['small'], r['seed'], r['threads']) == (True, RunConfig().seed, RunConfig().threads)  # the run's defaults
     for part, key in [('otam', 'speedup'), ('eval', 'cache_speedup'), ('train', 'speedup'), ('frozen', 'speedup'),
                       ('frozen', 'step_speedup')]:
         assert isinstance(r[part][key], float), (part, key)
@@ -58,19 +60,20 @@ def test_json_keys_and_types(quick):
     assert d['keeps_up'] is None or isinstance(d['keeps_up'], bool)
     rows = r['memory']['rows']
     assert {(x['backbone'], x['precision']) for x in rows} >= {('RN50', 'float16'), ('ViT-B/16', 'bfloat16')}
-    text = format_table(quick)
+    text = format_table(small)
+    assert '(small sizes)' in text
     assert 'otam' in text and 'eval' in text and 'predicted peak GPU memory' in text and '16 GB' in text
     assert 'frozen' in text and r['frozen']['uncached']['episode_s'] > 0 and r['frozen']['cached']['episode_s'] > 0
 
 
-def test_cached_equals_uncached_predictions(quick):
-    e = quick['eval']
+def test_cached_equals_uncached_predictions(small):
+    e = small['eval']
     assert e['same_predictions'] and e['prediction_agreement'] == 1.0
     assert e['accuracy_cached'] == e['accuracy_uncached']
 
 
 def test_unmeasured_parts_are_null_and_unknown_parts_refused():
-    r = run_bench(BenchOptions(device='cpu', parts='otam', quick=True), log=lambda m: None)
+    r = run_bench(BenchOptions(parts='otam'), RunConfig(device='cpu'), log=lambda m: None, sizes=SMALL)
     assert isinstance(r['otam']['speedup'], float) and r['memory']['rows'] is None
     assert r['eval']['cache_speedup'] is None and r['train']['speedup'] is None and r['data']['keeps_up'] is None
     assert r['frozen']['speedup'] is None
@@ -114,16 +117,24 @@ def test_baseline_is_ieee_float32_and_fast_path_on_cuda_runtime():
         with backend_flags(rt): assert (tf32_enabled(), torch.backends.cudnn.benchmark) == want
 
 
-def test_cli_reduced_run(tmp_path):
+def test_cli_small_run(tmp_path, monkeypatch, capsys):
+    "The command line on the SMALL sizes (patched in: no flag shrinks a benchmark): its flags, the run's settings, --out."
+    import functools
+    from mdmf import bench
+    monkeypatch.setattr(bench, 'run_bench', functools.partial(run_bench, sizes=SMALL))
     out = tmp_path / 'bench.json'
-    p = subprocess.run([sys.executable, '-m', 'mdmf.bench', '--size', 'tiny', '--device', 'cpu', '--quick',
-                        '--parts', 'memory,otam,train', '--out', str(out)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert 'mdmf benchmark' in p.stdout and 'otam' in p.stdout and 'predicted peak GPU memory' in p.stdout
+    bench.main(['--size', 'tiny', '--device', 'cpu', '--threads', '1', '--seed', '7', '--parts', 'memory,otam,train',
+                '--worker-counts', '0', '--out', str(out)])
+    text = capsys.readouterr().out
+    assert 'mdmf benchmark' in text and 'otam' in text and 'predicted peak GPU memory' in text and '(small sizes)' in text
     r = json.loads(out.read_text())
     assert set(PARTS) <= set(r) and isinstance(r['otam']['speedup'], float) and isinstance(r['train']['speedup'], float)
-    assert r['eval']['cache_speedup'] is None
+    assert r['eval']['cache_speedup'] is None and r['complete']
+    assert (r['device_type'], r['threads'], r['seed'], r['small']) == ('cpu', 1, 7, True)
+    for old in ('--quick', '--workers', '--activation-checkpoint'):  # gone, or renamed: no flag named like a run setting
+        p = subprocess.run([sys.executable, '-m', 'mdmf.bench', old, '--parts', 'otam'], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+        assert p.returncode == 2 and f'unrecognized arguments: {old}' in p.stderr, (old, p.stderr[-500:])
     bad = subprocess.run([sys.executable, '-m', 'mdmf.bench', '--parts', 'nope'], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and 'error: --parts: unknown part nope' in bad.stderr and 'Traceback' not in bad.stderr

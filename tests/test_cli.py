@@ -9,17 +9,20 @@ from pathlib import Path
 import pytest
 
 from mdmf.ablate import AblateOptions
+from mdmf.bench import BenchOptions
 from mdmf.config import Config, leaf_sections, preset_config, resolve_config
 from mdmf.evaluate import EvaluateOptions
 from mdmf.memory import MemoryOptions
 from mdmf.pretrain import PretrainConfig
 from mdmf.synthetic import SyntheticOptions
+from mdmf.train import TrainOptions
 from mdmf.visualize import FigureOptions
 from mdmf.world import WorldOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ('train', 'evaluate', 'ablate', 'visualize', 'memory', 'pretrain', 'synthetic', 'world', 'bench')
-COMMAND_OPTIONS = (EvaluateOptions, AblateOptions, FigureOptions, MemoryOptions, SyntheticOptions, WorldOptions)
+COMMAND_OPTIONS = (TrainOptions, EvaluateOptions, AblateOptions, FigureOptions, MemoryOptions, SyntheticOptions,
+                   WorldOptions, BenchOptions)
 PRETRAINING_ONLY = {'seed', 'lr', 'weight_decay', 'workers'}  # the tiny CLIP's own training, not a few-shot run's
 
 
@@ -74,3 +77,13 @@ def test_bad_values_name_the_flag(command, argv, says):
     p = subprocess.run([sys.executable, '-m', f'mdmf.{command}', *argv], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 2 and says in p.stderr and 'Traceback' not in p.stderr, p.stderr[-2000:]
+
+
+def test_train_prints_its_config():
+    "`--print-config` is a field of TrainOptions: it prints the settings the other flags resolve to, and trains nothing."
+    import json
+    p = subprocess.run([sys.executable, '-m', 'mdmf.train', '--print-config', '--shot', '3', '--runs', '/nonexistent/runs'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    cfg = json.loads(p.stdout)
+    assert cfg['data']['shot'] == 3 and cfg['run']['runs'] == '/nonexistent/runs' and 'print_config' not in p.stdout

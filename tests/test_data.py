@@ -1,4 +1,4 @@
-"""The data pipeline (mdmf.episodes, mdmf.video, mdmf.data) on small fixtures in the real storage layouts."""
+"""The data pipeline (mdmf.datasets, mdmf.episodes, mdmf.video, mdmf.data) on small fixtures in the real storage layouts."""
 import json
 import re
 import warnings
@@ -13,9 +13,9 @@ from PIL import Image
 from mdmf.core import BadInput, MissingInput
 from mdmf.data import (ClipDataset, DataConfig, EpisodeDataset, dataset_label, episode_data, episode_dataset,
                        episode_loader, freeze_split, index_videos, load_data, random_episode, resolve_videos)
-from mdmf.episodes import (DATASETS, SPLITS, EpisodeSampler, Split, episode_generator, get_dataset, load_split,
-                           parse_split_classes, read_split, readable_name, split_class_folders, splits_dir,
-                           ssv2_label_names, write_split_lists)
+from mdmf.datasets import (DATASETS, SPLITS, Split, get_dataset, load_split, parse_split_classes, read_split,
+                           readable_name, split_class_folders, splits_dir, ssv2_label_names, write_split_lists)
+from mdmf.episodes import EpisodeSampler, episode_generator
 from mdmf.video import (CLIP_MEAN, CLIP_STD, crop_clip, frame_files, frame_indices, normalize, num_frames, read_clip,
                         read_frames, to_clip_input, transform_clip)
 

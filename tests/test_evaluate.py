@@ -7,7 +7,8 @@ import torch
 
 from mdmf.config import preset_config, resolve_config
 from mdmf.evaluate import encode_split, evaluate
-from mdmf.inspect import example_run, load_run
+from mdmf.examples import example_run
+from mdmf.inspection import load_run
 from mdmf.model import FewShotModel, build_model
 
 
@@ -81,13 +82,13 @@ def test_the_example_file_is_named_as_such_with_how_to_use_it(home, tmp_path):
     import sys
     from pathlib import Path
     from mdmf.evaluate import main
-    from mdmf.inspect import example_file
+    from mdmf.examples import example_file
     p = subprocess.run([sys.executable, '-m', 'mdmf.evaluate', '--checkpoint', str(example_file('mdmf'))],
                        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
     lines = p.stderr.splitlines()
     assert p.returncode == 2 and len(lines) == 2 and 'Traceback' not in p.stderr, p.stderr
     assert lines[0].startswith(f'error: {example_file("mdmf")} is an example file shipped with mdmf, not a checkpoint')
-    assert "from mdmf.inspect import example_run; print(example_run('mdmf'))" in lines[1] and '--checkpoint' in lines[1]
+    assert "from mdmf.examples import example_run; print(example_run('mdmf'))" in lines[1] and '--checkpoint' in lines[1]
     # the folder example_run makes is what --checkpoint takes
     out = tmp_path / 'eval.json'
     main(['--checkpoint', str(home / 'examples' / 'synthetic-mdmf'), '--episodes', '4', '--no-progress', '--no-cache',

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mdmf.config import config_from_dict, config_to_dict, preset_config
+from mdmf.config import RunConfig, config_from_dict, config_to_dict, preset_config
 from mdmf.core import BadInput
 from mdmf.runtime import Runtime
 
@@ -247,14 +247,14 @@ def test_bench_json_is_written_as_each_part_finishes(tmp_path):
     snaps = []
     with mock.patch.object(bench, 'bench_otam', return_value=dict(speedup=2.0)), \
          mock.patch.object(benchmarks, '_path', side_effect=lambda *a, **k: dict(episodes_per_s=1.0, dtype='float32', tf32=False)):
-        r = bench.run_bench(bench.BenchOptions(size='tiny', device='cpu', parts='otam,train', quick=True),
+        r = bench.run_bench(bench.BenchOptions(size='tiny', parts='otam,train'), RunConfig(device='cpu'), sizes=bench.SMALL,
                             log=lambda m: None, on_part=lambda res: snaps.append(json.loads(json.dumps(res))))
     assert snaps[0]['otam'] == dict(speedup=2.0) and snaps[0]['train'] == dict(speedup=None)  # otam written alone
     assert snaps[1]['train']['partial'] and set(snaps[1]['train']) == {'eager', 'partial'}  # then row by row
     assert set(snaps[2]['train']) == {'eager', 'fast', 'partial'}
     assert 'partial' not in snaps[-1]['train'] and r['train']['eager']['peak_source'].startswith('measured float32')
     out = tmp_path / 'b.json'
-    with mock.patch.object(bench, 'run_bench', side_effect=lambda o, log, on_part: (on_part(dict(otam=1)), 1 / 0)):
+    with mock.patch.object(bench, 'run_bench', side_effect=lambda o, run, log, on_part, **k: (on_part(dict(otam=1)), 1 / 0)):
         with pytest.raises(ZeroDivisionError): bench.main(['--out', str(out)])
     assert json.loads(out.read_text()) == dict(otam=1, complete=False)  # what a killed run leaves
 

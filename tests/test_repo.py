@@ -57,7 +57,7 @@ def test_plain_install_ships_the_splits(tmp_path):
     site = tmp_path / 'site'
     subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--no-build-isolation',
                     '--target', str(site), str(ROOT)], check=True, capture_output=True)
-    code = ('import mdmf.episodes as e; d = e.splits_dir("hmdb51"); '
+    code = ('import mdmf.datasets as e; d = e.splits_dir("hmdb51"); '
             'print(d); print(len(e.read_split(d / "test.txt")))')
     out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True,
                          env={'PYTHONPATH': str(site), 'PATH': '/usr/bin:/bin'}, check=True).stdout.split()
@@ -99,12 +99,12 @@ def test_no_import_cycle():
 
 
 def test_imports_follow_the_notebook_order():
-    "A module imports only modules exported by earlier notebooks: data flows one way."
+    "A module imports only modules exported by earlier notebooks: data flows one way (two notebooks sharing a number, by name)."
     import re
     order = {}
     for nb in sorted((ROOT / 'nbs').glob('[0-9]*.ipynb')):
         m = re.search(r'#\|\s*default_exp\s+(\w+)', nb.read_text(encoding='utf-8'))
-        if m: order[m.group(1)] = int(nb.name.split('_')[0])
+        if m: order[m.group(1)] = (int(nb.name.split('_')[0]), nb.stem)
     late = [(m, n) for m, deps in _modules().items() for n in deps if m in order and n in order and order[n] >= order[m]]
     assert not late, f'modules importing from later notebooks: {late}'
 

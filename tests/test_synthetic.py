@@ -220,10 +220,10 @@ def test_video_ids_unique():
 
 
 def test_project_loader_reads_every_split(data):
-    episodes = pytest.importorskip('mdmf.episodes')
+    datasets = pytest.importorskip('mdmf.datasets')
     loader = pytest.importorskip('mdmf.data')
     for split in SPLITS:
-        s = episodes.load_split('synthetic', split, data)
+        s = datasets.load_split('synthetic', split, data)
         assert len(s.classes) == {'train': 20, 'val': 8, 'test': 12}[split]
         assert s.class_names == s.classes  # the sentences are already readable prompts
         ds = loader.episode_dataset('synthetic', split, data, way=5, shot=5, query=5, episodes=2, seed=0,

@@ -14,7 +14,8 @@ from mdmf.config import cli, config_from_dict
 from mdmf.core import MissingInput
 from mdmf.data import random_episode
 from mdmf.explorer import TABS, EpisodeExplorer
-from mdmf.inspect import _digest, embed_2d, example_file, example_run, grad_cam, inspect_episode, load_run
+from mdmf.examples import _digest, example_file, example_run
+from mdmf.inspection import embed_2d, grad_cam, inspect_episode, load_run
 from mdmf.model import ModelConfig, build_model
 from mdmf.plots import frames_image, plot_attention, plot_episode, plot_otam, png_size, short_names
 from mdmf.runs import load_checkpoint
@@ -63,14 +64,14 @@ def test_a_stale_example_is_refused(home, tmp_path, monkeypatch):
     ex = load_checkpoint(example_file('clip-fsar'))
     stale = tmp_path / 'example-clip-fsar.pt'
     torch.save(dict(ex, base='0' * 64), stale)
-    monkeypatch.setattr('mdmf.inspect.example_file', lambda model='mdmf': stale)
+    monkeypatch.setattr('mdmf.examples.example_file', lambda model='mdmf': stale)
     with pytest.raises(MissingInput, match='made over another tiny-pretrained backbone.*--save-examples'):
         example_run("clip-fsar", home, train=False, quiet=True)
 
 
 def test_save_examples_command(home, tmp_path, monkeypatch, capsys):
     written = {}
-    monkeypatch.setattr('mdmf.inspect.example_file', lambda model='mdmf': written.setdefault(model, tmp_path / f'{model}.pt'))
+    monkeypatch.setattr('mdmf.examples.example_file', lambda model='mdmf': written.setdefault(model, tmp_path / f'{model}.pt'))
     paths = main(['--save-examples', str(home / 'examples' / 'synthetic-clip-fsar')])
     assert paths == [tmp_path / 'clip-fsar.pt'] and 'MB' in capsys.readouterr().out
     again, shipped = load_checkpoint(paths[0]), load_checkpoint(example_file('clip-fsar'))

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mdmf.core import BadInput
 from mdmf.world import (FAMILIES, WORLD_BY_NAME, WORLD_CLASSES, make_world, render_world, render_world_scene,
                         world_params, world_video_id)
 
@@ -123,7 +124,7 @@ def test_make_world_writes_a_dataset_the_loader_reads(tmp_path):
 def test_make_world_keeps_other_data(tmp_path):
     from mdmf.synthetic import make_synthetic
     make_synthetic(tmp_path / 'default', videos_per_class=1, frames=4, size=16, workers=1)
-    with pytest.raises(FileExistsError, match='not made by mdmf.world'):
+    with pytest.raises(BadInput, match='not made by mdmf.world: choose another --data-root'):
         make_world(tmp_path / 'default', **TINY)
 
 
@@ -145,3 +146,25 @@ def test_cli(tmp_path):
     assert 'dataset ready' in out.stdout and (tmp_path / 'cli' / '.complete').exists()
     bad = subprocess.run([sys.executable, '-m', 'mdmf.world', '--video-size', 'big'], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and '--video-size' in bad.stderr and 'Traceback' not in bad.stderr  # one line naming the flag
+
+
+def _tree(folder: Path) -> dict:
+    "Every path under `folder` with its bytes (folders as None): what a refusal must leave as it was."
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob('*'))}
+
+
+def test_cli_refuses_a_folder_of_other_videos(tmp_path):
+    "A data root whose `videos` another tool wrote: one error line naming the folder, exit 2, nothing touched."
+    root = tmp_path / 'mine'
+    (root / 'videos' / 'waving').mkdir(parents=True)
+    (root / 'videos' / 'waving' / 'clip1.mp4').write_bytes(b'not the world')
+    (root / 'classes.json').write_text('{"generator": "someone else"}')
+    before = _tree(root)
+    p = subprocess.run([sys.executable, '-m', 'mdmf.world', '--data-root', str(root), '--videos-per-class', '1',
+                        '--video-frames', '4', '--video-size', '16', '--render-workers', '1'], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith('error: ') and str(root / 'videos') in lines[0], lines
+    assert 'not made by mdmf.world' in lines[0] and '--data-root' in lines[0]
+    assert _tree(root) == before  # nothing written, moved or removed

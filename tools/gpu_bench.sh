@@ -5,15 +5,15 @@
 # predicted one, which is how a GPU checks the memory model.
 #
 #   OUT=bench_out tools/gpu_bench.sh                                   # on a GPU machine
-#   BENCH_SIZES=tiny BENCH_ARGS="--device cpu --quick" tools/gpu_bench.sh   # the same script on a CPU, reduced
+#   BENCH_SIZES=tiny BENCH_ARGS="--device cpu --repeats 1" tools/gpu_bench.sh   # the same script on a CPU (minutes)
 #
 # Settings (environment): OUT (default ./bench_out), BENCH_SIZES (default "rn50 vit-b16"), BENCH_ARGS (extra flags,
-# default "--activation-checkpoint": also time activation checkpointing), BENCH_TIMEOUT (seconds per size, default 240).
+# default "--checkpoint-row": also time activation checkpointing), BENCH_TIMEOUT (seconds per size, default 240).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
 SIZES=${BENCH_SIZES:-rn50 vit-b16}
-ARGS=${BENCH_ARGS:---activation-checkpoint}
+ARGS=${BENCH_ARGS:---checkpoint-row}
 LIMIT=${BENCH_TIMEOUT:-240}
 mkdir -p "$OUT"
 start=$(date +%s)

@@ -9,7 +9,7 @@ notebook --execute --inplace` does, with the same engine, nbclient), except that
 would hold every picture a widget showed); a widget that should show something on a page without a kernel gives a
 picture of its own in its display data, as `mdmf.explorer.EpisodeExplorer` does. Then `nbdev_clean` tidies the file (it keeps outputs:
 settings.ini has `clear_all = False`), and the size of what was stored is printed beside the budget that
-tests/test_outputs.py checks. The notebooks read the example runs of `mdmf.inspect.example_run` (trained models),
+tests/test_outputs.py checks. The notebooks read the example runs of `mdmf.examples.example_run` (trained models),
 made under $MDMF_HOME on first use.
 
 What a reader does not need is left out of the stored text, and only that: lines that native libraries (FFmpeg,
