@@ -16,12 +16,19 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+from fastcore.imports import in_notebook
 from scipy import stats
 
-from fastcore.imports import in_notebook
+from mdmf.config import (
+    SECTIONS,
+    Config,
+    config_from_args,
+    config_parser,
+    config_to_dict,
+    load_config_file,
+    preset_config,
+)
 
-from .config import (Config, config_from_args, config_parser, config_to_dict, load_config_file, preset_config,
-                         SECTIONS)
 from .core import BadInput, MissingInput, PathLike, add_flags, atomic_write_text, cli, parse_command
 from .model import ABLATIONS
 from .runs import CONFIG, LAST, METRICS
@@ -29,10 +36,34 @@ from .runtime import load_average
 from .train import train
 
 # %% auto #0
-__all__ = ['TABLES', 'REMOVES', 'PAPER_ABLATIONS', 'STUDY_JSON', 'STUDY_MD', 'DATASETS_SHOWN', 'STUDY_SCHEDULE', 'row_table',
-           'describe', 'StudyRun', 'slug', 'row_overrides', 'study_rows', 'plan_study', 'run_status', 'run_one',
-           'seed_stats', 'paired_delta', 'summarize_rows', 'load_study', 'read_study', 'study_markdown', 'run_study',
-           'AblateOptions', 'ablate_parser', 'main']
+__all__ = [
+    'TABLES',
+    'REMOVES',
+    'PAPER_ABLATIONS',
+    'STUDY_JSON',
+    'STUDY_MD',
+    'DATASETS_SHOWN',
+    'STUDY_SCHEDULE',
+    'row_table',
+    'describe',
+    'StudyRun',
+    'slug',
+    'row_overrides',
+    'study_rows',
+    'plan_study',
+    'run_status',
+    'run_one',
+    'seed_stats',
+    'paired_delta',
+    'summarize_rows',
+    'load_study',
+    'read_study',
+    'study_markdown',
+    'run_study',
+    'AblateOptions',
+    'ablate_parser',
+    'main',
+]
 
 # %% ../nbs/20_ablate.ipynb #aae5a46b
 TABLES = {
@@ -41,114 +72,163 @@ TABLES = {
     '5': tuple(name for name in ABLATIONS if name.startswith('T5 ')),
 }
 REMOVES = {  # what each row leaves out of the full model
-    'GTC': 'LTC view, PPS, distillation', 'GTC+PPS': 'LTC view, distillation',
-    'LTC': 'GTC view, PPS, distillation', 'LTC+PPS': 'GTC view, distillation',
-    'NTC': 'both temporal views, PPS, distillation', 'NTC+PPS': 'both temporal views, distillation',
-    'multi-view': 'PPS, distillation', 'multi-view+PPS': 'distillation', 'multi-view+distill': 'PPS', 'full': 'nothing',
+    'GTC': 'LTC view, PPS, distillation',
+    'GTC+PPS': 'LTC view, distillation',
+    'LTC': 'GTC view, PPS, distillation',
+    'LTC+PPS': 'GTC view, distillation',
+    'NTC': 'both temporal views, PPS, distillation',
+    'NTC+PPS': 'both temporal views, distillation',
+    'multi-view': 'PPS, distillation',
+    'multi-view+PPS': 'distillation',
+    'multi-view+distill': 'PPS',
+    'full': 'nothing',
 }
 # the paper's 5-way 5-shot accuracy with CLIP-RN50 (its Tables 3-4); rows not listed: not reported there
 PAPER_ABLATIONS = {
-    'GTC': dict(hmdb51=82.4, kinetics100=92.0, ssv2_small=58.1), 'GTC+PPS': dict(hmdb51=82.4, kinetics100=93.2, ssv2_small=58.6),
-    'LTC': dict(hmdb51=82.1, kinetics100=91.9, ssv2_small=56.2), 'LTC+PPS': dict(hmdb51=82.3, kinetics100=92.9, ssv2_small=57.2),
-    'NTC': dict(hmdb51=81.7, kinetics100=91.4, ssv2_small=56.0), 'NTC+PPS': dict(hmdb51=82.2, kinetics100=92.0, ssv2_small=56.5),
-    'multi-view': dict(hmdb51=82.1, kinetics100=92.2, ssv2_small=56.6), 'full': dict(hmdb51=83.0, kinetics100=93.5, ssv2_small=60.4),
+    'GTC': dict(hmdb51=82.4, kinetics100=92.0, ssv2_small=58.1),
+    'GTC+PPS': dict(hmdb51=82.4, kinetics100=93.2, ssv2_small=58.6),
+    'LTC': dict(hmdb51=82.1, kinetics100=91.9, ssv2_small=56.2),
+    'LTC+PPS': dict(hmdb51=82.3, kinetics100=92.9, ssv2_small=57.2),
+    'NTC': dict(hmdb51=81.7, kinetics100=91.4, ssv2_small=56.0),
+    'NTC+PPS': dict(hmdb51=82.2, kinetics100=92.0, ssv2_small=56.5),
+    'multi-view': dict(hmdb51=82.1, kinetics100=92.2, ssv2_small=56.6),
+    'full': dict(hmdb51=83.0, kinetics100=93.5, ssv2_small=60.4),
 }
+
 
 # %% ../nbs/20_ablate.ipynb #95403356
 def row_table(row: str) -> str:
     "The table a row belongs to: '3', '4', '5' or 'λ' (lambda sweep)."
     return next((t for t, rows in TABLES.items() if row in rows), 'λ' if row.startswith('full λ=') else '?')
 
+
 def describe(row: str) -> str:
     "What a row leaves out or changes, in words."
-    if row in REMOVES: return REMOVES[row]
+    if row in REMOVES:
+        return REMOVES[row]
     if row.startswith('T5 '):
         d, c = row[3:].split(' ', 1)
         return f'distillation direction {d}, condition {c}'
     return f'distillation weight {row.split("=", 1)[1]}'
 
+
 # %% ../nbs/20_ablate.ipynb #39f51395
 @dataclass
 class StudyRun:
     "One training run of a study: a row, a seed, its config and its run folder."
+
     row: str
     seed: int
     cfg: Config
     folder: Path
-    same_as: Optional[Path] = None  # an earlier run of the study with exactly these settings (its results are reused)
+    # an earlier run of the study with exactly these settings (its results are reused)
+    same_as: Optional[Path] = None
+
 
 def slug(row: str) -> str:
     "A row's name as a folder name: 'T5 up->down v-compare' -> 't5-up-to-down-v-compare'."
     s = row.lower().replace('->', '-to-').replace('λ=', 'lambda')
     return re.sub(r'[^a-z0-9.+]+', '-', s).strip('-')
 
+
 def row_overrides(row: str) -> dict:
     "The settings a row changes: an `ABLATIONS` entry, or the distillation weight of the lambda sweep."
-    if row in ABLATIONS: return dict(ABLATIONS[row])
+    if row in ABLATIONS:
+        return dict(ABLATIONS[row])
     return dict(distill_lambda=float(row.split('=', 1)[1]))
 
-def _names(text: str) -> list: return [x.strip() for x in text.split(',') if x.strip()]
 
-def study_rows(table: str = 'all',  # tables: '3', '4', '5', 'all', 'none', or several ('3,4')
-               rows: str = '',  # more rows by ABLATIONS name, comma-separated
-               lambdas: str = '',  # distillation weights of a lambda sweep on the full model, comma-separated
-              ) -> list:
+def _names(text: str) -> list:
+    return [x.strip() for x in text.split(',') if x.strip()]
+
+
+def study_rows(
+    table: str = 'all',  # tables: '3', '4', '5', 'all', 'none', or several ('3,4')
+    rows: str = '',  # more rows by ABLATIONS name, comma-separated
+    lambdas: str = '',  # distillation weights of a lambda sweep on the full model, comma-separated
+) -> list:
     "The rows of a study: the tables' rows and the rows named, in ABLATIONS order, then the lambda sweep."
-    tables = list(TABLES) if table.strip() == 'all' else [] if table.strip() in ('none', '') else _names(table)
+    tables = (
+        list(TABLES) if table.strip() == 'all' else [] if table.strip() in ('none', '') else _names(table)
+    )
     bad = [t for t in tables if t not in TABLES]
-    if bad: raise BadInput(f'--table {bad[0]!r}: the tables are 3, 4, 5, all or none (several: 3,4)')
+    if bad:
+        raise BadInput(f'--table {bad[0]!r}: the tables are 3, 4, 5, all or none (several: 3,4)')
     named = _names(rows)
     unknown = [r for r in named if r not in ABLATIONS]
-    if unknown: raise BadInput(f'--rows: {unknown[0]!r} is not a row; the rows are: {", ".join(ABLATIONS)}')
+    if unknown:
+        raise BadInput(f'--rows: {unknown[0]!r} is not a row; the rows are: {", ".join(ABLATIONS)}')
     chosen = {r for t in tables for r in TABLES[t]} | set(named)
-    try: sweep = [f'full λ={float(x):g}' for x in _names(lambdas)]
-    except ValueError: raise BadInput(f'--lambdas {lambdas!r}: give numbers separated by commas, e.g. 0,0.5,1,2') from None
+    try:
+        sweep = [f'full λ={float(x):g}' for x in _names(lambdas)]
+    except ValueError:
+        raise BadInput(f'--lambdas {lambdas!r}: give numbers separated by commas, e.g. 0,0.5,1,2') from None
     out = [r for r in ABLATIONS if r in chosen] + list(dict.fromkeys(sweep))
-    if not out: raise BadInput('nothing to run: give --table, --rows or --lambdas')
+    if not out:
+        raise BadInput('nothing to run: give --table, --rows or --lambdas')
     return out
+
 
 # %% ../nbs/20_ablate.ipynb #eb8cb0e0
 _RUNTIME = ('device', 'threads', 'workers', 'progress', 'resume', 'overwrite', 'name', 'runs', 'eval_batch')
+
 
 def _settings(d: dict) -> dict:
     "The settings of a config dict that decide a run's result (its runtime choices left out), flat."
     return {k: v for sec in SECTIONS for k, v in d[sec].items() if k not in _RUNTIME}
 
-def plan_study(base: Config,  # the settings every run shares
-               rows: Sequence[str],  # from `study_rows`
-               seeds: int,  # training seeds per row: base.run.seed, +1, ...
-               frozen: bool,  # frozen visual encoder (cached features) or fine-tuned
-               out: PathLike,  # the study folder
-              ) -> list:
+
+def plan_study(
+    base: Config,  # the settings every run shares
+    rows: Sequence[str],  # from `study_rows`
+    seeds: int,  # training seeds per row: base.run.seed, +1, ...
+    frozen: bool,  # frozen visual encoder (cached features) or fine-tuned
+    out: PathLike,  # the study folder
+) -> list:
     "Every run of a study, seed by seed (runs of one seed share a frozen encoder's cached features)."
-    if seeds < 1: raise BadInput(f'--seeds must be at least 1, not {seeds}')
+    if seeds < 1:
+        raise BadInput(f'--seeds must be at least 1, not {seeds}')
     out, plan, first = Path(out), [], {}
     for k in range(seeds):
         seed = base.run.seed + k
         for row in rows:
-            cfg = base.replace(**row_overrides(row), freeze_visual=frozen, seed=seed, runs=str(out),
-                               name=f'{slug(row)}-s{seed}', resume=False, overwrite=False)
+            cfg = base.replace(
+                **row_overrides(row),
+                freeze_visual=frozen,
+                seed=seed,
+                runs=str(out),
+                name=f'{slug(row)}-s{seed}',
+                resume=False,
+                overwrite=False,
+            )
             key = json.dumps(_settings(config_to_dict(cfg)), sort_keys=True)
             plan.append(StudyRun(row, seed, cfg, out / cfg.run.name, first.get(key)))
             first.setdefault(key, out / cfg.run.name)
     return plan
 
+
 # %% ../nbs/20_ablate.ipynb #99f81a1a
 def _check_folder(run: StudyRun):
     "Raise `BadInput` when the run's folder holds a run with other settings."
     saved = run.folder / CONFIG
-    if not saved.exists(): return
+    if not saved.exists():
+        return
     then, now = _settings(json.loads(saved.read_text(encoding='utf-8'))), _settings(config_to_dict(run.cfg))
     differ = [k for k in now if then.get(k) != now[k] and not (k == 'splits' and run.cfg.data.split_classes)]
     if differ:
         shown = ', '.join(f'{k} {then.get(k)!r} there, {now[k]!r} now' for k in differ[:4])
-        raise BadInput(f'{run.folder} holds a run with other settings ({shown}): give the study another --out, '
-                       'or delete that folder to run it again')
+        raise BadInput(
+            f'{run.folder} holds a run with other settings ({shown}): give the study another --out, '
+            'or delete that folder to run it again'
+        )
+
 
 def run_status(run: StudyRun) -> str:
     "'shared' (another run has these settings), 'done' (metrics.json), 'partial' (last.pt) or 'new'."
-    if run.same_as is not None: return 'shared'
+    if run.same_as is not None:
+        return 'shared'
     return 'done' if (run.folder / METRICS).exists() else 'partial' if (run.folder / LAST).exists() else 'new'
+
 
 def run_one(run: StudyRun, quiet: bool = True) -> dict:
     "The metrics of a study run: read when it is finished, else trained (resumed from last.pt when there is one)."
@@ -159,33 +239,47 @@ def run_one(run: StudyRun, quiet: bool = True) -> dict:
             resume = run_status(run) == 'partial'
             train(run.cfg.replace(resume=resume, overwrite=not resume), quiet=quiet)
     if not (folder / METRICS).exists():
-        raise MissingInput(f'{folder / METRICS} is missing: the run of {run.row!r} seed {run.seed} did not finish')
+        raise MissingInput(
+            f'{folder / METRICS} is missing: the run of {run.row!r} seed {run.seed} did not finish'
+        )
     return json.loads((folder / METRICS).read_text(encoding='utf-8'))
 
+
 # %% ../nbs/20_ablate.ipynb #fd7ad35c
-def seed_stats(acc: Sequence[float],  # test accuracy of each seed, percent
-               ci95: Optional[Sequence[float]] = None,  # test interval of each seed, percent
-              ) -> dict:
+def seed_stats(
+    acc: Sequence[float],  # test accuracy of each seed, percent
+    ci95: Optional[Sequence[float]] = None,  # test interval of each seed, percent
+) -> dict:
     "Mean over seeds, sample std between seeds, pooled test interval and t interval of the mean."
     a, n = np.asarray(acc, dtype=np.float64), len(acc)
-    if n == 0: return dict(n=0, mean=None, std=None, pooled_ci95=None, seed_ci95=None)
+    if n == 0:
+        return dict(n=0, mean=None, std=None, pooled_ci95=None, seed_ci95=None)
     sd = float(a.std(ddof=1)) if n > 1 else None
     pooled = float(math.sqrt(np.sum(np.square(ci95))) / n) if ci95 is not None else None
-    return dict(n=n, mean=float(a.mean()), std=sd, pooled_ci95=pooled,
-                seed_ci95=float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)) if n > 1 else None)
+    return dict(
+        n=n,
+        mean=float(a.mean()),
+        std=sd,
+        pooled_ci95=pooled,
+        seed_ci95=float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)) if n > 1 else None,
+    )
 
-def paired_delta(acc: dict,  # seed -> accuracy of a row
-                 ref: dict,  # seed -> accuracy of the reference row
-                ) -> dict:
+
+def paired_delta(
+    acc: dict,  # seed -> accuracy of a row
+    ref: dict,  # seed -> accuracy of the reference row
+) -> dict:
     "The row minus the reference over the seeds both have: mean, std, t interval, and whether it excludes 0."
     common = sorted(set(acc) & set(ref))
     s = seed_stats([acc[k] - ref[k] for k in common])
     seen = s['seed_ci95'] is not None and abs(s['mean']) > s['seed_ci95']
     return dict(n=s['n'], mean=s['mean'], std=s['std'], ci95=s['seed_ci95'], excludes_zero=seen)
 
+
 # %% ../nbs/20_ablate.ipynb #0aa7f501
 STUDY_JSON, STUDY_MD = 'study.json', 'study.md'
 DATASETS_SHOWN = (('hmdb51', 'HMDB51'), ('kinetics100', 'Kinetics'), ('ssv2_small', 'SSv2-Small'))
+
 
 def summarize_rows(plan: Sequence[StudyRun], results: dict) -> list:
     "One record per row from the metrics of its finished runs (`results`: (row, seed) -> metrics.json)."
@@ -196,122 +290,223 @@ def summarize_rows(plan: Sequence[StudyRun], results: dict) -> list:
         done = [(r, results[r.row, r.seed]) for r in runs if (r.row, r.seed) in results]
         acc = {r.seed: m['test']['accuracy'] for r, m in done}
         ci = [m['test']['ci95'] for _, m in done]
-        out.append(dict(
-            row=row, table=row_table(row), overrides=row_overrides(row),
-            changes=describe(row) + ''.join(f' (= {row_of[r.same_as]}: its runs)' for r in runs[:1] if r.same_as),
-            distill_lambda=runs[0].cfg.model.distill_lambda, seeds=[r.seed for r in runs],
-            runs=[(r.same_as or r.folder).name for r in runs], done=len(done), seeds_done=list(acc),
-            test=list(acc.values()), ci95=ci, val=[m['val']['accuracy'] for _, m in done],
-            seconds=[m['timings']['total_s'] for _, m in done], **seed_stats(list(acc.values()), ci),
-            delta_full=paired_delta(acc, full) if row != 'full' and full and acc else None,
-            paper=PAPER_ABLATIONS.get(row), same_as=next((r.same_as.name for r in runs if r.same_as), None)))
+        out.append(
+            dict(
+                row=row,
+                table=row_table(row),
+                overrides=row_overrides(row),
+                changes=describe(row)
+                + ''.join(f' (= {row_of[r.same_as]}: its runs)' for r in runs[:1] if r.same_as),
+                distill_lambda=runs[0].cfg.model.distill_lambda,
+                seeds=[r.seed for r in runs],
+                runs=[(r.same_as or r.folder).name for r in runs],
+                done=len(done),
+                seeds_done=list(acc),
+                test=list(acc.values()),
+                ci95=ci,
+                val=[m['val']['accuracy'] for _, m in done],
+                seconds=[m['timings']['total_s'] for _, m in done],
+                **seed_stats(list(acc.values()), ci),
+                delta_full=paired_delta(acc, full) if row != 'full' and full and acc else None,
+                paper=PAPER_ABLATIONS.get(row),
+                same_as=next((r.same_as.name for r in runs if r.same_as), None),
+            )
+        )
     return out
 
-def load_study(path: PathLike,  # a study folder (or its study.json)
-              ) -> dict:
+
+def load_study(
+    path: PathLike,  # a study folder (or its study.json)
+) -> dict:
     "What `python -m mdmf.ablate` wrote to study.json: settings, seeds, regime and `rows`."
     p = Path(path)
     p = p if p.suffix == '.json' else p / STUDY_JSON
     if not p.exists():
-        raise MissingInput(f'{p} does not exist: run the study first, e.g. `python -m mdmf.ablate --out {p.parent}`')
+        raise MissingInput(
+            f'{p} does not exist: run the study first, e.g. `python -m mdmf.ablate --out {p.parent}`'
+        )
     return json.loads(p.read_text(encoding='utf-8'))
+
 
 def read_study(path: PathLike) -> list:
     "The rows of a study folder (or study.json): one dict per row, as `summarize_rows` makes them."
     return load_study(path)['rows']
 
+
 # %% ../nbs/20_ablate.ipynb #7bc18d0e
-def _f(x, spec: str = '.2f') -> str: return '' if x is None else format(x, spec)
+def _f(x, spec: str = '.2f') -> str:
+    return '' if x is None else format(x, spec)
+
 
 def study_markdown(study: dict) -> str:
     "The study as a Markdown table, with how it was made and what its columns mean."
     s = study['settings']
-    head = (f"{study['regime']} visual encoder; {s['dataset']} {s['way']}-way {s['shot']}-shot; backbone {s['backbone']}; "
-            f"{s['train_episodes']} training episodes" + (f", {s['train_draws']} cached draws per video" if study['regime'] == 'frozen' else '')
-            + f"; {s['test_episodes']} test episodes; seeds {', '.join(map(str, study['seeds']))}; {study['runs_done']} of "
-            f"{study['runs_total']} runs done; {study['wall_s'] / 60:.1f} min of training and testing"
-            + (f" (load average {study['load']})" if study.get('load') is not None else '') + '.\n\n')
-    cols = ['row', 'table', 'changes', 'seeds', 'test % (mean)', 'seed sd', 'pooled ±95%', 'Δ full (paired ±95%)']
+    head = (
+        f"{study['regime']} visual encoder; {s['dataset']} {s['way']}-way {s['shot']}-shot; backbone {s['backbone']}; "
+        f"{s['train_episodes']} training episodes"
+        + (f", {s['train_draws']} cached draws per video" if study['regime'] == 'frozen' else '')
+        + f"; {s['test_episodes']} test episodes; seeds {', '.join(map(str, study['seeds']))}; {study['runs_done']} of "
+        f"{study['runs_total']} runs done; {study['wall_s'] / 60:.1f} min of training and testing"
+        + (f" (load average {study['load']})" if study.get('load') is not None else '')
+        + '.\n\n'
+    )
+    cols = [
+        'row',
+        'table',
+        'changes',
+        'seeds',
+        'test % (mean)',
+        'seed sd',
+        'pooled ±95%',
+        'Δ full (paired ±95%)',
+    ]
     cols += [f'paper {name}' for _, name in DATASETS_SHOWN]
     out = head + '| ' + ' | '.join(cols) + ' |\n|' + '---|' * len(cols) + '\n'
     for r in study['rows']:
         d = r['delta_full']
-        delta = '' if not d or d['mean'] is None else f"{d['mean']:+.2f}" + (f" ± {d['ci95']:.2f}" if d['ci95'] is not None else '')
-        if d and d['excludes_zero']: delta = f'**{delta}**'
+        delta = (
+            ''
+            if not d or d['mean'] is None
+            else f"{d['mean']:+.2f}" + (f" ± {d['ci95']:.2f}" if d['ci95'] is not None else '')
+        )
+        if d and d['excludes_zero']:
+            delta = f'**{delta}**'
         paper = [_f((r['paper'] or {}).get(k), '.1f') or '—' for k, _ in DATASETS_SHOWN]
-        out += '| ' + ' | '.join([r['row'], r['table'], r['changes'], f"{r['done']}/{len(r['seeds'])}", _f(r['mean']),
-                                  _f(r['std']), _f(r['pooled_ci95']), delta] + paper) + ' |\n'
-    return out + ('\nseed sd: sample standard deviation of the test accuracy between seeds. pooled ±95%: the test-episode '
-                  'interval of the mean over seeds. Δ full: the row minus `full`, seed by seed (same episodes), with '
-                  'the t 95% interval over seeds; bold when it excludes 0. Paper: 5-way 5-shot, CLIP-RN50 (its '
-                  'Tables 3-4); — : not reported there (Table 5 and the middle rows of Table 4).\n')
+        out += (
+            '| '
+            + ' | '.join(
+                [
+                    r['row'],
+                    r['table'],
+                    r['changes'],
+                    f"{r['done']}/{len(r['seeds'])}",
+                    _f(r['mean']),
+                    _f(r['std']),
+                    _f(r['pooled_ci95']),
+                    delta,
+                ]
+                + paper
+            )
+            + ' |\n'
+        )
+    return out + (
+        '\nseed sd: sample standard deviation of the test accuracy between seeds. pooled ±95%: the test-episode '
+        'interval of the mean over seeds. Δ full: the row minus `full`, seed by seed (same episodes), with '
+        'the t 95% interval over seeds; bold when it excludes 0. Paper: 5-way 5-shot, CLIP-RN50 (its '
+        'Tables 3-4); — : not reported there (Table 5 and the middle rows of Table 4).\n'
+    )
+
 
 # %% ../nbs/20_ablate.ipynb #09b7dc03
-def run_study(base: Config,  # the settings every run shares
-              rows: Sequence[str],  # from `study_rows`
-              seeds: int = 3,  # training seeds per row
-              frozen: bool = True,  # frozen visual encoder (cached features) or fine-tuned
-              out: PathLike = 'runs/ablate',  # the study folder
-              say: Callable = print,  # where progress lines go
-              quiet: bool = True,  # runs print nothing (their folders get everything)
-              command: str = '',  # the command line, recorded
-             ) -> dict:
+def run_study(
+    base: Config,  # the settings every run shares
+    rows: Sequence[str],  # from `study_rows`
+    seeds: int = 3,  # training seeds per row
+    frozen: bool = True,  # frozen visual encoder (cached features) or fine-tuned
+    out: PathLike = 'runs/ablate',  # the study folder
+    say: Callable = print,  # where progress lines go
+    quiet: bool = True,  # runs print nothing (their folders get everything)
+    command: str = '',  # the command line, recorded
+) -> dict:
     "Run (or finish) a study; returns what study.json holds."
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     plan = plan_study(base, rows, seeds, frozen, out)
     results, trained, t_runs = {}, 0, []
-    study = dict(version=1, regime='frozen' if frozen else 'fine-tuned', seeds=[base.run.seed + k for k in range(seeds)],
-                 settings=_settings(config_to_dict(plan[0].cfg)), base=config_to_dict(base), command=command,
-                 runs_total=len(plan), started=time.strftime('%Y-%m-%d %H:%M:%S'))
-    say(f'{len(rows)} rows x {seeds} seeds = {len(plan)} runs ({sum(r.same_as is not None for r in plan)} shared, '
-        f'{sum(run_status(r) == "done" for r in plan)} done before) in {out}')
+    study = dict(
+        version=1,
+        regime='frozen' if frozen else 'fine-tuned',
+        seeds=[base.run.seed + k for k in range(seeds)],
+        settings=_settings(config_to_dict(plan[0].cfg)),
+        base=config_to_dict(base),
+        command=command,
+        runs_total=len(plan),
+        started=time.strftime('%Y-%m-%d %H:%M:%S'),
+    )
+    say(
+        f'{len(rows)} rows x {seeds} seeds = {len(plan)} runs ({sum(r.same_as is not None for r in plan)} shared, '
+        f'{sum(run_status(r) == "done" for r in plan)} done before) in {out}'
+    )
     for k, run in enumerate(plan, 1):
         status, t0 = run_status(run), time.perf_counter()
         m = results[run.row, run.seed] = run_one(run, quiet)
-        if status in ('new', 'partial'): trained += 1; t_runs.append(time.perf_counter() - t0)
+        if status in ('new', 'partial'):
+            trained += 1
+            t_runs.append(time.perf_counter() - t0)
         rec = next(r for r in summarize_rows(plan, results) if r['row'] == run.row)
         left = sum(run_status(r) in ('new', 'partial') for r in plan[k:])
         eta = f'; about {left * np.mean(t_runs) / 60:.0f} min left' if t_runs and left else ''
-        how = 'done before' if status == 'done' else f'= {run.same_as.name}' if status == 'shared' else f'{t_runs[-1]:.0f} s'
-        say(f'[{k}/{len(plan)}] {run.row} seed {run.seed}: {m["test"]["accuracy"]:.2f} ± {m["test"]["ci95"]:.2f} % ({how}) | '
-            f'{run.row} so far {rec["mean"]:.2f} %' + (f' (sd {rec["std"]:.2f}, {rec["n"]} seeds)' if rec['std'] else '') + eta)
-        study.update(rows=summarize_rows(plan, results), runs_done=len(results), trained_now=trained, load=load_average(),
-                     wall_s=sum(results[r.row, r.seed]['timings']['total_s'] for r in plan[:k] if r.same_as is None),
-                     updated=time.strftime('%Y-%m-%d %H:%M:%S'))
+        how = (
+            'done before'
+            if status == 'done'
+            else f'= {run.same_as.name}'
+            if status == 'shared'
+            else f'{t_runs[-1]:.0f} s'
+        )
+        say(
+            f'[{k}/{len(plan)}] {run.row} seed {run.seed}: {m["test"]["accuracy"]:.2f} ± {m["test"]["ci95"]:.2f} % ({how}) | '
+            f'{run.row} so far {rec["mean"]:.2f} %'
+            + (f' (sd {rec["std"]:.2f}, {rec["n"]} seeds)' if rec['std'] else '')
+            + eta
+        )
+        study.update(
+            rows=summarize_rows(plan, results),
+            runs_done=len(results),
+            trained_now=trained,
+            load=load_average(),
+            wall_s=sum(results[r.row, r.seed]['timings']['total_s'] for r in plan[:k] if r.same_as is None),
+            updated=time.strftime('%Y-%m-%d %H:%M:%S'),
+        )
         atomic_write_text(out / STUDY_JSON, json.dumps(study, indent=1))
         atomic_write_text(out / STUDY_MD, study_markdown(study))
     return study
+
 
 # %% ../nbs/20_ablate.ipynb #4fced292
 @dataclass
 class AblateOptions:
     "What a study runs (every other flag is a run setting shared by all its runs)."
+
     table: str = 'all'  # tables whose rows run: 3, 4, 5, all, none, or several (3,4)
     rows: str = ''  # more rows by ABLATIONS name, comma-separated (e.g. NTC)
-    lambdas: str = ''  # a lambda sweep on the full model (the paper's Fig. 5): distillation weights, e.g. 0,0.5,1,2
+    # a lambda sweep on the full model (the paper's Fig. 5): distillation weights, e.g. 0,0.5,1,2
+    lambdas: str = ''
     seeds: int = 3  # training seeds per row: --seed, --seed + 1, ...
-    finetune: bool = False  # fine-tune the visual encoder as the paper does (default: frozen, heads trained on cached features)
+    # fine-tune the visual encoder as the paper does (default: frozen, heads trained on cached features)
+    finetune: bool = False
     out: str = 'runs/ablate'  # study folder: one run folder per row and seed, study.json, study.md
     plan: bool = False  # list the runs and their state (done, partial, new, shared) and stop
 
+
 STUDY_SCHEDULE = {  # run settings of each regime unless given as flags or in --config
-    'frozen': dict(train_episodes=800, train_draws=8, val_every=400, val_episodes=200, test_episodes=2000, progress=False),
+    'frozen': dict(
+        train_episodes=800, train_draws=8, val_every=400, val_episodes=200, test_episodes=2000, progress=False
+    ),
     'fine-tuned': dict(progress=False),
 }
+
 
 def _given(args: dict) -> set:
     "The settings a command line gives, as flags or in its --config file."
     keys = set(args)
     if 'config' in args:
-        for k, v in load_config_file(args['config']).items(): keys |= set(v) if isinstance(v, dict) else {k}
+        for k, v in load_config_file(args['config']).items():
+            keys |= set(v) if isinstance(v, dict) else {k}
     return {k.replace('-', '_') for k in keys}
+
 
 def ablate_parser() -> argparse.ArgumentParser:
     "The parser of `python -m mdmf.ablate`: the study's options and every run setting."
-    p = config_parser('python -m mdmf.ablate', _DESCRIPTION, _EXAMPLES, skip=('freeze_visual', 'name', 'runs', 'resume', 'overwrite'),
-                      base=preset_config('synthetic').replace(**STUDY_SCHEDULE['frozen']))  # the study's defaults shown
+    p = config_parser(
+        'python -m mdmf.ablate',
+        _DESCRIPTION,
+        _EXAMPLES,
+        skip=('freeze_visual', 'name', 'runs', 'resume', 'overwrite'),
+        base=preset_config('synthetic').replace(**STUDY_SCHEDULE['frozen']),
+    )  # the study's defaults shown
     add_flags(p.add_argument_group('study'), AblateOptions())
     return p
+
 
 def main(argv: Optional[Sequence[str]] = None):
     "`python -m mdmf.ablate [flags]`: see `--help`."
@@ -323,23 +518,32 @@ def main(argv: Optional[Sequence[str]] = None):
     base = config_from_args(a).replace(**{k: v for k, v in schedule.items() if k not in given})
     if opts.plan:
         plan = plan_study(base, rows, opts.seeds, frozen, opts.out)
-        for r in plan: print(f'{r.row:32s} seed {r.seed}  {r.folder}  {run_status(r)}')
+        for r in plan:
+            print(f'{r.row:32s} seed {r.seed}  {r.folder}  {run_status(r)}')
         return plan
-    return run_study(base, rows, opts.seeds, frozen, opts.out, command=' '.join(['python -m mdmf.ablate', *argv]))
+    return run_study(
+        base, rows, opts.seeds, frozen, opts.out, command=' '.join(['python -m mdmf.ablate', *argv])
+    )
 
-_DESCRIPTION = ('Train the rows of the paper\'s ablation tables (3: temporal context and PPS of one view; 4: multi-view, '
-                'PPS, distillation; 5: distillation directions and conditions) and a lambda sweep, each with the same '
-                'data, schedule and seeds, one run folder per row and seed under --out. A finished run (metrics.json) '
-                'is never run again, an interrupted one is resumed: run the same command again to finish a study. '
-                'Writes study.json and study.md: per row the mean test accuracy over seeds, the spread between seeds, '
-                'the pooled 95% interval, the paired difference to the full model, and the paper\'s numbers. The '
-                'defaults shown are the frozen study\'s; with --finetune, settings not given are the preset\'s.')
-_EXAMPLES = ('examples:\n  python -m mdmf.ablate --table all --seeds 3 --out runs/ablate-frozen\n'
-             '  python -m mdmf.ablate --finetune --table 4 --rows NTC --seeds 2 --out runs/ablate-finetune\n'
-             '  python -m mdmf.ablate --table none --lambdas 0,0.5,1,2 --seeds 3 --out runs/ablate-frozen\n'
-             '  python -m mdmf.ablate --table 3 --seeds 2 --train-episodes 40 --test-episodes 200 --out /tmp/small\n'
-             '  python -m mdmf.ablate --plan --out runs/ablate-frozen\n')
+
+_DESCRIPTION = (
+    'Train the rows of the paper\'s ablation tables (3: temporal context and PPS of one view; 4: multi-view, '
+    'PPS, distillation; 5: distillation directions and conditions) and a lambda sweep, each with the same '
+    'data, schedule and seeds, one run folder per row and seed under --out. A finished run (metrics.json) '
+    'is never run again, an interrupted one is resumed: run the same command again to finish a study. '
+    'Writes study.json and study.md: per row the mean test accuracy over seeds, the spread between seeds, '
+    'the pooled 95% interval, the paired difference to the full model, and the paper\'s numbers. The '
+    'defaults shown are the frozen study\'s; with --finetune, settings not given are the preset\'s.'
+)
+_EXAMPLES = (
+    'examples:\n  python -m mdmf.ablate --table all --seeds 3 --out runs/ablate-frozen\n'
+    '  python -m mdmf.ablate --finetune --table 4 --rows NTC --seeds 2 --out runs/ablate-finetune\n'
+    '  python -m mdmf.ablate --table none --lambdas 0,0.5,1,2 --seeds 3 --out runs/ablate-frozen\n'
+    '  python -m mdmf.ablate --table 3 --seeds 2 --train-episodes 40 --test-episodes 200 --out /tmp/small\n'
+    '  python -m mdmf.ablate --plan --out runs/ablate-frozen\n'
+)
 
 # %% ../nbs/20_ablate.ipynb #33ab11f3
 #| eval: false
-if __name__ == '__main__' and not in_notebook(): cli(main)  # a notebook kernel's __name__ is '__main__' too
+if __name__ == '__main__' and not in_notebook():
+    cli(main)  # a notebook kernel's __name__ is '__main__' too

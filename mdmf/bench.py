@@ -17,8 +17,19 @@ from typing import Callable, Optional, Sequence
 import torch
 from fastcore.imports import in_notebook
 
-from .benchmarks import (SIZES, bench_config, bench_data, bench_data_root, bench_default_run, bench_eval, bench_frozen,
-                             bench_otam, bench_train, format_default_run)
+from mdmf.benchmarks import (
+    SIZES,
+    bench_config,
+    bench_data,
+    bench_data_root,
+    bench_default_run,
+    bench_eval,
+    bench_frozen,
+    bench_otam,
+    bench_train,
+    format_default_run,
+)
+
 from .config import Config, RunConfig, cli, command_parser, preset_config, with_values
 from .core import BadInput, add_flags, atomic_write_text, parse_command
 from .data import DataConfig
@@ -31,174 +42,408 @@ __all__ = ['PARTS', 'SMALL', 'BenchOptions', 'run_bench', 'format_table', 'main'
 # %% ../nbs/28_bench.ipynb #5dc2bdcc
 PARTS = ('memory', 'otam', 'eval', 'train', 'frozen', 'data')
 
+
 @dataclass
 class BenchOptions:
     "What `python -m mdmf.bench` measures (device, threads and seed are the run's settings)."
-    size: str = 'tiny'  # tiny (the tiny CLIP: minutes on a CPU), rn50 or vit-b16 (random weights with the real shapes, 224 px: for a GPU)
+
+    # tiny (the tiny CLIP: minutes on a CPU), rn50 or vit-b16 (random weights with the real shapes, 224 px:
+    # for a GPU)
+    size: str = 'tiny'
     parts: str = 'memory,otam,eval,train,frozen,data'  # comma-separated parts to run
     repeats: int = 0  # repeats of each timing (0: 5, or 3 for training on a CPU)
-    worker_counts: str = ''  # comma-separated data loader worker counts to measure (default: 0,2,4,8 up to the CPU count)
+    # comma-separated data loader worker counts to measure (default: 0,2,4,8 up to the CPU count)
+    worker_counts: str = ''
     compile: bool = False  # also torch.compile the visual encoder in the fast training path
-    checkpoint_row: bool = False  # also time the fast path with activation checkpointing forced on (a third row)
+    # also time the fast path with activation checkpointing forced on (a third row)
+    checkpoint_row: bool = False
     out: str = ''  # write the results as JSON to this file
-    default_run: bool = False  # instead: time `python -m mdmf.train` with its defaults (flags after `--` go to it)
+    # instead: time `python -m mdmf.train` with its defaults (flags after `--` go to it)
+    default_run: bool = False
 
-SMALL = dict(repeats=1, train_repeats=1, cached_episodes=2, uncached_episodes=1, eval_shot=1, train_shot=1, train_query=1,
-             train_steps=1, train_warmup=0, data_episodes=2, frozen_episodes=1, frozen_warmup=0, videos_per_class=2,
-             workers=[0])  # `run_bench(sizes=SMALL)`: 1-shot episodes, one query, two videos per class, one repeat
+
+# `run_bench(sizes=SMALL)`: 1-shot episodes, one query, two videos per class, one repeat
+SMALL = dict(
+    repeats=1,
+    train_repeats=1,
+    cached_episodes=2,
+    uncached_episodes=1,
+    eval_shot=1,
+    train_shot=1,
+    train_query=1,
+    train_steps=1,
+    train_warmup=0,
+    data_episodes=2,
+    frozen_episodes=1,
+    frozen_warmup=0,
+    videos_per_class=2,
+    workers=[0],
+)
+
 
 def _settings(o: BenchOptions, gpu: bool, sizes: Optional[dict] = None) -> dict:
-    s = dict(repeats=5, train_repeats=5 if gpu else 3, cached_episodes=100 if gpu else 50, uncached_episodes=30 if gpu else 10,
-             eval_shot=5, train_shot=5, train_query=5, train_steps=3 if gpu else 1, train_warmup=3 if gpu else 1,
-             data_episodes=12 if gpu else 6, frozen_episodes=8 if gpu else 4, frozen_warmup=2 if gpu else 1, videos_per_class=10, eval_workers=8 if gpu else 0,
-             workers=[w for w in ((0, 4, 8) if gpu else (0, 2, 4, 8)) if w <= (os.cpu_count() or 1)],
-             default_workers=preset_config(SIZES[o.size].preset).data.workers)
+    s = dict(
+        repeats=5,
+        train_repeats=5 if gpu else 3,
+        cached_episodes=100 if gpu else 50,
+        uncached_episodes=30 if gpu else 10,
+        eval_shot=5,
+        train_shot=5,
+        train_query=5,
+        train_steps=3 if gpu else 1,
+        train_warmup=3 if gpu else 1,
+        data_episodes=12 if gpu else 6,
+        frozen_episodes=8 if gpu else 4,
+        frozen_warmup=2 if gpu else 1,
+        videos_per_class=10,
+        eval_workers=8 if gpu else 0,
+        workers=[w for w in ((0, 4, 8) if gpu else (0, 2, 4, 8)) if w <= (os.cpu_count() or 1)],
+        default_workers=preset_config(SIZES[o.size].preset).data.workers,
+    )
     s.update(sizes or {})
-    if o.repeats: s['repeats'] = s['train_repeats'] = o.repeats
-    if o.worker_counts: s['workers'] = [int(w) for w in o.worker_counts.split(',')]
+    if o.repeats:
+        s['repeats'] = s['train_repeats'] = o.repeats
+    if o.worker_counts:
+        s['workers'] = [int(w) for w in o.worker_counts.split(',')]
     return s
 
 
+# %% ../nbs/28_bench.ipynb #b3c1f0a0
+def _new_results(o: BenchOptions, run: RunConfig, size, rt, st: dict, image_size: int, sizes) -> dict:
+    "What a benchmark records before any part runs: where and how it measures, and an empty entry per part."
+    return dict(
+        device=device_name(rt.device),
+        device_type=rt.device.type,
+        torch=torch.__version__,
+        size=o.size,
+        backbone=size.backbone,
+        image_size=image_size,
+        frames=8,
+        repeats=st['repeats'],
+        small=bool(sizes),
+        threads=torch.get_num_threads(),
+        seed=run.seed,
+        amp_dtype=str(rt.amp_dtype),
+        memory=dict(rows=None),
+        otam=dict(speedup=None),
+        eval=dict(cache_speedup=None),
+        train=dict(speedup=None),
+        frozen=dict(speedup=None),
+        data=dict(keeps_up=None),
+        seconds={},
+        load_average=load_average(),
+    )
+
+
 # %% ../nbs/28_bench.ipynb #41c65bc7
-def run_bench(o: Optional[BenchOptions] = None,  # what to run (default: `BenchOptions()`)
-              run: Optional[RunConfig] = None,  # device, CPU threads and seed (default: `RunConfig()`, as a run's)
-              log: Callable = print,
-              on_part: Optional[Callable] = None,  # on_part(results so far): after each part and row
-              sizes: Optional[dict] = None,  # sizes over the real ones: `SMALL` for tests and CPU checks
-              data_root: str = '',  # make (or reuse) the small synthetic dataset here (default: a temporary folder)
-             ) -> dict:
+def run_bench(
+    o: Optional[BenchOptions] = None,  # what to run (default: `BenchOptions()`)
+    run: Optional[RunConfig] = None,  # device, CPU threads and seed (default: `RunConfig()`, as a run's)
+    log: Callable = print,
+    on_part: Optional[Callable] = None,  # on_part(results so far): after each part and row
+    sizes: Optional[dict] = None,  # sizes over the real ones: `SMALL` for tests and CPU checks
+    data_root: str = '',  # make (or reuse) the small synthetic dataset here (default: a temporary folder)
+) -> dict:
     "Run the parts `o.parts` for `o.size` on `run.device`; returns everything measured as one dict."
     o, run = o or BenchOptions(), run or RunConfig()
     parts = [p.strip() for p in o.parts.split(',') if p.strip()]
     bad = [p for p in parts if p not in PARTS]
-    if bad: raise BadInput(f'--parts: unknown part {", ".join(bad)}; choose from {", ".join(PARTS)}')
-    if o.size not in SIZES: raise BadInput(f'--size {o.size!r}: choose one of {", ".join(SIZES)}')
+    if bad:
+        raise BadInput(f'--parts: unknown part {", ".join(bad)}; choose from {", ".join(PARTS)}')
+    if o.size not in SIZES:
+        raise BadInput(f'--size {o.size!r}: choose one of {", ".join(SIZES)}')
     set_threads(run.threads)
     size, rt = SIZES[o.size], init_runtime(run.device)
     st, image_size = _settings(o, rt.device.type == 'cuda', sizes), size.shapes['image_resolution']
-    res = dict(device=device_name(rt.device), device_type=rt.device.type, torch=torch.__version__, size=o.size,
-               backbone=size.backbone, image_size=image_size, frames=8, repeats=st['repeats'], small=bool(sizes),
-               threads=torch.get_num_threads(), seed=run.seed,
-               amp_dtype=str(rt.amp_dtype), memory=dict(rows=None), otam=dict(speedup=None), eval=dict(cache_speedup=None),
-               train=dict(speedup=None), frozen=dict(speedup=None), data=dict(keeps_up=None), seconds={}, load_average=load_average())
+    res = _new_results(o, run, size, rt, st, image_size, sizes)
+
     def part(name: str, fn: Callable):
-        t0 = time.perf_counter(); log(f'{name} ...')
+        t0 = time.perf_counter()
+        log(f'{name} ...')
         res[name] = fn()
-        res['seconds'][name] = round(time.perf_counter() - t0, 2); on_part and on_part(res)
+        res['seconds'][name] = round(time.perf_counter() - t0, 2)
+        on_part and on_part(res)
+
     train_row = lambda rows: (res.update(train=dict(rows, partial=True)), on_part and on_part(res))
     root, tmp = data_root, None
     try:
-        if 'memory' in parts: part('memory', lambda: dict(rows=memory_table()))
+        if 'memory' in parts:
+            part('memory', lambda: dict(rows=memory_table()))
         if {'eval', 'frozen', 'data'} & set(parts):
-            if not root: root = tmp = tempfile.mkdtemp(prefix='mdmf-bench-')
-            part('dataset', lambda: str(bench_data_root(root, size.video_size, st['videos_per_class'],
-                                                        workers=min(8, os.cpu_count() or 1))))
+            if not root:
+                root = tmp = tempfile.mkdtemp(prefix='mdmf-bench-')
+            part(
+                'dataset',
+                lambda: str(
+                    bench_data_root(
+                        root, size.video_size, st['videos_per_class'], workers=min(8, os.cpu_count() or 1)
+                    )
+                ),
+            )
         cfg = lambda **values: bench_config(size, str(root), run.seed, **values)
-        if 'otam' in parts: part('otam', lambda: bench_otam(rt.device, st['repeats'], seed=run.seed))
+        if 'otam' in parts:
+            part('otam', lambda: bench_otam(rt.device, st['repeats'], seed=run.seed))
         if 'eval' in parts:
-            part('eval', lambda: bench_eval(cfg(shot=st['eval_shot'], test_query=1, workers=st['eval_workers']), rt,
-                                            st['repeats'], st['cached_episodes'], st['uncached_episodes']))
+            part(
+                'eval',
+                lambda: bench_eval(
+                    cfg(shot=st['eval_shot'], test_query=1, workers=st['eval_workers']),
+                    rt,
+                    st['repeats'],
+                    st['cached_episodes'],
+                    st['uncached_episodes'],
+                ),
+            )
         episodes = dict(shot=st['train_shot'], train_query=st['train_query'])
         if 'train' in parts:
-            part('train', lambda: bench_train(size, cfg(**episodes), rt, st['train_repeats'], st['train_steps'],
-                                              st['train_warmup'], o.compile, o.checkpoint_row, train_row))
+            part(
+                'train',
+                lambda: bench_train(
+                    size,
+                    cfg(**episodes),
+                    rt,
+                    st['train_repeats'],
+                    st['train_steps'],
+                    st['train_warmup'],
+                    o.compile,
+                    o.checkpoint_row,
+                    train_row,
+                ),
+            )
         if 'frozen' in parts:
-            part('frozen', lambda: bench_frozen(root, cfg(**episodes), st['frozen_episodes'], st['frozen_warmup'], rt))
+            part(
+                'frozen',
+                lambda: bench_frozen(root, cfg(**episodes), st['frozen_episodes'], st['frozen_warmup'], rt),
+            )
         if 'data' in parts:
             consumed = res['train'].get('fast', {}).get('episodes_per_s')
-            part('data', lambda: bench_data(cfg(**episodes), image_size, st['workers'], st['data_episodes'], consumed,
-                                            st['default_workers']))
+            part(
+                'data',
+                lambda: bench_data(
+                    cfg(**episodes),
+                    image_size,
+                    st['workers'],
+                    st['data_episodes'],
+                    consumed,
+                    st['default_workers'],
+                ),
+            )
     finally:
-        if tmp is not None: shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     res['load_average_end'] = load_average()
     return res
+
 
 # %% ../nbs/28_bench.ipynb #3080cc96
 def _f(x, spec='.1f', unit=''):
     return 'n/a' if x is None else f'{x:{spec}}{unit}'
 
+
 def _train_rows(t: dict) -> list:
     ee, ff = t['eager'], t['fast']
-    name = lambda x: 'out of memory' if 'error' in x else f'{x["dtype"]}{" TF32" if x["tf32"] else ""}' + ''.join(
-        f', {k}' for k, on in (('channels-last', x['channels_last']), ('fused Adam', x['fused_adam']),
-                                (f'checkpointed in {x["chunk"]}s', x['activation_checkpoint'])) if on)
-    mem = lambda x: 'n/a' if 'error' in x else f'{_f(x["peak_gib"], ".2f")} GiB (predicted {_f(x["predicted_peak_gib"], ".2f")})'
-    flops = lambda x: f'{_f(x["backbone_tflops"], ".3f")} ({_f(x["peak_fraction"] and 100 * x["peak_fraction"], ".1f", " %")} of {_f(x.get("peak_tflops"), ".3g")})'
-    rows = [('train', f'episodes/s, {t["way"]}-way {t["shot"]}-shot {t["query"]} query ({t["frames_per_episode"]} frames)',
-             f'{name(ee)} {_f(ee["episodes_per_s"], ".2f")}', f'{name(ff)} {_f(ff["episodes_per_s"], ".2f")}',
-             _f(t['speedup'], '.2f', 'x')),
-            ('train', 'peak memory (measured, predicted by mdmf.memory)', mem(ee), mem(ff), '')]
+    name = lambda x: (
+        'out of memory'
+        if 'error' in x
+        else f'{x["dtype"]}{" TF32" if x["tf32"] else ""}'
+        + ''.join(
+            f', {k}'
+            for k, on in (
+                ('channels-last', x['channels_last']),
+                ('fused Adam', x['fused_adam']),
+                (f'checkpointed in {x["chunk"]}s', x['activation_checkpoint']),
+            )
+            if on
+        )
+    )
+    mem = lambda x: (
+        'n/a'
+        if 'error' in x
+        else f'{_f(x["peak_gib"], ".2f")} GiB (predicted {_f(x["predicted_peak_gib"], ".2f")})'
+    )
+    flops = lambda x: (
+        f'{_f(x["backbone_tflops"], ".3f")} ({_f(x["peak_fraction"] and 100 * x["peak_fraction"], ".1f", " %")} of {_f(x.get("peak_tflops"), ".3g")})'
+    )
+    rows = [
+        (
+            'train',
+            f'episodes/s, {t["way"]}-way {t["shot"]}-shot {t["query"]} query ({t["frames_per_episode"]} frames)',
+            f'{name(ee)} {_f(ee["episodes_per_s"], ".2f")}',
+            f'{name(ff)} {_f(ff["episodes_per_s"], ".2f")}',
+            _f(t['speedup'], '.2f', 'x'),
+        ),
+        ('train', 'peak memory (measured, predicted by mdmf.memory)', mem(ee), mem(ff), ''),
+    ]
     if 'fast_checkpoint' in t:
         c = t['fast_checkpoint']
-        rows.append(('train', 'fast + activation checkpointing', '', f'{_f(c["episodes_per_s"], ".2f")} ep/s, {mem(c)}', ''))
-    rows.append(('train', 'backbone TFLOP/s (fraction of the peak of its precision)', flops(ee), flops(ff), ''))
+        rows.append(
+            (
+                'train',
+                'fast + activation checkpointing',
+                '',
+                f'{_f(c["episodes_per_s"], ".2f")} ep/s, {mem(c)}',
+                '',
+            )
+        )
+    rows.append(
+        ('train', 'backbone TFLOP/s (fraction of the peak of its precision)', flops(ee), flops(ff), '')
+    )
     return rows
 
+
+# %% ../nbs/28_bench.ipynb #b3c1f0a1
+def _otam_eval_rows(o: dict, e: dict) -> list:
+    "The rows of the OTAM and evaluation parts (none for a part not run)."
+    rows = []
+    if 'fast_ms' in o:
+        rows += [
+            (
+                'otam',
+                f'fwd+bwd, {"x".join(map(str, o["shape"]))}, both directions',
+                f'loop {_f(o["reference_ms"])} ms',
+                f'fast {_f(o["fast_ms"])} ms',
+                _f(o['speedup'], '.1f', 'x'),
+            ),
+            (
+                'otam',
+                'max |difference| value / gradient',
+                '',
+                f'{o["max_abs_diff"]:.1e} / {o["grad_max_abs_diff"]:.1e}',
+                'equal' if o['equal'] else 'DIFFERENT',
+            ),
+        ]
+    if 'cached_ms' in e:
+        rows += [
+            (
+                'eval',
+                f'per episode, {e["way"]}-way {e["shot"]}-shot {e["query"]} query',
+                f'uncached {_f(e["uncached_ms"])} ms',
+                f'cached {_f(e["cached_ms"], ".2f")} ms',
+                _f(e['cache_speedup'], '.1f', 'x'),
+            ),
+            (
+                'eval',
+                f'10,000 episodes ({e["split_videos"]} videos encoded once)',
+                f'{_f(e["tenk_uncached_s"], ".0f")} s',
+                f'{_f(e["tenk_cached_s"], ".0f")} s',
+                _f(e['cache_speedup_10k'], '.1f', 'x'),
+            ),
+            (
+                'eval',
+                f'accuracy, first {e["uncached_episodes"]} episodes',
+                f'{e["accuracy_uncached"]:.2f} %',
+                f'{e["accuracy_cached"]:.2f} %',
+                'same predictions'
+                if e['same_predictions']
+                else f'{100 * e["prediction_agreement"]:.1f} % agree',
+            ),
+        ]
+    return rows
+
+
+def _frozen_data_rows(z: dict, d: dict) -> list:
+    "The rows of the frozen-encoder and data-loading parts."
+    rows = []
+    if 'cached' in z:
+        ms = lambda p, k: f'{_f(1e3 * z[p][k])} ms'
+        rows += [
+            (
+                'frozen',
+                f'training episode, encoder frozen ({z["videos_per_episode"]} videos)',
+                f'uncached {ms("uncached", "episode_s")}',
+                f'cached {ms("cached", "episode_s")}',
+                _f(z['speedup'], '.1f', 'x'),
+            ),
+            (
+                'frozen',
+                'its training step (encoder and heads / heads)',
+                ms('uncached', 'step_s'),
+                ms('cached', 'step_s'),
+                _f(z['step_speedup'], '.1f', 'x'),
+            ),
+        ]
+    for kind in ('video', 'frames'):
+        for w in d.get(kind, []):
+            rows.append(
+                (
+                    'data',
+                    f'clips/s, {"video files" if kind == "video" else "JPEG frame folders"}, {w["workers"]} workers',
+                    f'step needs {_f(d["consumed_clips_per_s"])}',
+                    _f(w['clips_per_s']),
+                    _f(w['vs_consumed'], '.1f', 'x'),
+                )
+            )
+    return rows
+
+
+# %% ../nbs/28_bench.ipynb #b3c1f0a3
 def format_table(r: dict) -> str:
     "The benchmark's results as plain text (what `python -m mdmf.bench` prints)."
     o, e, t, d, z = r['otam'], r['eval'], r['train'], r['data'], r.get('frozen', {})
     rows = [('part', 'measurement', 'baseline', 'project', 'ratio')]
-    if 'fast_ms' in o:
-        rows += [('otam', f'fwd+bwd, {"x".join(map(str, o["shape"]))}, both directions', f'loop {_f(o["reference_ms"])} ms',
-                  f'fast {_f(o["fast_ms"])} ms', _f(o['speedup'], '.1f', 'x')),
-                 ('otam', 'max |difference| value / gradient', '', f'{o["max_abs_diff"]:.1e} / {o["grad_max_abs_diff"]:.1e}',
-                  'equal' if o['equal'] else 'DIFFERENT')]
-    if 'cached_ms' in e:
-        rows += [('eval', f'per episode, {e["way"]}-way {e["shot"]}-shot {e["query"]} query', f'uncached {_f(e["uncached_ms"])} ms',
-                  f'cached {_f(e["cached_ms"], ".2f")} ms', _f(e['cache_speedup'], '.1f', 'x')),
-                 ('eval', f'10,000 episodes ({e["split_videos"]} videos encoded once)', f'{_f(e["tenk_uncached_s"], ".0f")} s',
-                  f'{_f(e["tenk_cached_s"], ".0f")} s', _f(e['cache_speedup_10k'], '.1f', 'x')),
-                 ('eval', f'accuracy, first {e["uncached_episodes"]} episodes', f'{e["accuracy_uncached"]:.2f} %',
-                  f'{e["accuracy_cached"]:.2f} %', 'same predictions' if e['same_predictions']
-                  else f'{100 * e["prediction_agreement"]:.1f} % agree')]
-    if 'eager' in t: rows += _train_rows(t)
-    if 'cached' in z:
-        ms = lambda p, k: f'{_f(1e3 * z[p][k])} ms'
-        rows += [('frozen', f'training episode, encoder frozen ({z["videos_per_episode"]} videos)', f'uncached {ms("uncached", "episode_s")}',
-                  f'cached {ms("cached", "episode_s")}', _f(z['speedup'], '.1f', 'x')),
-                 ('frozen', 'its training step (encoder and heads / heads)', ms('uncached', 'step_s'), ms('cached', 'step_s'),
-                  _f(z['step_speedup'], '.1f', 'x'))]
-    for kind in ('video', 'frames'):
-        for w in d.get(kind, []):
-            rows.append(('data', f'clips/s, {"video files" if kind == "video" else "JPEG frame folders"}, {w["workers"]} workers',
-                         f'step needs {_f(d["consumed_clips_per_s"])}', _f(w['clips_per_s']), _f(w['vs_consumed'], '.1f', 'x')))
+    rows += _otam_eval_rows(o, e) + (_train_rows(t) if 'eager' in t else []) + _frozen_data_rows(z, d)
     widths = [max(len(str(row[i])) for row in rows) for i in range(5)]
     lines = ['  '.join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, '  '.join('-' * w for w in widths))
-    head = (f'mdmf benchmark: size {r["size"]} ({r["backbone"]}, {r["image_size"]} px, T={r["frames"]}); device {r["device"]}; '
-            f'torch {r["torch"]}; medians of {r["repeats"]} repeats' + (' (small sizes)' if r.get('small') else '')
-            + (f'; load average {r["load_average"]:.1f}' if r.get('load_average') is not None else ''))
+    head = (
+        f'mdmf benchmark: size {r["size"]} ({r["backbone"]}, {r["image_size"]} px, T={r["frames"]}); device {r["device"]}; '
+        f'torch {r["torch"]}; medians of {r["repeats"]} repeats'
+        + (' (small sizes)' if r.get('small') else '')
+        + (f'; load average {r["load_average"]:.1f}' if r.get('load_average') is not None else '')
+    )
     memory = [format_memory_table(r['memory']['rows']), ''] if r['memory'].get('rows') else []
     return '\n'.join(memory + [head, ''] + (lines if len(rows) > 1 else []))
+
 
 # %% ../nbs/28_bench.ipynb #9ddbe905
 def main(argv: Optional[Sequence[str]] = None):
     "`python -m mdmf.bench [--size tiny|rn50|vit-b16] [--device D] [--parts ...] [--out FILE]`: see `--help`."
-    p = command_parser('python -m mdmf.bench', _DESCRIPTION, options=BenchOptions(), sections=dict(run=('device', 'threads', 'seed')),
-                       choices={'size': tuple(SIZES)})
-    add_flags(p.add_argument_group('data'), DataConfig(), only=('data_root',), default_text='a temporary folder')
+    p = command_parser(
+        'python -m mdmf.bench',
+        _DESCRIPTION,
+        options=BenchOptions(),
+        sections=dict(run=('device', 'threads', 'seed')),
+        choices={'size': tuple(SIZES)},
+    )
+    add_flags(
+        p.add_argument_group('data'), DataConfig(), only=('data_root',), default_text='a temporary folder'
+    )
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index('--') if '--' in argv else len(argv)  # flags after `--` go to mdmf.train (--default-run)
     o, given = parse_command(p, argv[:cut], BenchOptions)
-    run, train_args = with_values(Config(), given).run, argv[cut + 1:]
-    if train_args and not o.default_run: raise BadInput('flags after -- are for --default-run (mdmf.train\'s flags)')
-    save = lambda r, complete=False: atomic_write_text(o.out, json.dumps(dict(r, complete=complete), indent=1))
-    if o.default_run: r = bench_default_run(train_args)
-    else: r = run_bench(o, run, log=lambda m: print(m, flush=True), on_part=save if o.out else None,  # written after each part
-                        data_root=given.get('data_root', ''))
+    run, train_args = with_values(Config(), given).run, argv[cut + 1 :]
+    if train_args and not o.default_run:
+        raise BadInput('flags after -- are for --default-run (mdmf.train\'s flags)')
+    save = lambda r, complete=False: atomic_write_text(
+        o.out, json.dumps(dict(r, complete=complete), indent=1)
+    )
+    if o.default_run:
+        r = bench_default_run(train_args)
+    else:
+        r = run_bench(
+            o,
+            run,
+            log=lambda m: print(m, flush=True),
+            on_part=save if o.out else None,  # written after each part
+            data_root=given.get('data_root', ''),
+        )
     print(format_default_run(r) if o.default_run else format_table(r), flush=True)
     if o.out:
         save(r, True)
         print(f'written to {o.out}')
     return r
 
-_DESCRIPTION = ('Print the predicted GPU memory of every preset, then measure side by side on one device: fast OTAM against '
-                'the cell-by-cell loop, evaluation with the feature cache against without, the trainer\'s fast training step '
-                'against the same trainer in IEEE float32, training on cached features against decoded frames with the '
-                'encoder frozen, and data loading against what training consumes. Prints a table; --out writes everything '
-                'as JSON. The small synthetic dataset it reads is made under --data-root. --default-run times '
-                '`python -m mdmf.train` instead (flags after -- go to it).')
+
+_DESCRIPTION = (
+    'Print the predicted GPU memory of every preset, then measure side by side on one device: fast OTAM against '
+    'the cell-by-cell loop, evaluation with the feature cache against without, the trainer\'s fast training step '
+    'against the same trainer in IEEE float32, training on cached features against decoded frames with the '
+    'encoder frozen, and data loading against what training consumes. Prints a table; --out writes everything '
+    'as JSON. The small synthetic dataset it reads is made under --data-root. --default-run times '
+    '`python -m mdmf.train` instead (flags after -- go to it).'
+)
 
 # %% ../nbs/28_bench.ipynb #296941cf
 #| eval: false
-if __name__ == '__main__' and not in_notebook(): cli(main)  # a notebook kernel's __name__ is '__main__' too
+if __name__ == '__main__' and not in_notebook():
+    cli(main)  # a notebook kernel's __name__ is '__main__' too

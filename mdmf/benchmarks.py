@@ -19,6 +19,23 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from mdmf.runtime import (
+    Runtime,
+    autocast,
+    backend_flags,
+    count_flops,
+    cpu_facts,
+    host_syncs,
+    load_average,
+    median,
+    peak_flops,
+    run_timed,
+    synchronize,
+    tf32_enabled,
+    time_interleaved,
+    to_device,
+)
+
 from .backbone import CLIP, RANDOM_CONFIGS, TINY_CONFIGS
 from .config import Config, preset_config
 from .core import BadInput, PathLike
@@ -30,28 +47,49 @@ from .features import FeatureEpisodes, build_bank
 from .memory import GiB, LiveBytes
 from .model import build_model
 from .otam import otam, otam_bidirectional, otam_reference
-from .runtime import (Runtime, autocast, backend_flags, count_flops, cpu_facts, host_syncs, load_average, median, peak_flops,
-                          run_timed, synchronize, tf32_enabled, time_interleaved, to_device)
 from .train import Trainer
 
 # %% auto #0
-__all__ = ['FRAME_FLOPS', 'SIZES', 'BENCHMARKS', 'BenchSize', 'bench_otam', 'bench_config', 'bench_data_root', 'bench_eval',
-           'train_path', 'bench_train', 'bench_data', 'bench_frozen', 'format_frozen', 'bench_frozen_step',
-           'project_frozen', 'projection_table', 'bench_default_run', 'format_default_run']
+__all__ = [
+    'FRAME_FLOPS',
+    'SIZES',
+    'BENCHMARKS',
+    'BenchSize',
+    'bench_otam',
+    'bench_config',
+    'bench_data_root',
+    'bench_eval',
+    'train_path',
+    'bench_train',
+    'bench_data',
+    'bench_frozen',
+    'format_frozen',
+    'bench_frozen_step',
+    'project_frozen',
+    'projection_table',
+    'bench_default_run',
+    'format_default_run',
+]
+
 
 # %% ../nbs/25_benchmarks.ipynb #6ce04982
 @dataclass(frozen=True)
 class BenchSize:
     "One benchmark size: which CLIP, the preset whose model settings it uses, and the videos it reads."
+
     name: str
     backbone: str  # a `load_clip` name with random weights
     preset: str  # the preset whose model settings the benchmark model takes
     short_side: int  # frames are resized to this short side before cropping to the backbone's size
     video_size: int  # side of the synthetic videos made for the evaluation and data parts
-    flops_per_frame: Optional[float] = None  # forward FLOPs of the visual encoder per frame (published figures)
+    # forward FLOPs of the visual encoder per frame (published figures)
+    flops_per_frame: Optional[float] = None
 
     @property
-    def shapes(self) -> dict: return {**TINY_CONFIGS, **RANDOM_CONFIGS}[self.backbone]  # clip.model.CLIP's keyword arguments
+    # clip.model.CLIP's keyword arguments
+    def shapes(self) -> dict:
+        return {**TINY_CONFIGS, **RANDOM_CONFIGS}[self.backbone]
+
 
 FRAME_FLOPS = {'RN50': 11.6e9, 'ViT-B/16': 33.7e9}  # published forward FLOPs of one 224x224 frame
 SIZES = {
@@ -59,75 +97,140 @@ SIZES = {
     'rn50': BenchSize('rn50', 'RN50-random', 'hmdb51', 256, 256, FRAME_FLOPS['RN50']),
     'vit-b16': BenchSize('vit-b16', 'ViT-B/16-random', 'hmdb51', 256, 256, FRAME_FLOPS['ViT-B/16']),
 }
-def _ratio(a, b): return None if a is None or b is None or b == 0 else float(a / b)
+
+
+def _ratio(a, b):
+    return None if a is None or b is None or b == 0 else float(a / b)
+
 
 # %% ../nbs/25_benchmarks.ipynb #d13766e6
 def _otam_episode(solver: Callable, costs: list, weights: Tensor, lam: float):
     "Bidirectional OTAM of every view summed, one backward: (distances [views, Q, N], gradients [views, Q, N, T, T])."
-    for c in costs: c.grad = None
+    for c in costs:
+        c.grad = None
     if solver is otam:  # the project's path, as the model runs it: every view and direction in one solve
         dist = otam_bidirectional(torch.stack(costs), lam)  # [views, Q, N]
     else:  # the reference: one call per view and direction
-        dist = torch.stack([solver(c, lam) + solver(c.transpose(-1, -2), lam) for c in costs])  # [views, Q, N]
+        # [views, Q, N]
+        dist = torch.stack([solver(c, lam) + solver(c.transpose(-1, -2), lam) for c in costs])
     (dist * weights).sum().backward()
     return dist.detach(), torch.stack([c.grad for c in costs])
 
-def bench_otam(device='cpu', repeats: int = 5, queries: int = 25, way: int = 5, frames: int = 8, views: int = 2,
-               lam: float = 0.5, seed: int = 0) -> dict:
+
+def bench_otam(
+    device='cpu',
+    repeats: int = 5,
+    queries: int = 25,
+    way: int = 5,
+    frames: int = 8,
+    views: int = 2,
+    lam: float = 0.5,
+    seed: int = 0,
+) -> dict:
     "Fast OTAM against the reference loop: forward + backward of one episode (both directions, every view)."
     device = torch.device(device)
     g = torch.Generator().manual_seed(seed)
-    make = lambda: [(2 * torch.rand(queries, way, frames, frames, generator=g)).to(device).requires_grad_()
-                    for _ in range(views)]  # [Q, N, T, T] per view, costs in [0, 2]
+    make = lambda: [
+        (2 * torch.rand(queries, way, frames, frames, generator=g)).to(device).requires_grad_()
+        for _ in range(views)
+    ]  # [Q, N, T, T] per view, costs in [0, 2]
     fast_in, weights = make(), torch.randn(views, queries, way, generator=g).to(device)  # [views, Q, N]
     ref_in = [c.detach().clone().requires_grad_() for c in fast_in]
-    times = time_interleaved({'reference': lambda: _otam_episode(otam_reference, ref_in, weights, lam),
-                              'fast': lambda: _otam_episode(otam, fast_in, weights, lam)}, repeats, 1, device)
-    (v_ref, g_ref), (v_fast, g_fast) = (_otam_episode(f, x, weights, lam) for f, x in
-                                        ((otam_reference, ref_in), (otam, fast_in)))
+    times = time_interleaved(
+        {
+            'reference': lambda: _otam_episode(otam_reference, ref_in, weights, lam),
+            'fast': lambda: _otam_episode(otam, fast_in, weights, lam),
+        },
+        repeats,
+        1,
+        device,
+    )
+    (v_ref, g_ref), (v_fast, g_fast) = (
+        _otam_episode(f, x, weights, lam) for f, x in ((otam_reference, ref_in), (otam, fast_in))
+    )
     ref_ms, fast_ms = median(times['reference']) * 1e3, median(times['fast']) * 1e3
-    return dict(shape=[views, queries, way, frames, frames], directions=2, lam=lam, dtype='float32',
-                reference_ms=ref_ms, fast_ms=fast_ms, speedup=_ratio(ref_ms, fast_ms),
-                max_abs_diff=float((v_ref - v_fast).abs().max()), grad_max_abs_diff=float((g_ref - g_fast).abs().max()),
-                equal=bool(torch.allclose(v_ref, v_fast, rtol=1e-4, atol=1e-4)
-                           and torch.allclose(g_ref, g_fast, rtol=1e-4, atol=1e-5)),
-                reference_times_ms=[1e3 * t for t in times['reference']], fast_times_ms=[1e3 * t for t in times['fast']])
+    return dict(
+        shape=[views, queries, way, frames, frames],
+        directions=2,
+        lam=lam,
+        dtype='float32',
+        reference_ms=ref_ms,
+        fast_ms=fast_ms,
+        speedup=_ratio(ref_ms, fast_ms),
+        max_abs_diff=float((v_ref - v_fast).abs().max()),
+        grad_max_abs_diff=float((g_ref - g_fast).abs().max()),
+        equal=bool(
+            torch.allclose(v_ref, v_fast, rtol=1e-4, atol=1e-4)
+            and torch.allclose(g_ref, g_fast, rtol=1e-4, atol=1e-5)
+        ),
+        reference_times_ms=[1e3 * t for t in times['reference']],
+        fast_times_ms=[1e3 * t for t in times['fast']],
+    )
+
 
 # %% ../nbs/25_benchmarks.ipynb #1ad6f4b3
-def bench_config(size: BenchSize,  # the benchmark size
-                 data_root: str = '',  # the synthetic dataset
-                 seed: int = 0,
-                 **values,  # further settings by name (`shot=1`, `workers=4`, ...)
-                ) -> Config:
+def bench_config(
+    size: BenchSize,  # the benchmark size
+    data_root: str = '',  # the synthetic dataset
+    seed: int = 0,
+    **values,  # further settings by name (`shot=1`, `workers=4`, ...)
+) -> Config:
     "The config every part runs on: the size's preset and backbone, synthetic data, no progress bars, the encoder trained."
-    return preset_config(size.preset).replace(
+    return preset_config(
+        size.preset
+    ).replace(
         freeze_visual=False,  # the synthetic preset freezes it; the training part times the step through the encoder
-        dataset='synthetic', data_root=data_root, short_side=size.short_side, flip=True, backbone=size.backbone,
-        backbone_seed=seed, return_attention=False, progress=False, seed=seed, threads=0, **values)
+        dataset='synthetic',
+        data_root=data_root,
+        short_side=size.short_side,
+        flip=True,
+        backbone=size.backbone,
+        backbone_seed=seed,
+        return_attention=False,
+        progress=False,
+        seed=seed,
+        threads=0,
+        **values,
+    )
+
 
 def bench_data_root(folder, video_size: int = 64, videos_per_class: int = 10, workers: int = 2) -> Path:
     "A small synthetic dataset under `folder` (made once; 40 classes, `videos_per_class` each)."
     from mdmf.synthetic import make_synthetic
+
     return make_synthetic(folder, videos_per_class=videos_per_class, size=video_size, workers=workers)
 
 
 # %% ../nbs/25_benchmarks.ipynb #d19f9346
 def _test_videos(name: str) -> Optional[int]:
-    try: return sum(1 for line in open(splits_dir(name) / 'test.txt', encoding='utf-8') if line.strip())
-    except (OSError, ValueError): return None
+    try:
+        return sum(1 for line in open(splits_dir(name) / 'test.txt', encoding='utf-8') if line.strip())
+    except (OSError, ValueError):
+        return None
 
-def bench_eval(cfg: Config, rt: Runtime, repeats: int = 3, cached_episodes: int = 50, uncached_episodes: int = 10,
-               episodes_10k: int = 10_000) -> dict:
+
+def bench_eval(
+    cfg: Config,
+    rt: Runtime,
+    repeats: int = 3,
+    cached_episodes: int = 50,
+    uncached_episodes: int = 10,
+    episodes_10k: int = 10_000,
+) -> dict:
     "Per-episode evaluation time with the feature cache against without, and both paths' accuracies."
     data = load_data(cfg.data, 'test')
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)
         model = build_model(cfg.model).to(rt.device).eval()
-    synchronize(rt.device); t0 = time.perf_counter()
+    synchronize(rt.device)
+    t0 = time.perf_counter()
     feats = encode_split(model, data, cfg, rt)  # [V, T, D], once
-    synchronize(rt.device); encode_s = time.perf_counter() - t0
+    synchronize(rt.device)
+    encode_s = time.perf_counter() - t0
     n_c = max(cached_episodes, uncached_episodes)
-    run = lambda n, cache, **kw: evaluate(model, cfg, 'test', n, cache=cache, rt=rt, data=data, progress=False, **kw)
+    run = lambda n, cache, **kw: evaluate(
+        model, cfg, 'test', n, cache=cache, rt=rt, data=data, progress=False, **kw
+    )
     run(2, True, features=feats)  # warm-up
     cached = [run(n_c, True, features=feats) for _ in range(max(1, repeats))]
     uncached = run(uncached_episodes, False)
@@ -137,22 +240,49 @@ def bench_eval(cfg: Config, rt: Runtime, repeats: int = 3, cached_episodes: int 
     acc = lambda r: summarize(r.per_episode[:uncached_episodes])['accuracy']
     per_video_s = encode_s / len(data)
     project = lambda videos: videos * per_video_s + episodes_10k * c_ms / 1e3
-    real = {n: project(v) for n in ('hmdb51', 'ucf101', 'kinetics100', 'ssv2_small', 'ssv2_full')
-            if (v := _test_videos(n)) is not None}
+    real = {
+        n: project(v)
+        for n in ('hmdb51', 'ucf101', 'kinetics100', 'ssv2_small', 'ssv2_full')
+        if (v := _test_videos(n)) is not None
+    }
     d = cfg.data
-    return dict(way=d.way, shot=d.shot, query=d.test_query, frames_per_episode=d.way * (d.shot + d.test_query) * cfg.model.frames,
-                split_videos=len(data), encode_s=encode_s, encode_ms_per_video=1e3 * per_video_s,
-                cached_ms=c_ms, uncached_ms=u_ms, cache_speedup=_ratio(u_ms, c_ms),
-                cached_episodes=n_c, uncached_episodes=uncached_episodes,
-                tenk_cached_s=project(len(data)), tenk_uncached_s=episodes_10k * u_ms / 1e3,
-                cache_speedup_10k=_ratio(episodes_10k * u_ms / 1e3, project(len(data))), tenk_cached_s_real=real,
-                accuracy_cached=acc(cached[0]), accuracy_uncached=acc(uncached),
-                same_predictions=bool(same.all()), prediction_agreement=float(same.mean()),
-                cached_times_ms=[1e3 * t for t in per_c], workers=d.workers)
+    return dict(
+        way=d.way,
+        shot=d.shot,
+        query=d.test_query,
+        frames_per_episode=d.way * (d.shot + d.test_query) * cfg.model.frames,
+        split_videos=len(data),
+        encode_s=encode_s,
+        encode_ms_per_video=1e3 * per_video_s,
+        cached_ms=c_ms,
+        uncached_ms=u_ms,
+        cache_speedup=_ratio(u_ms, c_ms),
+        cached_episodes=n_c,
+        uncached_episodes=uncached_episodes,
+        tenk_cached_s=project(len(data)),
+        tenk_uncached_s=episodes_10k * u_ms / 1e3,
+        cache_speedup_10k=_ratio(episodes_10k * u_ms / 1e3, project(len(data))),
+        tenk_cached_s_real=real,
+        accuracy_cached=acc(cached[0]),
+        accuracy_uncached=acc(uncached),
+        same_predictions=bool(same.all()),
+        prediction_agreement=float(same.mean()),
+        cached_times_ms=[1e3 * t for t in per_c],
+        workers=d.workers,
+    )
+
 
 # %% ../nbs/25_benchmarks.ipynb #71522e78
-def train_path(cfg: Config, rt: Runtime, fast: bool, repeats: int = 3, steps: int = 2, warmup: int = 2,
-               compile: bool = False, activation_checkpoint: bool = False) -> dict:
+def train_path(
+    cfg: Config,
+    rt: Runtime,
+    fast: bool,
+    repeats: int = 3,
+    steps: int = 2,
+    warmup: int = 2,
+    compile: bool = False,
+    activation_checkpoint: bool = False,
+) -> dict:
     "Episodes/s and peak memory of the trainer's own training step: its fast path as it runs, or turned off."
     rt = replace(rt, fast=fast, amp_dtype=rt.amp_dtype if fast else None)
     cuda = rt.device.type == 'cuda'
@@ -160,96 +290,186 @@ def train_path(cfg: Config, rt: Runtime, fast: bool, repeats: int = 3, steps: in
     with tempfile.TemporaryDirectory(prefix='mdmf-bench-run-') as folder, backend_flags(rt):
         trainer = Trainer(cfg, rt, Path(folder), quiet=True)
         model = trainer.model.train()
-        if compile: model.backbone.clip.visual = torch.compile(model.backbone.clip.visual)
+        if compile:
+            model.backbone.clip.visual = torch.compile(model.backbone.clip.visual)
         d = cfg.data
-        batch = random_episode(d.way, d.shot, d.train_query, cfg.model.frames, model.backbone.image_size, cfg.run.seed)
-        if cuda: batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = random_episode(
+            d.way, d.shot, d.train_query, cfg.model.frames, model.backbone.image_size, cfg.run.seed
+        )
+        if cuda:
+            batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
         episode = iter(range(1 << 30))
+
         def step():
             trainer.episode_loss(next(episode), batch)
             trainer.step()
-        if cuda: torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats(rt.device)
+
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(rt.device)
         live = LiveBytes() if not cuda else nullcontext()  # CPU: the tensor bytes of the first step
-        with live: step()
+        with live:
+            step()
         weights = sum(t.untyped_storage().nbytes() for t in model.state_dict().values())
-        t = time_interleaved({'block': lambda: [step() for _ in range(steps)]}, repeats, warmup, rt.device)['block']
+        t = time_interleaved({'block': lambda: [step() for _ in range(steps)]}, repeats, warmup, rt.device)[
+            'block'
+        ]
         peak = torch.cuda.max_memory_allocated(rt.device) if cuda else weights + live.peak
         eps = [steps / s for s in t]
-        out = dict(episodes_per_s=median(eps), episodes_per_s_all=eps, dtype=str(rt.amp_dtype or torch.float32)[6:],
-                   tf32=tf32_enabled(), cudnn_benchmark=torch.backends.cudnn.benchmark,
-                   fused_adam=bool(trainer.opt.param_groups[0].get('fused')), channels_last=model.backbone.channels_last,
-                   activation_checkpoint=model.backbone.activation_checkpoint, chunk=model.backbone.checkpoint_chunk,
-                   compiled=compile, peak_gib=peak / GiB, predicted_peak_gib=trainer.memory.peak and trainer.memory.peak / GiB,
-                   peak_source='torch.cuda.max_memory_allocated' if cuda else 'live tensor bytes of the first step + weights',
-                   memory_plan=trainer.memory.message, host_syncs_per_step=host_syncs(step, rt.device) if fast and cuda else None)
+        out = dict(
+            episodes_per_s=median(eps),
+            episodes_per_s_all=eps,
+            dtype=str(rt.amp_dtype or torch.float32)[6:],
+            tf32=tf32_enabled(),
+            cudnn_benchmark=torch.backends.cudnn.benchmark,
+            fused_adam=bool(trainer.opt.param_groups[0].get('fused')),
+            channels_last=model.backbone.channels_last,
+            activation_checkpoint=model.backbone.activation_checkpoint,
+            chunk=model.backbone.checkpoint_chunk,
+            compiled=compile,
+            peak_gib=peak / GiB,
+            predicted_peak_gib=trainer.memory.peak and trainer.memory.peak / GiB,
+            peak_source='torch.cuda.max_memory_allocated'
+            if cuda
+            else 'live tensor bytes of the first step + weights',
+            memory_plan=trainer.memory.message,
+            host_syncs_per_step=host_syncs(step, rt.device) if fast and cuda else None,
+        )
     return out
 
+
 # %% ../nbs/25_benchmarks.ipynb #44fadb9c
-def _flops_per_frame(size: BenchSize) -> tuple:  # (forward FLOPs of one frame, counted FLOPs, where the first comes from)
-    with torch.device('meta'): visual = CLIP(**size.shapes).visual
+def _flops_per_frame(
+    size: BenchSize,
+) -> tuple:  # (forward FLOPs of one frame, counted FLOPs, where the first comes from)
+    with torch.device('meta'):
+        visual = CLIP(**size.shapes).visual
     counted = count_flops(visual, visual.input_resolution, 'meta')  # shapes only: nothing is computed
-    return (size.flops_per_frame or counted, counted,
-            'published FLOPs per frame' if size.flops_per_frame else 'torch.utils.flop_counter')
+    return (
+        size.flops_per_frame or counted,
+        counted,
+        'published FLOPs per frame' if size.flops_per_frame else 'torch.utils.flop_counter',
+    )
+
 
 def _path(*args) -> dict:
     "`train_path(*args)`, or the out-of-memory error of a GPU too small for that path (the other rows still run)."
-    try: return train_path(*args)
+    try:
+        return train_path(*args)
     except torch.cuda.OutOfMemoryError as e:
         torch.cuda.empty_cache()
         return dict(error=f'CUDA out of memory: {str(e).splitlines()[0][:160]}', episodes_per_s=None)
 
-def bench_train(size: BenchSize, cfg: Config, rt: Runtime, repeats: int = 3, steps: int = 2, warmup: int = 2,
-                compile: bool = False, activation_checkpoint: bool = False, on_row: Optional[Callable] = None) -> dict:
+
+def bench_train(
+    size: BenchSize,
+    cfg: Config,
+    rt: Runtime,
+    repeats: int = 3,
+    steps: int = 2,
+    warmup: int = 2,
+    compile: bool = False,
+    activation_checkpoint: bool = False,
+    on_row: Optional[Callable] = None,
+) -> dict:
     "Training episodes/s and peak memory, the trainer's fast path against the same trainer in IEEE float32."
     rows, done = {}, on_row or (lambda rows: None)  # on_row(rows): called as each row finishes
-    rows['eager'] = _path(cfg, rt, False, repeats, steps, warmup); done(rows)  # a time-out keeps the rows before it
-    rows['fast'] = _path(cfg, rt, True, repeats, steps, warmup, compile); done(rows)
-    if activation_checkpoint: rows['fast_checkpoint'] = _path(cfg, rt, True, repeats, steps, warmup, compile, True)
+    # a time-out keeps the rows before it
+    rows['eager'] = _path(cfg, rt, False, repeats, steps, warmup)
+    done(rows)
+    rows['fast'] = _path(cfg, rt, True, repeats, steps, warmup, compile)
+    done(rows)
+    if activation_checkpoint:
+        rows['fast_checkpoint'] = _path(cfg, rt, True, repeats, steps, warmup, compile, True)
     d, n_frames = cfg.data, cfg.data.way * (cfg.data.shot + cfg.data.train_query) * cfg.model.frames
     per_frame, counted, source, peaks = *_flops_per_frame(size), {}
     for r in rows.values():  # each row against the peak of its own precision (float32 rows: float32 or TF32)
         key = (r.get('dtype', 'float32'), bool(r.get('tf32')))
-        peak, r['peak_source'] = peaks[key] = peaks.get(key) or peak_flops(rt.device, *key); r['peak_tflops'] = peak and peak / 1e12
+        peak, r['peak_source'] = peaks[key] = peaks.get(key) or peak_flops(rt.device, *key)
+        r['peak_tflops'] = peak and peak / 1e12
         r['backbone_tflops'] = r['episodes_per_s'] and 3 * per_frame * n_frames * r['episodes_per_s'] / 1e12
-        r['peak_fraction'] = None if peak is None or not r['backbone_tflops'] else r['backbone_tflops'] * 1e12 / peak
-    return dict(way=d.way, shot=d.shot, query=d.train_query, frames_per_episode=n_frames, steps_per_block=steps,
-                flops_per_frame=per_frame, flops_per_frame_counted=counted, flops_source=source,
-                peak_tflops=rows['fast']['peak_tflops'], peak_source=rows['fast']['peak_source'],
-                speedup=_ratio(rows['fast']['episodes_per_s'], rows['eager']['episodes_per_s']), **rows)
+        r['peak_fraction'] = (
+            None if peak is None or not r['backbone_tflops'] else r['backbone_tflops'] * 1e12 / peak
+        )
+    return dict(
+        way=d.way,
+        shot=d.shot,
+        query=d.train_query,
+        frames_per_episode=n_frames,
+        steps_per_block=steps,
+        flops_per_frame=per_frame,
+        flops_per_frame_counted=counted,
+        flops_source=source,
+        peak_tflops=rows['fast']['peak_tflops'],
+        peak_source=rows['fast']['peak_source'],
+        speedup=_ratio(rows['fast']['episodes_per_s'], rows['eager']['episodes_per_s']),
+        **rows,
+    )
+
 
 # %% ../nbs/25_benchmarks.ipynb #ecaced56
-def _loader_rate(split, sampler, episodes: int, workers: int, frames: int, size: int, short_side: int) -> dict:
-    ds = EpisodeDataset(split, sampler, episodes, train=True, num_frames=frames, size=size, short_side=short_side, flip=True)
+def _loader_rate(
+    split, sampler, episodes: int, workers: int, frames: int, size: int, short_side: int
+) -> dict:
+    ds = EpisodeDataset(
+        split, sampler, episodes, train=True, num_frames=frames, size=size, short_side=short_side, flip=True
+    )
     clips = sampler.way * (sampler.shot + sampler.query)
     t0 = time.perf_counter()
     it = iter(episode_loader(ds, num_workers=workers, pin_memory=False))
-    next(it); t1 = time.perf_counter()
+    next(it)
+    t1 = time.perf_counter()
     n = sum(1 for _ in it)
     t2 = time.perf_counter()
-    return dict(workers=workers, clips_per_s=n * clips / (t2 - t1) if n else None, startup_s=t1 - t0, episodes=n + 1)
+    return dict(
+        workers=workers, clips_per_s=n * clips / (t2 - t1) if n else None, startup_s=t1 - t0, episodes=n + 1
+    )
 
-def bench_data(cfg: Config, image_size: int, workers: Sequence[int] = (0, 2), episodes: int = 8,
-               consumed_episodes_per_s: Optional[float] = None, default_workers: Optional[int] = None) -> dict:
+
+def bench_data(
+    cfg: Config,
+    image_size: int,
+    workers: Sequence[int] = (0, 2),
+    episodes: int = 8,
+    consumed_episodes_per_s: Optional[float] = None,
+    default_workers: Optional[int] = None,
+) -> dict:
     "Clips/s of the training episode loader with each worker count, from video files and from JPEG frame folders."
     d, frames = cfg.data, cfg.model.frames
     clips = d.way * (d.shot + d.train_query)
     consumed = None if consumed_episodes_per_s is None else consumed_episodes_per_s * clips
-    out = dict(way=d.way, shot=d.shot, query=d.train_query, clips_per_episode=clips, consumed_clips_per_s=consumed,
-               default_workers=default_workers, image_size=image_size, frames=frames)
+    out = dict(
+        way=d.way,
+        shot=d.shot,
+        query=d.train_query,
+        clips_per_episode=clips,
+        consumed_clips_per_s=consumed,
+        default_workers=default_workers,
+        image_size=image_size,
+        frames=frames,
+    )
     video = load_data(d, 'train')
     sampler = EpisodeSampler.from_split(video, d.way, d.shot, d.train_query, cfg.run.seed)
     n = max([episodes] + [2 * w + 2 for w in workers])  # enough episodes to keep every worker busy
     tmp = tempfile.mkdtemp(prefix='mdmf-bench-frames-')
     try:
-        storages = dict(video=video, frames=frames_split(video, sampler, n, tmp, workers=min(8, os.cpu_count() or 1)))
+        storages = dict(
+            video=video, frames=frames_split(video, sampler, n, tmp, workers=min(8, os.cpu_count() or 1))
+        )
         for kind, split in storages.items():
-            rows = [_loader_rate(split, sampler, max(episodes, 2 * w + 2), w, frames, image_size, d.short_side) for w in workers]
-            for r in rows: r['vs_consumed'] = _ratio(r['clips_per_s'], consumed)
+            rows = [
+                _loader_rate(split, sampler, max(episodes, 2 * w + 2), w, frames, image_size, d.short_side)
+                for w in workers
+            ]
+            for r in rows:
+                r['vs_consumed'] = _ratio(r['clips_per_s'], consumed)
             out[kind] = rows
-    finally: shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     row = [r for r in out['video'] if r['workers'] == default_workers]
     out['keeps_up'] = None if not row or consumed is None else bool(row[0]['vs_consumed'] >= 1)
     return out
+
 
 # %% ../nbs/25_benchmarks.ipynb #065cdf98
 def _frozen_trainers(cfg: Config, rt: Runtime, folder: Path) -> tuple:
@@ -257,8 +477,10 @@ def _frozen_trainers(cfg: Config, rt: Runtime, folder: Path) -> tuple:
     cfg = cfg.replace(freeze_visual=True, progress=False, train_draws=max(cfg.optim.train_draws, 1))
     plain = Trainer(cfg.replace(train_draws=0), rt, folder / 'frames', quiet=True)
     cached = Trainer(cfg, rt, folder / 'features', quiet=True)
-    plain.model.train(); cached.model.train()
+    plain.model.train()
+    cached.model.train()
     return plain, cached
+
 
 def _train_step(trainer: Trainer, i: int, batch: dict):
     "Training episode `i` by the trainer's own methods (forward, backward, Adam step), then wait for the device."
@@ -266,12 +488,14 @@ def _train_step(trainer: Trainer, i: int, batch: dict):
     trainer.step()
     synchronize(trainer.rt.device)
 
-def bench_frozen(root: PathLike,  # data root of a synthetic set (`make_synthetic`)
-                 cfg: Optional[Config] = None,  # default: the synthetic preset (its episodes, backbone, draws)
-                 episodes: int = 8,  # timed episodes per path
-                 warmup: int = 2,  # untimed episodes first
-                 rt: Optional[Runtime] = None,  # the device (default: the CPU)
-                ) -> dict:
+
+def bench_frozen(
+    root: PathLike,  # data root of a synthetic set (`make_synthetic`)
+    cfg: Optional[Config] = None,  # default: the synthetic preset (its episodes, backbone, draws)
+    episodes: int = 8,  # timed episodes per path
+    warmup: int = 2,  # untimed episodes first
+    rt: Optional[Runtime] = None,  # the device (default: the CPU)
+) -> dict:
     "Per-episode training time with the visual encoder frozen: uncached against cached features."
     rt, load_before = rt or Runtime(), load_average()
     cfg = (cfg or preset_config('synthetic')).replace(data_root=str(root))
@@ -281,130 +505,242 @@ def bench_frozen(root: PathLike,  # data root of a synthetic set (`make_syntheti
         fresh = episode_data(cfg.data, split, cfg.model.frames, crop_size(feat.model), n, cfg.run.seed)
         bank = build_bank(feat.model, split, cfg, rt)
         cached = FeatureEpisodes(fresh, bank)
+
         def run(i: int, feats: bool) -> tuple:  # (data seconds, step seconds)
             t0 = time.perf_counter()
             b = (cached if feats else fresh)[i]
             t1 = time.perf_counter()
             _train_step(feat if feats else plain, i, b)
             return t1 - t0, time.perf_counter() - t1
+
         times = {False: [], True: []}
         for i in range(n):
-            for feats in (False, True): times[feats].append(run(i, feats))
+            for feats in (False, True):
+                times[feats].append(run(i, feats))
     part = lambda feats, k: median([t[k] for t in times[feats][warmup:]])
-    path = lambda feats: dict(data_s=part(feats, 0), step_s=part(feats, 1),
-                              episode_s=median([sum(t) for t in times[feats][warmup:]]))
+    path = lambda feats: dict(
+        data_s=part(feats, 0),
+        step_s=part(feats, 1),
+        episode_s=median([sum(t) for t in times[feats][warmup:]]),
+    )
     u, c, N = path(False), path(True), cfg.optim.train_episodes
-    return dict(backbone=cfg.model.backbone, device=str(rt.device), threads=torch.get_num_threads(),
-                load=(load_before, load_average()), episodes=episodes, videos_per_episode=len(cached[0]['support_index']) +
-                len(cached[0]['query_index']), frames=cfg.model.frames, size=crop_size(feat.model),
-                uncached=u, cached=c, bank=dict(videos=len(split), draws=bank.draws, seconds=bank.seconds),
-                speedup=u['episode_s'] / c['episode_s'], step_speedup=u['step_s'] / c['step_s'],
-                run=dict(train_episodes=N, uncached_s=N * u['episode_s'], cached_s=bank.seconds + N * c['episode_s'],
-                         speedup=N * u['episode_s'] / (bank.seconds + N * c['episode_s'])))
+    return dict(
+        backbone=cfg.model.backbone,
+        device=str(rt.device),
+        threads=torch.get_num_threads(),
+        load=(load_before, load_average()),
+        episodes=episodes,
+        videos_per_episode=len(cached[0]['support_index']) + len(cached[0]['query_index']),
+        frames=cfg.model.frames,
+        size=crop_size(feat.model),
+        uncached=u,
+        cached=c,
+        bank=dict(videos=len(split), draws=bank.draws, seconds=bank.seconds),
+        speedup=u['episode_s'] / c['episode_s'],
+        step_speedup=u['step_s'] / c['step_s'],
+        run=dict(
+            train_episodes=N,
+            uncached_s=N * u['episode_s'],
+            cached_s=bank.seconds + N * c['episode_s'],
+            speedup=N * u['episode_s'] / (bank.seconds + N * c['episode_s']),
+        ),
+    )
+
 
 # %% ../nbs/25_benchmarks.ipynb #70f559db
 def format_frozen(r: dict) -> str:
     "A `bench_frozen` result as a Markdown table and one line of context."
     ms = lambda s: f'{1000 * s:.1f}'
     u, c, run = r['uncached'], r['cached'], r['run']
-    return (f'| frozen visual encoder, per training episode | data ms | step ms | episode ms |\n|---|---|---|---|\n'
-            f'| uncached (decode, crop, encoder, heads) | {ms(u["data_s"])} | {ms(u["step_s"])} | {ms(u["episode_s"])} |\n'
-            f'| cached (bank lookup, heads) | {ms(c["data_s"])} | {ms(c["step_s"])} | {ms(c["episode_s"])} |\n'
-            f'| speedup | | {r["step_speedup"]:.1f}x | {r["speedup"]:.1f}x |\n\n'
-            f'{r["backbone"]} on {r["device"]} ({r["threads"]} threads), {r["videos_per_episode"]} videos of {r["frames"]} '
-            f'frames at {r["size"]} px per episode, medians of {r["episodes"]} episodes; bank: {r["bank"]["videos"]} videos x '
-            f'{r["bank"]["draws"]} draws in {r["bank"]["seconds"]:.1f} s; a run of {run["train_episodes"]} episodes: '
-            f'{run["uncached_s"]:.0f} s uncached, {run["cached_s"]:.0f} s cached ({run["speedup"]:.1f}x); '
-            f'load average {r["load"][0]} -> {r["load"][1]}')
+    return (
+        f'| frozen visual encoder, per training episode | data ms | step ms | episode ms |\n|---|---|---|---|\n'
+        f'| uncached (decode, crop, encoder, heads) | {ms(u["data_s"])} | {ms(u["step_s"])} | {ms(u["episode_s"])} |\n'
+        f'| cached (bank lookup, heads) | {ms(c["data_s"])} | {ms(c["step_s"])} | {ms(c["episode_s"])} |\n'
+        f'| speedup | | {r["step_speedup"]:.1f}x | {r["speedup"]:.1f}x |\n\n'
+        f'{r["backbone"]} on {r["device"]} ({r["threads"]} threads), {r["videos_per_episode"]} videos of {r["frames"]} '
+        f'frames at {r["size"]} px per episode, medians of {r["episodes"]} episodes; bank: {r["bank"]["videos"]} videos x '
+        f'{r["bank"]["draws"]} draws in {r["bank"]["seconds"]:.1f} s; a run of {run["train_episodes"]} episodes: '
+        f'{run["uncached_s"]:.0f} s uncached, {run["cached_s"]:.0f} s cached ({run["speedup"]:.1f}x); '
+        f'load average {r["load"][0]} -> {r["load"][1]}'
+    )
+
 
 # %% ../nbs/25_benchmarks.ipynb #3d8de6c4
-def bench_frozen_step(cfg: Config,  # the model's settings (its backbone: e.g. `RN50-random` for RN50's shapes)
-                      way: int = 5, shot: int = 5, query: int = 5,  # the episode (paper: 5-way 5-shot, 5 queries)
-                      repeats: int = 3,  # timed steps per path (medians)
-                      warmup: int = 1,  # untimed steps per path first
-                      rt: Optional[Runtime] = None,
-                     ) -> dict:
+def bench_frozen_step(
+    cfg: Config,  # the model's settings (its backbone: e.g. `RN50-random` for RN50's shapes)
+    way: int = 5,
+    shot: int = 5,
+    query: int = 5,  # the episode (paper: 5-way 5-shot, 5 queries)
+    repeats: int = 3,  # timed steps per path (medians)
+    warmup: int = 1,  # untimed steps per path first
+    rt: Optional[Runtime] = None,
+) -> dict:
     "Training-step seconds of one episode with the encoder frozen: frames (encoder and heads) against cached features (heads)."
     rt = rt or Runtime()
     with tempfile.TemporaryDirectory(prefix='mdmf-bench-frozen-') as folder:
         plain, feat = _frozen_trainers(cfg, rt, Path(folder))
         m = plain.model
         ep = to_device(random_episode(way, shot, query, m.cfg.frames, m.backbone.image_size), rt.device)
-        with torch.no_grad(), autocast(rt): f = m.encode_frames(torch.cat([ep['support'], ep['query']])).float()  # [S+Q, T, D]
-        feats = dict(ep, support_feats=f[:len(ep['support'])], query_feats=f[len(ep['support']):])  # [S, T, D], [Q, T, D]
-        times = time_interleaved({'uncached': lambda: _train_step(plain, 0, ep), 'cached': lambda: _train_step(feat, 0, feats)},
-                                 repeats, warmup, rt.device)
+        # [S+Q, T, D]
+        with torch.no_grad(), autocast(rt):
+            f = m.encode_frames(torch.cat([ep['support'], ep['query']])).float()
+        # [S, T, D], [Q, T, D]
+        feats = dict(ep, support_feats=f[: len(ep['support'])], query_feats=f[len(ep['support']) :])
+        times = time_interleaved(
+            {'uncached': lambda: _train_step(plain, 0, ep), 'cached': lambda: _train_step(feat, 0, feats)},
+            repeats,
+            warmup,
+            rt.device,
+        )
     u, c = median(times['uncached']), median(times['cached'])
-    return dict(backbone=m.cfg.backbone, dim=m.dim, frames_per_episode=len(f) * m.cfg.frames,
-                size=m.backbone.image_size, uncached_s=u, cached_s=c, speedup=u / c, repeats=repeats,
-                device=str(rt.device), threads=torch.get_num_threads(), load=load_average())
+    return dict(
+        backbone=m.cfg.backbone,
+        dim=m.dim,
+        frames_per_episode=len(f) * m.cfg.frames,
+        size=m.backbone.image_size,
+        uncached_s=u,
+        cached_s=c,
+        speedup=u / c,
+        repeats=repeats,
+        device=str(rt.device),
+        threads=torch.get_num_threads(),
+        load=load_average(),
+    )
+
 
 # %% ../nbs/25_benchmarks.ipynb #8279f1c5
 BENCHMARKS = ('hmdb51', 'ucf101', 'kinetics100', 'ssv2_small', 'ssv2_full')
 
-def project_frozen(dataset: str,  # a benchmark of the shipped split lists
-                   backbone: str = 'RN50',  # 'RN50' or 'ViT-B/16'
-                   draws: int = 8,  # K, cached draws per training video
-                   train_episodes: int = 20_000, val_every: int = 1000,  # the paper's schedule
-                   way: int = 5, shot: int = 5, train_query: int = 5, frames: int = 8,
-                   tflops: float = 100.0,  # sustained TFLOP/s assumed for the encoder
-                   step_overhead_s: float = 0.015,  # assumed launch-bound time of one cached episode
-                   heads_share: float = 0.01,  # heads / encoder training cost (under 1%)
-                  ) -> dict:
+
+def project_frozen(
+    dataset: str,  # a benchmark of the shipped split lists
+    backbone: str = 'RN50',  # 'RN50' or 'ViT-B/16'
+    draws: int = 8,  # K, cached draws per training video
+    train_episodes: int = 20_000,
+    val_every: int = 1000,  # the paper's schedule
+    way: int = 5,
+    shot: int = 5,
+    train_query: int = 5,
+    frames: int = 8,
+    tflops: float = 100.0,  # sustained TFLOP/s assumed for the encoder
+    step_overhead_s: float = 0.015,  # assumed launch-bound time of one cached episode
+    heads_share: float = 0.01,  # heads / encoder training cost (under 1%)
+) -> dict:
     "Projected GPU hours of one fine-tuned and one frozen-backbone training run (a projection, not a measurement)."
     V = {s: len(read_split(splits_dir(dataset) / f'{s}.txt')) for s in ('train', 'val', 'test')}
     F, T = FRAME_FLOPS[backbone], frames
     ep_frames, rounds = way * (shot + train_query) * T, max(1, train_episodes // max(val_every, 1))
     sec = lambda flop: flop / (tflops * 1e12)
     encoder_train = train_episodes * ep_frames * 3 * F
-    fine = dict(train=sec(encoder_train * (1 + heads_share)), val=sec(rounds * V['val'] * T * F), test=sec(V['test'] * T * F))
+    fine = dict(
+        train=sec(encoder_train * (1 + heads_share)),
+        val=sec(rounds * V['val'] * T * F),
+        test=sec(V['test'] * T * F),
+    )
     heads = max(sec(encoder_train * heads_share), train_episodes * step_overhead_s)
-    frozen = dict(bank=sec(V['train'] * draws * T * F), train=heads, val=sec(V['val'] * T * F), test=sec(V['test'] * T * F))
+    frozen = dict(
+        bank=sec(V['train'] * draws * T * F),
+        train=heads,
+        val=sec(V['val'] * T * F),
+        test=sec(V['test'] * T * F),
+    )
     h = lambda d: sum(d.values()) / 3600
-    return dict(dataset=dataset, backbone=backbone, videos=V, draws=draws, train_episodes=train_episodes,
-                finetuned_h=h(fine), frozen_h=h(frozen), speedup=h(fine) / h(frozen),
-                finetuned_s=fine, frozen_s=frozen, projection=True,
-                assumptions=dict(frame_gflop=F / 1e9, train_step_factor=3, heads_share=heads_share,
-                                 tflops=tflops, step_overhead_s=step_overhead_s, decoding='not counted'))
+    return dict(
+        dataset=dataset,
+        backbone=backbone,
+        videos=V,
+        draws=draws,
+        train_episodes=train_episodes,
+        finetuned_h=h(fine),
+        frozen_h=h(frozen),
+        speedup=h(fine) / h(frozen),
+        finetuned_s=fine,
+        frozen_s=frozen,
+        projection=True,
+        assumptions=dict(
+            frame_gflop=F / 1e9,
+            train_step_factor=3,
+            heads_share=heads_share,
+            tflops=tflops,
+            step_overhead_s=step_overhead_s,
+            decoding='not counted',
+        ),
+    )
+
 
 def projection_table(draws: int = 8, **kw) -> str:
     "`project_frozen` for every benchmark and both backbones, as a Markdown table (labelled a projection)."
     rows = [project_frozen(d, b, draws, **kw) for d in BENCHMARKS for b in FRAME_FLOPS]
     a = rows[0]['assumptions']
-    out = ('| benchmark | backbone | train videos | fine-tuned GPU h | frozen GPU h (bank) | speedup |\n|---|---|---|---|---|---|\n')
-    out += ''.join(f'| {r["dataset"]} | {r["backbone"]} | {r["videos"]["train"]} | {r["finetuned_h"]:.2f} | '
-                   f'{r["frozen_h"]:.2f} ({r["frozen_s"]["bank"] / 3600:.2f}) | {r["speedup"]:.0f}x |\n' for r in rows)
-    return out + (f'\nProjection, not a measurement: {rows[0]["train_episodes"]} training episodes, K = {draws} draws, '
-                  f'{a["tflops"]:g} TFLOP/s sustained, {1000 * a["step_overhead_s"]:g} ms per cached episode, forward '
-                  f'x{a["train_step_factor"]} per training step, heads {100 * a["heads_share"]:g}% of the encoder, '
-                  'video decoding not counted.')
+    out = '| benchmark | backbone | train videos | fine-tuned GPU h | frozen GPU h (bank) | speedup |\n|---|---|---|---|---|---|\n'
+    out += ''.join(
+        f'| {r["dataset"]} | {r["backbone"]} | {r["videos"]["train"]} | {r["finetuned_h"]:.2f} | '
+        f'{r["frozen_h"]:.2f} ({r["frozen_s"]["bank"] / 3600:.2f}) | {r["speedup"]:.0f}x |\n'
+        for r in rows
+    )
+    return out + (
+        f'\nProjection, not a measurement: {rows[0]["train_episodes"]} training episodes, K = {draws} draws, '
+        f'{a["tflops"]:g} TFLOP/s sustained, {1000 * a["step_overhead_s"]:g} ms per cached episode, forward '
+        f'x{a["train_step_factor"]} per training step, heads {100 * a["heads_share"]:g}% of the encoder, '
+        'video decoding not counted.'
+    )
+
 
 # %% ../nbs/25_benchmarks.ipynb #dd289dad
-def bench_default_run(args: Sequence[str] = (),  # flags of `python -m mdmf.train` (none: the default run)
-                      runs: str = '',  # folder of the run folder (default: a temporary one, removed afterwards)
-                      every: float = 5.0,  # seconds between samples of the load average
-                     ) -> dict:
+def bench_default_run(
+    args: Sequence[str] = (),  # flags of `python -m mdmf.train` (none: the default run)
+    runs: str = '',  # folder of the run folder (default: a temporary one, removed afterwards)
+    every: float = 5.0,  # seconds between samples of the load average
+) -> dict:
     "Wall time, accuracy, load and CPU of `python -m mdmf.train ARGS`, run in a fresh process."
     tmp = runs or tempfile.mkdtemp(prefix='mdmf-default-run-')
     folder = Path(tmp) / 'default-run'
     try:
-        r = run_timed([sys.executable, '-m', 'mdmf.train', *args, '--runs', str(folder.parent), '--name', folder.name,
-                       '--overwrite', '--no-progress'], every)
-        if r['returncode']: raise BadInput(f'python -m mdmf.train {" ".join(args)} failed (exit {r["returncode"]}):\n'
-                                           + r['output'][-1500:])
+        r = run_timed(
+            [
+                sys.executable,
+                '-m',
+                'mdmf.train',
+                *args,
+                '--runs',
+                str(folder.parent),
+                '--name',
+                folder.name,
+                '--overwrite',
+                '--no-progress',
+            ],
+            every,
+        )
+        if r['returncode']:
+            raise BadInput(
+                f'python -m mdmf.train {" ".join(args)} failed (exit {r["returncode"]}):\n'
+                + r['output'][-1500:]
+            )
         m = json.loads((folder / 'metrics.json').read_text(encoding='utf-8'))
     finally:
-        if not runs: shutil.rmtree(tmp, ignore_errors=True)
-    return dict(command=' '.join(['python -m mdmf.train', *args]), wall_s=round(r['wall_s'], 1), test=m['test'], val=m['val'],
-                timings=m['timings'], model=m['model'], load=r['load'], cpu=cpu_facts(), torch=torch.__version__)
+        if not runs:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dict(
+        command=' '.join(['python -m mdmf.train', *args]),
+        wall_s=round(r['wall_s'], 1),
+        test=m['test'],
+        val=m['val'],
+        timings=m['timings'],
+        model=m['model'],
+        load=r['load'],
+        cpu=cpu_facts(),
+        torch=torch.__version__,
+    )
+
 
 def format_default_run(r: dict) -> str:
     "A `bench_default_run` result as one Markdown row with its header, and the machine under it."
     t, l, c = r['test'], r['load'], r['cpu']
     limits = ' '.join(f'{k}={v}' for k, v in c['limits'].items()) or 'none'
-    return (f'| command | test accuracy | val | wall time | load (start / max / end) |\n|---|---|---|---|---|\n'
-            f'| `{r["command"]}` | {t["accuracy"]:.2f} ± {t["ci95"]:.2f} % ({t["episodes"]} episodes) | '
-            f'{r["val"]["accuracy"]:.2f} % at episode {r["val"]["best_episode"]} | {r["wall_s"]:.0f} s | '
-            f'{l["start"]} / {l["max"]} / {l["end"]} |\n\n{c["model"]}, {c["cores"]} cores; vector extensions '
-            f'{", ".join(c["vector"]) or "none found"}; limits {limits}; torch kernels {c["torch_capability"]}')
-
+    return (
+        f'| command | test accuracy | val | wall time | load (start / max / end) |\n|---|---|---|---|---|\n'
+        f'| `{r["command"]}` | {t["accuracy"]:.2f} ± {t["ci95"]:.2f} % ({t["episodes"]} episodes) | '
+        f'{r["val"]["accuracy"]:.2f} % at episode {r["val"]["best_episode"]} | {r["wall_s"]:.0f} s | '
+        f'{l["start"]} / {l["max"]} / {l["end"]} |\n\n{c["model"]}, {c["cores"]} cores; vector extensions '
+        f'{", ".join(c["vector"]) or "none found"}; limits {limits}; torch kernels {c["torch_capability"]}'
+    )

@@ -14,57 +14,108 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .core import BadInput, MissingInput, add_flags, command_line
-from .core import cli  # noqa: F401 (commands import it from here too)
+from mdmf.core import (
+    BadInput,
+    MissingInput,
+    add_flags,
+    cli,  # noqa: F401 (commands import it from here too)
+    command_line,
+)
+
 from .data import DataConfig, dataset_label
 from .datasets import DATASETS
-from .model import MODELS, ModelConfig, _CHOICES as _MODEL_CHOICES
+from .model import _CHOICES as _MODEL_CHOICES
+from .model import MODELS, ModelConfig
 from .video import FRAME_MODES
 
 # %% auto #0
-__all__ = ['SECTIONS', 'VIDEO_TEXT_WEIGHT', 'DEFAULT_MODEL', 'PAPER', 'PRESETS', 'RECIPES', 'FSAR_GPUS', 'FSAR_SOLVER',
-           'MDMF_RUN', 'CHOICES', 'OptimConfig', 'EvalConfig', 'RunConfig', 'default_model', 'Config', 'leaf_sections',
-           'with_values', 'preset_config', 'lr_at', 'adam_groups', 'recipe_values', 'load_config_file',
-           'config_from_dict', 'config_to_dict', 'config_parser', 'config_from_args', 'resolve_config',
-           'command_parser']
+__all__ = [
+    'SECTIONS',
+    'VIDEO_TEXT_WEIGHT',
+    'DEFAULT_MODEL',
+    'PAPER',
+    'PRESETS',
+    'RECIPES',
+    'FSAR_GPUS',
+    'FSAR_SOLVER',
+    'MDMF_RUN',
+    'CHOICES',
+    'OptimConfig',
+    'EvalConfig',
+    'RunConfig',
+    'default_model',
+    'Config',
+    'leaf_sections',
+    'with_values',
+    'preset_config',
+    'lr_at',
+    'adam_groups',
+    'recipe_values',
+    'load_config_file',
+    'config_from_dict',
+    'config_to_dict',
+    'config_parser',
+    'config_from_args',
+    'resolve_config',
+    'command_parser',
+]
+
 
 # %% ../nbs/14_config.ipynb #2db93969
 @dataclass
 class OptimConfig:
     "How the model is trained."
+
     lr: float = 5e-4  # Adam learning rate
     weight_decay: float = 0.0  # Adam weight decay
     accum: int = 1  # episodes whose gradients are averaged into one optimiser step
     train_episodes: int = 800  # training episodes in all (over all processes)
-    train_draws: int = 8  # with --freeze-visual: augmented draws (frame jitter, crop, flip) of each training video encoded once and reused by every episode (0: no cache, every episode encodes fresh draws)
+    # with --freeze-visual: augmented draws (frame jitter, crop, flip) of each training video encoded once and
+    # reused by every episode (0: no cache, every episode encodes fresh draws)
+    train_draws: int = 8
     grad_clip: float = 0.0  # clip the gradient norm to this value (0: off)
-    amp: bool = True  # mixed precision on CUDA (bfloat16 from compute capability 8.0, else float16 with loss scaling)
+    # mixed precision on CUDA (bfloat16 from compute capability 8.0, else float16 with loss scaling)
+    amp: bool = True
     lr_warmup: int = 0  # training episodes of linear warm-up from --warmup-lr to --lr (0: none)
     warmup_lr: float = 0.0  # the learning rate at the start of the warm-up
-    lr_steps: list = field(default_factory=list)  # training episodes from which the rate is --lr times the matching --lr-factors, e.g. [5600, 8400]
-    lr_factors: list = field(default_factory=list)  # multipliers of --lr from each of --lr-steps on, e.g. [0.1, 0.01]
-    decay_norms: bool = True  # weight decay on every parameter; --no-decay-norms: none on parameters named *bn* or *norm* (CLIP-FSAR's optimiser)
-    unfreeze_bn_after_val: bool = False  # with --freeze-bn: BatchNorm in eval mode until the first val round, in train mode after it (the released CLIP-MDMF)
+    # training episodes from which the rate is --lr times the matching --lr-factors, e.g. [5600, 8400]
+    lr_steps: list = field(default_factory=list)
+    # multipliers of --lr from each of --lr-steps on, e.g. [0.1, 0.01]
+    lr_factors: list = field(default_factory=list)
+    # weight decay on every parameter; --no-decay-norms: none on parameters named *bn* or *norm* (CLIP-FSAR's
+    # optimiser)
+    decay_norms: bool = True
+    # with --freeze-bn: BatchNorm in eval mode until the first val round, in train mode after it (the released
+    # CLIP-MDMF)
+    unfreeze_bn_after_val: bool = False
 
     def __post_init__(self):
         if len(self.lr_steps) != len(self.lr_factors) or list(self.lr_steps) != sorted(self.lr_steps):
-            raise ValueError(f'--lr-steps {list(self.lr_steps)} must be increasing episodes, one per --lr-factors '
-                             f'{list(self.lr_factors)}')
+            raise ValueError(
+                f'--lr-steps {list(self.lr_steps)} must be increasing episodes, one per --lr-factors '
+                f'{list(self.lr_factors)}'
+            )
+
 
 @dataclass
 class EvalConfig:
     "How the model is selected and tested."
+
     val_every: int = 100  # evaluate on val every this many training episodes (0: only at the end)
     val_episodes: int = 300  # val episodes per evaluation
-    val_start: int = 0  # no val round before this training episode (the released CLIP-MDMF tests from 14000 on)
+    # no val round before this training episode (the released CLIP-MDMF tests from 14000 on)
+    val_start: int = 0
     test_episodes: int = 10000  # test episodes
     eval_batch: int = 16  # videos per batch when the evaluation features are computed
     cache: bool = True  # evaluation computes each video's backbone features once and reuses them
-    episode_batch: int = 250  # with the cache: episodes whose heads run in one call (the same predictions as 1, one by one)
+    # with the cache: episodes whose heads run in one call (the same predictions as 1, one by one)
+    episode_batch: int = 250
+
 
 @dataclass
 class RunConfig:
     "Where the run goes and on what it runs."
+
     seed: int = 1896  # seed of everything: episodes, augmentation, initialisation, dropout
     runs: str = 'runs'  # folder holding run folders
     name: str = ''  # run folder name under --runs (default: <dataset>-<model>-<shot>shot)
@@ -74,22 +125,34 @@ class RunConfig:
     threads: int = 1  # torch CPU threads (0: torch's default)
     progress: bool = True  # progress bars
     resume: bool = False  # continue the run in its folder from last.pt
-    overwrite: bool = False  # replace the files of an existing run folder of this name (default: a new numbered folder)
+    # replace the files of an existing run folder of this name (default: a new numbered folder)
+    overwrite: bool = False
+
 
 # %% ../nbs/14_config.ipynb #5c475d73
 SECTIONS = dict(data=DataConfig, model=ModelConfig, optim=OptimConfig, eval=EvalConfig, run=RunConfig)
 
-VIDEO_TEXT_WEIGHT = dict(synthetic=3.0, hmdb51=1.2, ucf101=1.5, kinetics100=1.5, ssv2_small=3.0, ssv2_full=3.0, folder=1.0)
-DEFAULT_MODEL = dict(backbone='tiny-pretrained', ffn_dim=256, return_attention=False, freeze_visual=True,
-                     video_text_weight=VIDEO_TEXT_WEIGHT['synthetic'])  # the default run's values over ModelConfig's
+VIDEO_TEXT_WEIGHT = dict(
+    synthetic=3.0, hmdb51=1.2, ucf101=1.5, kinetics100=1.5, ssv2_small=3.0, ssv2_full=3.0, folder=1.0
+)
+DEFAULT_MODEL = dict(
+    backbone='tiny-pretrained',
+    ffn_dim=256,
+    return_attention=False,
+    freeze_visual=True,
+    video_text_weight=VIDEO_TEXT_WEIGHT['synthetic'],
+)  # the default run's values over ModelConfig's
+
 
 def default_model() -> ModelConfig:
     "The model of the default run: the offline-pretrained tiny CLIP, frozen, with laptop-sized heads."
     return ModelConfig(**DEFAULT_MODEL)
 
+
 @dataclass
 class Config:
     "Everything one run needs, in five typed sections; `Config()` is the default run (the `synthetic` preset)."
+
     preset: str = 'synthetic'  # the preset the values started from (recorded, set with --preset)
     recipe: str = 'paper'  # the training recipe applied over the preset (recorded, set with --recipe)
     data: DataConfig = field(default_factory=DataConfig)
@@ -108,7 +171,9 @@ class Config:
         return self.run.name or f'{dataset_label(self.data)}-{self.model.model}-{self.data.shot}shot'
 
     @property
-    def run_dir(self) -> Path: return Path(self.run.runs) / self.run_name
+    def run_dir(self) -> Path:
+        return Path(self.run.runs) / self.run_name
+
 
 # %% ../nbs/14_config.ipynb #403eec78
 def leaf_sections() -> dict:
@@ -116,9 +181,11 @@ def leaf_sections() -> dict:
     out = {}
     for sec, cls in SECTIONS.items():
         for f in fields(cls):
-            if f.name in out: raise TypeError(f'config field {f.name!r} is in both {out[f.name]} and {sec}')
+            if f.name in out:
+                raise TypeError(f'config field {f.name!r} is in both {out[f.name]} and {sec}')
             out[f.name] = sec
     return out
+
 
 def _unknown(keys, known) -> BadInput:
     hints = []
@@ -127,130 +194,209 @@ def _unknown(keys, known) -> BadInput:
         hints.append(f'{k!r}' + (f' (did you mean {close[0]!r}?)' if close else ''))
     return BadInput(f'unknown setting{"s" * (len(keys) > 1)} {", ".join(hints)}')
 
-def with_values(cfg: Config,  # the starting tree (not changed)
-                values: dict,  # setting name -> value, flat or by section ({'data': {'shot': 1}})
-               ) -> Config:
+
+def with_values(
+    cfg: Config,  # the starting tree (not changed)
+    values: dict,  # setting name -> value, flat or by section ({'data': {'shot': 1}})
+) -> Config:
     "A new tree with `values` set; unknown names are an error that suggests the closest known name."
     where, flat = leaf_sections(), {}
     for k, v in values.items():
-        if k in SECTIONS and isinstance(v, dict): flat.update(v)
-        elif k in SECTIONS and dataclasses.is_dataclass(v): flat.update(asdict(v))
-        else: flat[k] = v
+        if k in SECTIONS and isinstance(v, dict):
+            flat.update(v)
+        elif k in SECTIONS and dataclasses.is_dataclass(v):
+            flat.update(asdict(v))
+        else:
+            flat[k] = v
     flat = {k.replace('-', '_'): v for k, v in flat.items()}
     preset, recipe = flat.pop('preset', cfg.preset), flat.pop('recipe', cfg.recipe)
     bad = sorted(k for k in flat if k not in where)
-    if bad: raise _unknown(bad, list(where) + ['preset', 'recipe'])
+    if bad:
+        raise _unknown(bad, list(where) + ['preset', 'recipe'])
     parts = {sec: {k: v for k, v in flat.items() if where[k] == sec} for sec in SECTIONS}
     try:
-        return Config(preset, recipe, **{sec: dataclasses.replace(getattr(cfg, sec), **parts[sec]) for sec in SECTIONS})
-    except ValueError as e: raise BadInput(str(e)) from None
+        return Config(
+            preset, recipe, **{sec: dataclasses.replace(getattr(cfg, sec), **parts[sec]) for sec in SECTIONS}
+        )
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+
 
 # %% ../nbs/14_config.ipynb #e05a6403
-PAPER = dict(data=dict(train_query=5, short_side=256, workers=8),  # and the defaults' 5-way 5-shot, one test query
-             model=dict(backbone='RN50', ffn_dim=2048, freeze_visual=False),  # and 8 frames
-             optim=dict(lr=1e-5, accum=16, train_episodes=20000),
-             eval=dict(val_every=1000, val_episodes=1000),  # and 10,000 test episodes
-             run=dict(checkpoint_every=200, log_every=16, threads=0))
+PAPER = dict(
+    data=dict(train_query=5, short_side=256, workers=8),  # and the defaults' 5-way 5-shot, one test query
+    model=dict(backbone='RN50', ffn_dim=2048, freeze_visual=False),  # and 8 frames
+    optim=dict(lr=1e-5, accum=16, train_episodes=20000),
+    eval=dict(val_every=1000, val_episodes=1000),  # and 10,000 test episodes
+    run=dict(checkpoint_every=200, log_every=16, threads=0),
+)
+
 
 def _preset(base: dict, **sections) -> dict:
     "`base` with `sections` over it, less the values that are the defaults' (a preset names only what it changes)."
     out, default = copy.deepcopy(base), Config()
-    for sec, values in sections.items(): out.setdefault(sec, {}).update(values)
-    return {sec: {k: v for k, v in vals.items() if getattr(getattr(default, sec), k) != v} for sec, vals in out.items()}
+    for sec, values in sections.items():
+        out.setdefault(sec, {}).update(values)
+    return {
+        sec: {k: v for k, v in vals.items() if getattr(getattr(default, sec), k) != v}
+        for sec, vals in out.items()
+    }
+
 
 PRESETS = {
     'synthetic': {},  # the defaults are the synthetic run
-    **{name: _preset(PAPER, data=dict(dataset=name, data_root=f'data/{name}', flip=DATASETS[name].flip),
-                     model=dict(video_text_weight=VIDEO_TEXT_WEIGHT[name]))
-       for name in DATASETS if name != 'synthetic'},
+    **{
+        name: _preset(
+            PAPER,
+            data=dict(dataset=name, data_root=f'data/{name}', flip=DATASETS[name].flip),
+            model=dict(video_text_weight=VIDEO_TEXT_WEIGHT[name]),
+        )
+        for name in DATASETS
+        if name != 'synthetic'
+    },
 }
-PRESETS['synthetic-mech'] = _preset(PRESETS['synthetic'], data=dict(data_root='data/synthetic-mech'))  # the mechanism world: `python -m mdmf.world`
+# the mechanism world: `python -m mdmf.world`
+PRESETS['synthetic-mech'] = _preset(PRESETS['synthetic'], data=dict(data_root='data/synthetic-mech'))
+
 
 def preset_config(name: str = 'synthetic') -> Config:
     "The config of preset `name`."
-    if name not in PRESETS: raise _unknown([name], list(PRESETS))
+    if name not in PRESETS:
+        raise _unknown([name], list(PRESETS))
     return with_values(Config(preset=name), PRESETS[name])
 
+
 # %% ../nbs/14_config.ipynb #4b30fdcc
-def lr_at(o: OptimConfig,  # the run's optimisation settings
-          episode: int,  # a training episode (0-based, counted over all processes)
-         ) -> float:
+def lr_at(
+    o: OptimConfig,  # the run's optimisation settings
+    episode: int,  # a training episode (0-based, counted over all processes)
+) -> float:
     "The learning rate of a step whose window ends with training episode `episode`."
-    if episode < o.lr_warmup: return o.warmup_lr + (o.lr - o.warmup_lr) * episode / o.lr_warmup
+    if episode < o.lr_warmup:
+        return o.warmup_lr + (o.lr - o.warmup_lr) * episode / o.lr_warmup
     factor = 1.0
     for step, f in zip(o.lr_steps, o.lr_factors):
-        if episode >= step: factor = f
+        if episode >= step:
+            factor = f
     return o.lr * factor
+
 
 def adam_groups(model, o: OptimConfig) -> list:
     "Adam's parameters of `model`: one group (`decay_norms`), or none of the weight decay for those named *bn* / *norm*."
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if o.decay_norms: return [p for _, p in named]
+    if o.decay_norms:
+        return [p for _, p in named]
     norm = lambda n: 'bn' in n or 'norm' in n
-    return [dict(params=[p for n, p in named if not norm(n)]),
-            dict(params=[p for n, p in named if norm(n)], weight_decay=0.0)]
+    return [
+        dict(params=[p for n, p in named if not norm(n)]),
+        dict(params=[p for n, p in named if norm(n)], weight_decay=0.0),
+    ]
+
 
 # %% ../nbs/14_config.ipynb #29f36c15
 RECIPES = ('paper', 'released-mdmf', 'released-fsar')
 FSAR_GPUS = 4  # CLIP-FSAR's configs: NUM_GPUS 4, one task per GPU per iteration (TRAIN.BATCH_SIZE 4)
 FSAR_SOLVER = {  # CLIP-FSAR configs/projects/CLIPFSAR/<dataset>/CLIPFSAR_*_{1,5}shot_v1.yaml: SOLVER, TRAIN
     #               BASE_LR, WARMUP_START_LR, STEPS_ITER, STEPS,    NUM_TRAIN_TASKS, VAL_FRE_ITER
-    'hmdb51':      (1e-5,    1e-6,            700,        (0, 4, 6), 5000,            300),
-    'kinetics100': (1e-5,    5e-6,            250,        (0, 6, 9), 5000,            100),
-    'ucf101':      (2e-6,    1e-7,            600,        (0, 4, 6), 3000,            100),
-    'ssv2_small':  (5e-5,    2e-5,            2000,       (0, 4, 6), 30000,           1000),
-    'ssv2_full':   (5e-5,    1e-5,            4000,       (0, 4, 6), 30000,           1000),
+    'hmdb51': (1e-5, 1e-6, 700, (0, 4, 6), 5000, 300),
+    'kinetics100': (1e-5, 5e-6, 250, (0, 6, 9), 5000, 100),
+    'ucf101': (2e-6, 1e-7, 600, (0, 4, 6), 3000, 100),
+    'ssv2_small': (5e-5, 2e-5, 2000, (0, 4, 6), 30000, 1000),
+    'ssv2_full': (5e-5, 1e-5, 4000, (0, 4, 6), 30000, 1000),
 }  # every file: LRS [1, 0.1, 0.01], WARMUP_EPOCHS 1, MAX_EPOCH 10, LR_POLICY steps_with_relative_lrs
-MDMF_RUN = dict(lr=1e-6, accum=16, train_episodes=20020, test_every=2000, first_test=14000)  # run_clip_fsar_decison_now.py
+# run_clip_fsar_decison_now.py
+MDMF_RUN = dict(lr=1e-6, accum=16, train_episodes=20020, test_every=2000, first_test=14000)
+
 
 def _fsar_values(dataset: str) -> dict:
     if dataset not in FSAR_SOLVER:
-        raise BadInput(f'--recipe released-fsar: CLIP-FSAR has configs for {", ".join(FSAR_SOLVER)}, not {dataset}')
+        raise BadInput(
+            f'--recipe released-fsar: CLIP-FSAR has configs for {", ".join(FSAR_SOLVER)}, not {dataset}'
+        )
     lr, start, S, steps, tasks, val = FSAR_SOLVER[dataset]
     G = FSAR_GPUS
-    return dict(data=dict(flip=False, train_frames='segments', test_frames='segments'),
-                model=dict(model='clip-fsar', freeze_bn=False, input_norm='clip', prompt='a photo of {}'),
-                optim=dict(lr=lr, weight_decay=1e-3, decay_norms=False, accum=16, train_episodes=tasks * G,
-                           lr_warmup=S * G, warmup_lr=start, lr_steps=[-(-s // 2) * S * G for s in steps[1:]],
-                           lr_factors=[0.1, 0.01]),
-                eval=dict(val_every=val * G))
+    return dict(
+        data=dict(flip=False, train_frames='segments', test_frames='segments'),
+        model=dict(model='clip-fsar', freeze_bn=False, input_norm='clip', prompt='a photo of {}'),
+        optim=dict(
+            lr=lr,
+            weight_decay=1e-3,
+            decay_norms=False,
+            accum=16,
+            train_episodes=tasks * G,
+            lr_warmup=S * G,
+            warmup_lr=start,
+            lr_steps=[-(-s // 2) * S * G for s in steps[1:]],
+            lr_factors=[0.1, 0.01],
+        ),
+        eval=dict(val_every=val * G),
+    )
+
 
 def _mdmf_values(dataset: str, shot: int) -> dict:
     rel, paper = ModelConfig.released(), ModelConfig()
-    head = {f.name: getattr(rel, f.name) for f in fields(ModelConfig) if getattr(rel, f.name) != getattr(paper, f.name)}
+    head = {
+        f.name: getattr(rel, f.name)
+        for f in fields(ModelConfig)
+        if getattr(rel, f.name) != getattr(paper, f.name)
+    }
     r = MDMF_RUN
-    return dict(data=dict(flip=True, train_frames='trx-released', test_frames='test-released'),
-                model=dict(head, model='mdmf', input_norm='none', freeze_bn=True,
-                           bidirectional=not (dataset == 'kinetics100' and shot == 1)),  # SINGLE_DIRECT
-                optim=dict(lr=r['lr'], weight_decay=0.0, accum=r['accum'], train_episodes=r['train_episodes'],
-                           unfreeze_bn_after_val=True),
-                eval=dict(val_every=r['test_every'], val_start=r['first_test']))
+    return dict(
+        data=dict(flip=True, train_frames='trx-released', test_frames='test-released'),
+        model=dict(
+            head,
+            model='mdmf',
+            input_norm='none',
+            freeze_bn=True,
+            bidirectional=not (dataset == 'kinetics100' and shot == 1),
+        ),  # SINGLE_DIRECT
+        optim=dict(
+            lr=r['lr'],
+            weight_decay=0.0,
+            accum=r['accum'],
+            train_episodes=r['train_episodes'],
+            unfreeze_bn_after_val=True,
+        ),
+        eval=dict(val_every=r['test_every'], val_start=r['first_test']),
+    )
 
-def recipe_values(recipe: str,  # one of RECIPES
-                  dataset: str,  # the run's dataset (the CLIP-FSAR values are per dataset)
-                  shot: int = 5,  # the run's shot (CLIP-MDMF's Kinetics 1-shot config is one-directional)
-                 ) -> dict:
+
+def recipe_values(
+    recipe: str,  # one of RECIPES
+    dataset: str,  # the run's dataset (the CLIP-FSAR values are per dataset)
+    shot: int = 5,  # the run's shot (CLIP-MDMF's Kinetics 1-shot config is one-directional)
+) -> dict:
     "The values recipe `recipe` sets over a preset, by section (the paper recipe: none)."
-    if recipe not in RECIPES: raise _unknown([recipe], list(RECIPES))
-    if recipe == 'paper': return {}
+    if recipe not in RECIPES:
+        raise _unknown([recipe], list(RECIPES))
+    if recipe == 'paper':
+        return {}
     values = _fsar_values(dataset) if recipe == 'released-fsar' else _mdmf_values(dataset, shot)
     return dict(values, recipe=recipe)
+
 
 # %% ../nbs/14_config.ipynb #5281f053
 def load_config_file(path) -> dict:
     "Values from a JSON or TOML file (flat or by section); `-` in keys is read as `_`."
     path = Path(path)
-    try: text = path.read_text(encoding='utf-8')
-    except FileNotFoundError: raise MissingInput(f'config file {path} does not exist') from None
+    try:
+        text = path.read_text(encoding='utf-8')
+    except FileNotFoundError:
+        raise MissingInput(f'config file {path} does not exist') from None
     try:
         if path.suffix.lower() == '.toml':
-            try: import tomllib
-            except ModuleNotFoundError: import tomli as tomllib  # Python < 3.11
+            try:
+                import tomllib
+            except ModuleNotFoundError:
+                import tomli as tomllib  # Python < 3.11
             return tomllib.loads(text)
         return json.loads(text)
-    except ValueError as e: raise BadInput(f'config file {path} cannot be read: {e}') from None
+    except ValueError as e:
+        raise BadInput(f'config file {path} cannot be read: {e}') from None
+
 
 _LEGACY_DROP = ('image_size', 'inject_nan_at')
+
 
 def config_from_dict(d: dict) -> Config:
     "The tree saved by `config_to_dict` (or the flat form of earlier versions)."
@@ -258,8 +404,10 @@ def config_from_dict(d: dict) -> Config:
     if 'mdmf' in d:  # earlier versions: run fields flat, model switches in `mdmf`
         model = dict(d.pop('mdmf') or {})
         for k in ('model', 'backbone', 'frames'):
-            if k in d: model[k] = d.pop(k)
-        for k in _LEGACY_DROP: d.pop(k, None)
+            if k in d:
+                model[k] = d.pop(k)
+        for k in _LEGACY_DROP:
+            d.pop(k, None)
         d['model'] = model
     model = d.get('model')
     if isinstance(model, dict) and 'checkpoint' in model:  # renamed: a bool then, 'on' / 'auto' now
@@ -270,72 +418,115 @@ def config_from_dict(d: dict) -> Config:
     # a saved config without some model setting was written when Config's model section was ModelConfig's defaults
     return with_values(Config(preset=preset, model=ModelConfig()), d)
 
+
 def config_to_dict(cfg: Config) -> dict:
     "The tree as plain JSON values, section by section."
     return asdict(cfg)
 
+
 # %% ../nbs/14_config.ipynb #6d09701a
-CHOICES = {**_MODEL_CHOICES, 'dataset': tuple(DATASETS), 'model': MODELS, 'train_frames': FRAME_MODES, 'test_frames': FRAME_MODES}
+CHOICES = {
+    **_MODEL_CHOICES,
+    'dataset': tuple(DATASETS),
+    'model': MODELS,
+    'train_frames': FRAME_MODES,
+    'test_frames': FRAME_MODES,
+}
 
 # %% ../nbs/14_config.ipynb #fd26d3c1
-_SECTION_TITLES = dict(data='data', model='model (see the model notebook; every ablation is a value here)',
-                       optim='optimisation', eval='evaluation', run='run')
+_SECTION_TITLES = dict(
+    data='data',
+    model='model (see the model notebook; every ablation is a value here)',
+    optim='optimisation',
+    eval='evaluation',
+    run='run',
+)
 
-def config_parser(prog: str = 'python -m mdmf.train', description: str = '', epilog: str = '',
-                  sections: Sequence[str] = tuple(SECTIONS),  # the sections whose settings are flags
-                  skip: Sequence[str] = (),  # settings without a flag
-                  base: Optional[Config] = None,  # values shown as defaults (default: the synthetic preset)
-                  options=None,  # the command's own dataclass instance: its fields are the first flags
-                 ) -> argparse.ArgumentParser:
+
+def config_parser(
+    prog: str = 'python -m mdmf.train',
+    description: str = '',
+    epilog: str = '',
+    sections: Sequence[str] = tuple(SECTIONS),  # the sections whose settings are flags
+    skip: Sequence[str] = (),  # settings without a flag
+    base: Optional[Config] = None,  # values shown as defaults (default: the synthetic preset)
+    options=None,  # the command's own dataclass instance: its fields are the first flags
+) -> argparse.ArgumentParser:
     "A parser with the fields of `options`, `--preset`, `--config` and one flag per setting of `sections`."
     p = command_line(prog, description, epilog)
-    if options is not None: add_flags(p, options, choices=CHOICES)
+    if options is not None:
+        add_flags(p, options, choices=CHOICES)
     base = base or preset_config('synthetic')
-    p.add_argument('--preset', choices=list(PRESETS), default=argparse.SUPPRESS,
-                   help="starting values: synthetic (default) or a benchmark with the paper's protocol")
-    p.add_argument('--recipe', choices=list(RECIPES), default=argparse.SUPPRESS,
-                   help="training recipe over the preset: paper (default), or a released code's (released-mdmf, "
-                        "released-fsar: rate, schedule, weight decay, BatchNorm, pixels, frames, flips, episodes)")
-    p.add_argument('--config', metavar='FILE', default=argparse.SUPPRESS,
-                   help='JSON or TOML file of settings (keys as the flags, flat or in [section] tables); '
-                        'flags override it, it overrides the preset')
+    p.add_argument(
+        '--preset',
+        choices=list(PRESETS),
+        default=argparse.SUPPRESS,
+        help="starting values: synthetic (default) or a benchmark with the paper's protocol",
+    )
+    p.add_argument(
+        '--recipe',
+        choices=list(RECIPES),
+        default=argparse.SUPPRESS,
+        help="training recipe over the preset: paper (default), or a released code's (released-mdmf, "
+        "released-fsar: rate, schedule, weight decay, BatchNorm, pixels, frames, flips, episodes)",
+    )
+    p.add_argument(
+        '--config',
+        metavar='FILE',
+        default=argparse.SUPPRESS,
+        help='JSON or TOML file of settings (keys as the flags, flat or in [section] tables); '
+        'flags override it, it overrides the preset',
+    )
     for sec in sections:
         add_flags(p.add_argument_group(_SECTION_TITLES[sec]), getattr(base, sec), skip)
     return p
+
 
 def config_from_args(args: dict) -> Config:
     "The config a parsed command line (without the command's own options) asks for: preset, recipe, config file, flags."
     args = {k: v for k, v in args.items() if k != 'debug'}
     from_file = load_config_file(args.pop('config')) if 'config' in args else {}
-    flat_file = {k: v for sec in SECTIONS for k, v in (from_file.get(sec) or {}).items()} | \
-                {k: v for k, v in from_file.items() if k not in SECTIONS}
+    flat_file = {k: v for sec in SECTIONS for k, v in (from_file.get(sec) or {}).items()} | {
+        k: v for k, v in from_file.items() if k not in SECTIONS
+    }
     dataset = args.get('dataset') or flat_file.get('dataset')
-    preset = args.pop('preset', None) or flat_file.pop('preset', None) or (dataset if dataset in PRESETS else 'synthetic')
+    preset = (
+        args.pop('preset', None)
+        or flat_file.pop('preset', None)
+        or (dataset if dataset in PRESETS else 'synthetic')
+    )
     recipe = args.pop('recipe', None) or flat_file.pop('recipe', None) or 'paper'
     base = preset_config(preset)
     shot = args.get('shot') or flat_file.get('shot') or base.data.shot
     base = with_values(base, recipe_values(recipe, dataset or base.data.dataset, shot))
     return with_values(with_values(base, flat_file), args)
 
+
 def resolve_config(argv: Optional[Sequence[str]] = None) -> Config:
     "The config of `python -m mdmf.train` with the flags `argv`."
     return config_from_args(vars(config_parser().parse_args(argv)))
 
+
 # %% ../nbs/14_config.ipynb #9d15c761
-def command_parser(prog: str, description: str,
-                   options=None,  # the command's own dataclass instance: its fields are the first flags
-                   sections: Optional[dict] = None,  # section -> the names of its settings that are flags (None: all)
-                   epilog: str = '',
-                   base: Optional[Config] = None,  # values of the sections shown as defaults (default: Config())
-                   default_text: Optional[str] = None,  # the section flags' "(default: ...)" text, e.g. "the run's"
-                   choices: Optional[dict] = None,  # more field -> allowed values, over CHOICES
-                   required: Sequence[str] = (),  # fields of `options` that must be given
-                  ) -> argparse.ArgumentParser:
+def command_parser(
+    prog: str,
+    description: str,
+    options=None,  # the command's own dataclass instance: its fields are the first flags
+    sections: Optional[dict] = None,  # section -> the names of its settings that are flags (None: all)
+    epilog: str = '',
+    base: Optional[Config] = None,  # values of the sections shown as defaults (default: Config())
+    default_text: Optional[str] = None,  # the section flags' "(default: ...)" text, e.g. "the run's"
+    choices: Optional[dict] = None,  # more field -> allowed values, over CHOICES
+    required: Sequence[str] = (),  # fields of `options` that must be given
+) -> argparse.ArgumentParser:
     "The parser of a command: `--debug`, the fields of `options`, then the named settings of Config sections."
     p, c = command_line(prog, description, epilog), {**CHOICES, **(choices or {})}
-    if options is not None: add_flags(p, options, choices=c, required=required)
+    if options is not None:
+        add_flags(p, options, choices=c, required=required)
     base = base or Config()
     for sec, names in (sections or {}).items():
         title = _SECTION_TITLES[sec] + (f' (default: {default_text})' if default_text else '')
-        add_flags(p.add_argument_group(title), getattr(base, sec), choices=c, default_text=default_text, only=names)
+        add_flags(
+            p.add_argument_group(title), getattr(base, sec), choices=c, default_text=default_text, only=names
+        )
     return p

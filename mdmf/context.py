@@ -11,23 +11,27 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
+
 # %% ../nbs/07_context.ipynb #1312fd98
 class LTCE(nn.Module):
     "Local temporal context extractor (Eq. 3): two kernel-3 convolutions over time, [B, T, D] -> [B, T, D]."
+
     variants = ('paper', 'released')
 
-    def __init__(self,
-                 dim: int,  # D, the feature width (channels in and out)
-                 variant: str = 'paper',  # 'paper': Conv-ReLU-BN twice; 'released': two plain convs
-                ):
+    def __init__(
+        self,
+        dim: int,  # D, the feature width (channels in and out)
+        variant: str = 'paper',  # 'paper': Conv-ReLU-BN twice; 'released': two plain convs
+    ):
         super().__init__()
         if variant not in self.variants:
             raise ValueError(f"LTCE variant must be one of {self.variants}, got {variant!r}")
         self.variant = variant
         conv = lambda: nn.Conv1d(dim, dim, kernel_size=3, padding=1)
         if variant == 'paper':
-            self.net = nn.Sequential(conv(), nn.ReLU(), nn.BatchNorm1d(dim),
-                                     conv(), nn.ReLU(), nn.BatchNorm1d(dim))
+            self.net = nn.Sequential(
+                conv(), nn.ReLU(), nn.BatchNorm1d(dim), conv(), nn.ReLU(), nn.BatchNorm1d(dim)
+            )
         else:
             self.net = nn.Sequential(conv(), conv())
 
@@ -36,14 +40,17 @@ class LTCE(nn.Module):
         x = self.net(x)  # [B, D, T]
         return x.transpose(1, 2)  # [B, T, D] (no residual: Eq. 3)
 
+
 # %% ../nbs/07_context.ipynb #5181dc44
 class CausalConv1d(nn.Module):
     "A weight-normalised Conv1d over time that only looks back: left padding of (kernel-1)*dilation. [B, C, T] -> [B, C, T]."
-    def __init__(self,
-                 dim: int,  # channels in and out
-                 kernel: int = 3,  # temporal kernel size
-                 dilation: int = 1,  # spacing of the kernel's taps
-                ):
+
+    def __init__(
+        self,
+        dim: int,  # channels in and out
+        kernel: int = 3,  # temporal kernel size
+        dilation: int = 1,  # spacing of the kernel's taps
+    ):
         super().__init__()
         self.pad = (kernel - 1) * dilation
         self.conv = weight_norm(nn.Conv1d(dim, dim, kernel_size=kernel, dilation=dilation))
@@ -51,50 +58,64 @@ class CausalConv1d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, C, T] -> [B, C, T]
         return self.conv(F.pad(x, (self.pad, 0)))  # pad on the left only -> [B, C, T]
 
+
 # %% ../nbs/07_context.ipynb #34c6c4be
 class TemporalBlock(nn.Module):
     "One TCN level: (causal conv -> ReLU -> dropout) twice, identity residual, final ReLU. [B, C, T] -> [B, C, T]."
-    def __init__(self,
-                 dim: int,  # channels in and out
-                 kernel: int = 3,  # temporal kernel size
-                 dilation: int = 1,  # dilation of both convs
-                 dropout: float = 0.1,  # dropout after each conv
-                ):
+
+    def __init__(
+        self,
+        dim: int,  # channels in and out
+        kernel: int = 3,  # temporal kernel size
+        dilation: int = 1,  # dilation of both convs
+        dropout: float = 0.1,  # dropout after each conv
+    ):
         super().__init__()
         self.net = nn.Sequential(
-            CausalConv1d(dim, kernel, dilation), nn.ReLU(), nn.Dropout(dropout),
-            CausalConv1d(dim, kernel, dilation), nn.ReLU(), nn.Dropout(dropout))
+            CausalConv1d(dim, kernel, dilation),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            CausalConv1d(dim, kernel, dilation),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+        )
         self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, C, T] -> [B, C, T]
         return self.relu(self.net(x) + x)  # identity residual (D -> D)
 
+
 # %% ../nbs/07_context.ipynb #9976009b
 class TCN(nn.Module):
     "A causal dilated temporal convolutional network, dilations 1, 2, 4, ...: [B, T, D] -> [B, T, D] per frame."
-    def __init__(self,
-                 dim: int,  # channels in and out
-                 levels: int = 3,  # residual blocks; block i has dilation 2**i
-                 kernel: int = 3,  # temporal kernel size
-                 dropout: float = 0.1,  # dropout after each conv
-                ):
+
+    def __init__(
+        self,
+        dim: int,  # channels in and out
+        levels: int = 3,  # residual blocks; block i has dilation 2**i
+        kernel: int = 3,  # temporal kernel size
+        dropout: float = 0.1,  # dropout after each conv
+    ):
         super().__init__()
         self.levels, self.kernel = levels, kernel
-        self.blocks = nn.Sequential(*[TemporalBlock(dim, kernel, 2 ** i, dropout) for i in range(levels)])
+        self.blocks = nn.Sequential(*[TemporalBlock(dim, kernel, 2**i, dropout) for i in range(levels)])
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:  # feats [B, T, D] -> [B, T, D]
         x = self.blocks(feats.transpose(1, 2))  # [B, D, T]
         return x.transpose(1, 2)  # [B, T, D]
 
+
 # %% ../nbs/07_context.ipynb #a58c6638
 class GTCE(nn.Module):
     "Global temporal context extractor (Eq. 4): F^g = repeat(TCN(F)[last frame], T) + F. [B, T, D] -> [B, T, D]."
-    def __init__(self,
-                 dim: int,  # D, the feature width
-                 levels: int = 3,  # TCN levels; level i has dilation 2**i
-                 kernel: int = 3,  # temporal kernel size of every conv
-                 dropout: float = 0.1,  # dropout after each conv
-                ):
+
+    def __init__(
+        self,
+        dim: int,  # D, the feature width
+        levels: int = 3,  # TCN levels; level i has dilation 2**i
+        kernel: int = 3,  # temporal kernel size of every conv
+        dropout: float = 0.1,  # dropout after each conv
+    ):
         super().__init__()
         self.tcn = TCN(dim, levels, kernel, dropout)
 
@@ -102,13 +123,17 @@ class GTCE(nn.Module):
         summary = self.tcn(feats)[:, -1:]  # [B, 1, D] the last frame has seen the whole clip
         return summary.expand_as(feats) + feats  # [B, T, D]
 
+
 # %% ../nbs/07_context.ipynb #96bc5679
 def receptive_field(levels: int = 3, kernel: int = 3) -> int:
     "Frames seen by one TCN output frame (itself and the past): two convs per level, dilations 1, 2, 4, ..."
-    return 1 + 2 * (kernel - 1) * (2 ** levels - 1)
+    return 1 + 2 * (kernel - 1) * (2**levels - 1)
+
 
 # %% ../nbs/07_context.ipynb #2abe4020
-def frame_dependency(module: nn.Module, T: int = 8, dim: int = 16, trials: int = 4, seed: int = 0) -> torch.Tensor:
+def frame_dependency(
+    module: nn.Module, T: int = 8, dim: int = 16, trials: int = 4, seed: int = 0
+) -> torch.Tensor:
     "Bool [T, T]: entry (t, s) is True when output frame t of `module` ([1,T,D] -> [1,T,D]) depends on input frame s."
     gen = torch.Generator().manual_seed(seed)
     was_training = module.training

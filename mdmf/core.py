@@ -16,59 +16,104 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 # %% auto #0
-__all__ = ['PathLike', 'DPI', 'TICK', 'LABEL', 'TITLE', 'MAX_WIDTH', 'MIN_SIDE', 'MIN_TEXT_PX', 'UserError', 'MissingInput',
-           'BadInput', 'field_help', 'add_flags', 'command_line', 'parse_command', 'cli', 'atomic_write',
-           'atomic_write_text', 'text_px', 'figure_png', 'png_size', 'png_facts', 'figure_class', 'new_figure',
-           'colorbar', 'short_name', 'short_names', 'wrapped']
+__all__ = [
+    'PathLike',
+    'DPI',
+    'TICK',
+    'LABEL',
+    'TITLE',
+    'MAX_WIDTH',
+    'MIN_SIDE',
+    'MIN_TEXT_PX',
+    'UserError',
+    'MissingInput',
+    'BadInput',
+    'field_help',
+    'add_flags',
+    'command_line',
+    'parse_command',
+    'cli',
+    'atomic_write',
+    'atomic_write_text',
+    'text_px',
+    'figure_png',
+    'png_size',
+    'png_facts',
+    'figure_class',
+    'new_figure',
+    'colorbar',
+    'short_name',
+    'short_names',
+    'wrapped',
+]
+
 
 # %% ../nbs/00_core.ipynb #93707587
 class UserError(Exception):
     "An error caused by input a person can fix: its message names the culprit and what to do."
+
     def __init__(self, message: str = ''):
         super().__init__(_unwrap_worker_message(str(message), type(self)))
+
 
 class MissingInput(UserError, FileNotFoundError):
     "A file or folder the user named (or that the data needs) is not there."
 
+
 class BadInput(UserError, ValueError):
     "A value, a file's content or a combination of settings that cannot work."
 
+
 def _unwrap_worker_message(msg: str, cls: type) -> str:
     "The original message of an error re-raised by a DataLoader worker (its text is the worker's traceback)."
-    if not (msg.startswith('Caught ') and 'Original Traceback' in msg): return msg
-    hits = list(re.finditer(rf'\n(?:[\w.]+\.)?{re.escape(cls.__qualname__)}: ', msg))  # the traceback's last line
-    return msg[hits[-1].end():].rstrip('\n') if hits else msg
+    if not (msg.startswith('Caught ') and 'Original Traceback' in msg):
+        return msg
+    # the traceback's last line
+    hits = list(re.finditer(rf'\n(?:[\w.]+\.)?{re.escape(cls.__qualname__)}: ', msg))
+    return msg[hits[-1].end() :].rstrip('\n') if hits else msg
+
 
 # %% ../nbs/00_core.ipynb #f1e1d002
 import ast
 import inspect
 import tokenize
 
+
 def _comments(source: str) -> tuple:
     "Line number -> comment text, and the set of lines where the comment stands alone."
     text, alone = {}, set()
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type != tokenize.COMMENT: continue
+        if tok.type != tokenize.COMMENT:
+            continue
         text[tok.start[0]] = tok.string.lstrip('#').strip()
-        if not tok.line[:tok.start[1]].strip(): alone.add(tok.start[0])
+        if not tok.line[: tok.start[1]].strip():
+            alone.add(tok.start[0])
     return text, alone
+
 
 def field_help(cls) -> dict:
     "Field name -> the help comment of each field of dataclass `cls`, read from its source ({} without source)."
-    try: source = textwrap.dedent(inspect.getsource(cls))
-    except (OSError, TypeError): return {}
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
     body = ast.parse(source).body[0].body
     text, alone = _comments(source)
     helps = {}
     for node in body:
-        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)): continue
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
         lines = range(node.lineno, node.end_lineno + 1)
-        found = [text[n] for n in lines if n in text and n not in alone]  # at the end of the statement's lines
+        # at the end of the statement's lines
+        found = [text[n] for n in lines if n in text and n not in alone]
         if not found:  # the comment block right above the field
             n = node.lineno - 1
-            while n in alone: found, n = [text[n]] + found, n - 1
-        if found: helps[node.target.id] = ' '.join(found)
+            while n in alone:
+                found, n = [text[n]] + found, n - 1
+        if found:
+            helps[node.target.id] = ' '.join(found)
     return helps
+
 
 # %% ../nbs/00_core.ipynb #555079e8
 import argparse
@@ -76,94 +121,141 @@ import dataclasses
 import sys
 from dataclasses import fields
 
-def _json_value(text: str): return json.loads(text)
-_json_value.__name__ = 'JSON'  # argparse names the type in its message: "argument --lr-steps: invalid JSON value: 'x'"
 
-def add_flags(parser: argparse.ArgumentParser,  # the parser (or an argument group of it)
-              obj,  # a dataclass instance: its fields become flags, its values are the defaults shown
-              skip: Sequence[str] = (),  # fields without a flag
-              choices: Optional[dict] = None,  # field -> allowed values (config's CHOICES: the registries)
-              default_text: Optional[str] = None,  # the help's "(default: ...)" text (default: the field's value)
-              only: Optional[Sequence[str]] = None,  # the fields with a flag (default: all but `skip`)
-              required: Sequence[str] = (),  # fields the command line must give
-             ):
+def _json_value(text: str):
+    return json.loads(text)
+
+
+# argparse names the type in its message: "argument --lr-steps: invalid JSON value: 'x'"
+_json_value.__name__ = 'JSON'
+
+
+def add_flags(
+    parser: argparse.ArgumentParser,  # the parser (or an argument group of it)
+    obj,  # a dataclass instance: its fields become flags, its values are the defaults shown
+    skip: Sequence[str] = (),  # fields without a flag
+    choices: Optional[dict] = None,  # field -> allowed values (config's CHOICES: the registries)
+    default_text: Optional[str] = None,  # the help's "(default: ...)" text (default: the field's value)
+    only: Optional[Sequence[str]] = None,  # the fields with a flag (default: all but `skip`)
+    required: Sequence[str] = (),  # fields the command line must give
+):
     "Add one flag per field of the dataclass `obj`; flags given land in the namespace under the field's name."
     helps, choices = field_help(type(obj)), choices or {}
     for f in fields(obj):
-        if f.name in skip or (only is not None and f.name not in only) or dataclasses.is_dataclass(getattr(obj, f.name)):
+        if (
+            f.name in skip
+            or (only is not None and f.name not in only)
+            or dataclasses.is_dataclass(getattr(obj, f.name))
+        ):
             continue
         default, flag = getattr(obj, f.name), '--' + f.name.replace('_', '-')
         kind = type(default)
         text = helps.get(f.name, f.name.replace('_', ' ')).replace('%', '%%')
-        shown = repr(default) if kind is str else json.dumps(default) if kind in (list, tuple, dict) else default
-        text += ' (required)' if f.name in required else '' if '(default' in text else f' (default: {default_text or shown})'
+        shown = (
+            repr(default) if kind is str else json.dumps(default) if kind in (list, tuple, dict) else default
+        )
+        text += (
+            ' (required)'
+            if f.name in required
+            else ''
+            if '(default' in text
+            else f' (default: {default_text or shown})'
+        )
         kw = dict(help=text, default=argparse.SUPPRESS, required=f.name in required)
-        if kind is bool: parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif kind in (int, float, str):
             c = choices.get(f.name)
-            parser.add_argument(flag, type=kind, choices=c, metavar=None if c else kind.__name__.upper(), **kw)
+            parser.add_argument(
+                flag, type=kind, choices=c, metavar=None if c else kind.__name__.upper(), **kw
+            )
         elif str(f.type).replace(' ', '') in ('list[str]', 'List[str]'):  # paths and names: --runs a b c
             parser.add_argument(flag, nargs='+', metavar='PATH', **kw)
-        else: parser.add_argument(flag, type=_json_value, metavar='JSON', **kw)
+        else:
+            parser.add_argument(flag, type=_json_value, metavar='JSON', **kw)
+
 
 def command_line(prog: str, description: str, epilog: str = '') -> argparse.ArgumentParser:
     "An argument parser with the package's common flags (`--debug`)."
-    p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument('--debug', action='store_true', help='show the full traceback of an error')
     return p
 
-def parse_command(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
-                  options_cls=None,  # the command's dataclass (None: the command has none)
-                 ) -> tuple:  # (the command's dataclass or None, {setting: value} of the section flags given)
+
+def parse_command(
+    parser: argparse.ArgumentParser,
+    argv: Optional[Sequence[str]],
+    options_cls=None,  # the command's dataclass (None: the command has none)
+) -> tuple:  # (the command's dataclass or None, {setting: value} of the section flags given)
     "Parse the flags `argv` into the command's dataclass and the section settings given."
     a = {k: v for k, v in vars(parser.parse_args(argv)).items() if k != 'debug'}
-    if options_cls is None: return None, a
+    if options_cls is None:
+        return None, a
     own = {f.name: a.pop(f.name) for f in fields(options_cls) if f.name in a}
-    try: return options_cls(**own), a
-    except ValueError as e: raise BadInput(str(e)) from None
+    try:
+        return options_cls(**own), a
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+
 
 # %% ../nbs/00_core.ipynb #10736caf
-def cli(main: Callable,  # the entry point: main(argv) does the work
-        argv: Optional[Sequence[str]] = None,  # default: sys.argv[1:]
-       ):
+def cli(
+    main: Callable,  # the entry point: main(argv) does the work
+    argv: Optional[Sequence[str]] = None,  # default: sys.argv[1:]
+):
     "Run `main(argv)`: user errors in one or two lines (exit 2), the traceback only with `--debug`."
     argv = list(sys.argv[1:] if argv is None else argv)
-    try: return main(argv)
+    try:
+        return main(argv)
     except UserError as e:
-        if '--debug' in argv: raise
+        if '--debug' in argv:
+            raise
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print('\ninterrupted', file=sys.stderr)
         sys.exit(130)
 
+
 # %% ../nbs/00_core.ipynb #22edabaa
 PathLike = Union[str, os.PathLike]
 
-def atomic_write(path: PathLike,  # the file to write (its folder must exist)
-                 write: Callable,  # write(f): writes the content to the binary file object f
-                ) -> Path:
+
+def atomic_write(
+    path: PathLike,  # the file to write (its folder must exist)
+    write: Callable,  # write(f): writes the content to the binary file object f
+) -> Path:
     "Write `path` whole or not at all: `write` fills a temporary file next to it, which is then renamed over it."
     path = Path(path)
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
     try:
         with open(tmp, 'wb') as f:
             write(f)
-            f.flush(); os.fsync(f.fileno())
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     try:  # make the rename itself durable
         fd = os.open(path.parent, os.O_RDONLY)
-        try: os.fsync(fd)
-        finally: os.close(fd)
-    except OSError: pass
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
     return path
+
 
 def atomic_write_text(path: PathLike, text: str) -> Path:
     "Write a UTF-8 text file atomically."
     return atomic_write(path, lambda f: f.write(text.encode('utf-8')))
+
 
 # %% ../nbs/00_core.ipynb #f2585d43
 DPI = 100  # pixels per inch of every stored picture: 1 pt of text is 1.4 px
@@ -172,30 +264,39 @@ MAX_WIDTH = 9.0  # inches: what a notebook's output area shows without shrinking
 MIN_SIDE = 4.0  # inches: the short side of a picture that is not a thumbnail strip (400 px at 100 dpi)
 MIN_TEXT_PX = 9  # the smallest letters (font size in pixels) a stored picture may hold
 
+
 def _texts(artist):
     "The text artists of a figure that are drawn: visible, not empty, not on an axis that is switched off."
     from matplotlib.axes import Axes
     from matplotlib.axis import Axis
     from matplotlib.text import Text
-    if not artist.get_visible(): return
+
+    if not artist.get_visible():
+        return
     if isinstance(artist, Text):
-        if artist.get_text().strip(): yield artist
+        if artist.get_text().strip():
+            yield artist
         return
     for child in artist.get_children():
-        if not (isinstance(child, Axis) and isinstance(artist, Axes) and not artist.axison): yield from _texts(child)
+        if not (isinstance(child, Axis) and isinstance(artist, Axes) and not artist.axison):
+            yield from _texts(child)
+
 
 def text_px(fig, dpi: Optional[float] = None) -> float:  # inf for a figure without text
     "The font size of the smallest text drawn in `fig`, in pixels at `dpi` (default: the figure's own)."
     return min((t.get_fontsize() * (dpi or fig.dpi) / 72 for t in _texts(fig)), default=float('inf'))
 
-def figure_png(fig,  # any matplotlib figure
-               dpi: Optional[int] = None,  # default: the figure's own
-               colours: int = 256,  # size of the adaptive palette (0: full colour)
-              ) -> bytes:
+
+def figure_png(
+    fig,  # any matplotlib figure
+    dpi: Optional[int] = None,  # default: the figure's own
+    colours: int = 256,  # size of the adaptive palette (0: full colour)
+) -> bytes:
     "PNG bytes of a figure, drawn with Agg; a text chunk `mdmf` holds its smallest text in px and whether it is a strip."
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from PIL import Image, PngImagePlugin
+
     canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
     own = fig.dpi
     try:
@@ -205,97 +306,137 @@ def figure_png(fig,  # any matplotlib figure
         px = text_px(fig)
     finally:
         fig.set_dpi(own)
-    if colours: img = img.quantize(colours, method=Image.Quantize.FASTOCTREE)
+    if colours:
+        img = img.quantize(colours, method=Image.Quantize.FASTOCTREE)
     info = PngImagePlugin.PngInfo()
-    info.add_text('mdmf', json.dumps(dict(text_px=round(px, 1) if px < float('inf') else None,
-                                          strip=bool(getattr(fig, 'strip', False)))))
+    info.add_text(
+        'mdmf',
+        json.dumps(
+            dict(
+                text_px=round(px, 1) if px < float('inf') else None, strip=bool(getattr(fig, 'strip', False))
+            )
+        ),
+    )
     buf = io.BytesIO()
     img.save(buf, format='png', pnginfo=info)
     return buf.getvalue()
+
 
 def png_size(png: bytes) -> tuple:  # (width, height) in pixels
     "The pixel size written in a PNG's header."
     return struct.unpack('>II', png[16:24])
 
+
 def png_facts(png: bytes) -> dict:  # {} for a PNG not made by `figure_png`
     "What `figure_png` wrote into a PNG: {'text_px': smallest text in px (None: no text), 'strip': bool}."
     from PIL import Image
+
     text = Image.open(io.BytesIO(png)).text.get('mdmf')
     return json.loads(text) if text else {}
+
 
 # %% ../nbs/00_core.ipynb #b42d2765
 @functools.cache
 def figure_class() -> type:
     "`Picture`: a matplotlib `Figure` that shows itself as a PNG in any notebook front end, with or without pyplot."
     from matplotlib.figure import Figure
+
     class Picture(Figure):
         "A matplotlib `Figure` that shows itself as a PNG in any notebook front end, with or without pyplot."
+
         strip = False  # a thumbnail strip (frames side by side), exempt from the short-side rule
-        def _repr_png_(self) -> bytes: return figure_png(self)
+
+        def _repr_png_(self) -> bytes:
+            return figure_png(self)
+
         def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
             png = figure_png(self)
             return {'image/png': png, 'text/plain': '<Picture {}x{} px>'.format(*png_size(png))}
-        def _ipython_display_(self):  # asked before any printer registered for Figure (pyplot's inline backend has one)
+
+        def _ipython_display_(
+            self,
+        ):  # asked before any printer registered for Figure (pyplot's inline backend has one)
             from IPython.display import display
+
             display(self._repr_mimebundle_(), raw=True)
+
     Picture.__module__, Picture.__qualname__ = __name__, 'Picture'
     return Picture
 
-def new_figure(width: float,  # inches (at most MAX_WIDTH)
-               height: float,  # inches
-               strip: bool = False,  # a thumbnail strip: its short side may be under MIN_SIDE
-               layout: Optional[str] = 'constrained',  # matplotlib's layout engine (None: place axes yourself)
-              ):
+
+def new_figure(
+    width: float,  # inches (at most MAX_WIDTH)
+    height: float,  # inches
+    strip: bool = False,  # a thumbnail strip: its short side may be under MIN_SIDE
+    layout: Optional[str] = 'constrained',  # matplotlib's layout engine (None: place axes yourself)
+):
     "An empty `Picture` at the package's resolution, at least MIN_SIDE on each side unless a strip; not managed by pyplot."
     w, h = min(width, MAX_WIDTH), height
-    if not strip: w, h = max(w, MIN_SIDE), max(h, MIN_SIDE)
+    if not strip:
+        w, h = max(w, MIN_SIDE), max(h, MIN_SIDE)
     fig = figure_class()(figsize=(w, h), dpi=DPI, layout=layout, facecolor='white')
     fig.strip = strip
     return fig
 
-def colorbar(fig,  # the figure
-             mappable,  # what `imshow` (or `scatter`) returned
-             ax,  # the axes (or list of axes) the bar belongs to
-             label: str = '',  # what its colours mean
-             **kwargs):  # passed on to `Figure.colorbar` (e.g. shrink, location)
+
+def colorbar(
+    fig,  # the figure
+    mappable,  # what `imshow` (or `scatter`) returned
+    ax,  # the axes (or list of axes) the bar belongs to
+    label: str = '',  # what its colours mean
+    **kwargs,
+):  # passed on to `Figure.colorbar` (e.g. shrink, location)
     "A colour bar in the package's fonts, labelled with what the colours mean."
     cb = fig.colorbar(mappable, ax=ax, **kwargs)
     cb.ax.tick_params(labelsize=TICK)
-    if label: cb.set_label(label, fontsize=LABEL)
+    if label:
+        cb.set_label(label, fontsize=LABEL)
     return cb
 
+
 def __getattr__(name):  # `from mdmf.core import Picture` without importing matplotlib before it is needed
-    if name == 'Picture': return figure_class()
+    if name == 'Picture':
+        return figure_class()
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
+
 # %% ../nbs/00_core.ipynb #2305fd7d
-def short_name(name: str,  # a class name
-               width: int = 26,  # at most this many characters
-              ) -> str:
+def short_name(
+    name: str,  # a class name
+    width: int = 26,  # at most this many characters
+) -> str:
     "A name cut in the middle to fit `width`: its first word, '…', and as many words from the end as fit."
-    if len(name) <= width: return name
+    if len(name) <= width:
+        return name
     words, tail = name.split(), []
     for w in reversed(words[1:]):
-        if len(words[0]) + 3 + len(' '.join([w] + tail)) > width: break
+        if len(words[0]) + 3 + len(' '.join([w] + tail)) > width:
+            break
         tail.insert(0, w)
-    return f'{words[0]} … {" ".join(tail)}' if tail else name[:max(width - 1, 1)] + '…'
+    return f'{words[0]} … {" ".join(tail)}' if tail else name[: max(width - 1, 1)] + '…'
 
-def short_names(names: Sequence[str],  # names that must stay distinguishable
-                width: int = 26,  # characters
-               ) -> list:
+
+def short_names(
+    names: Sequence[str],  # names that must stay distinguishable
+    width: int = 26,  # characters
+) -> list:
     "`short_name` of each name, widened where two short forms would be the same."
     out = [short_name(n, width) for n in names]
     for w in range(width + 1, max(map(len, names), default=0) + 1):
         clash = {s for s in out if out.count(s) > 1}
-        if not clash: break
+        if not clash:
+            break
         out = [short_name(n, w) if s in clash else s for n, s in zip(names, out)]
     return out
 
-def wrapped(name: str,  # a class name
-            width: int = 16,  # characters per line
-            lines: int = 2,  # at most this many lines
-           ) -> str:
+
+def wrapped(
+    name: str,  # a class name
+    width: int = 16,  # characters per line
+    lines: int = 2,  # at most this many lines
+) -> str:
     "A name on at most `lines` lines of `width` characters, cut in the middle when it does not fit."
     text = name
-    while len(parts := textwrap.wrap(text, width)) > lines: text = short_name(name, len(text) - 1)
+    while len(parts := textwrap.wrap(text, width)) > lines:
+        text = short_name(name, len(text) - 1)
     return '\n'.join(parts)

@@ -6,8 +6,8 @@
 from __future__ import annotations
 
 import re
-from concurrent.futures import ThreadPoolExecutor
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
@@ -16,23 +16,48 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mdmf.datasets import (
+    VIDEO_EXTS,
+    Split,
+    _scan,
+    get_dataset,
+    load_split,
+    split_class_folders,
+    write_split_lists,
+)
+
 from .core import BadInput, MissingInput, PathLike
-from .datasets import VIDEO_EXTS, Split, _scan, get_dataset, load_split, split_class_folders, write_split_lists
 from .episodes import EpisodeSampler, episode_rng
 from .video import RANDOM_FRAME_MODES, num_frames, read_clip, read_frames, write_frames
 
 # %% auto #0
-__all__ = ['VideoIndex', 'index_videos', 'video_root', 'resolve_videos', 'DataConfig', 'load_data', 'dataset_label',
-           'freeze_split', 'EpisodeDataset', 'episode_data', 'episode_dataset', 'episode_loader', 'ClipDataset',
-           'random_episode', 'frames_split']
+__all__ = [
+    'VideoIndex',
+    'index_videos',
+    'video_root',
+    'resolve_videos',
+    'DataConfig',
+    'load_data',
+    'dataset_label',
+    'freeze_split',
+    'EpisodeDataset',
+    'episode_data',
+    'episode_dataset',
+    'episode_loader',
+    'ClipDataset',
+    'random_episode',
+    'frames_split',
+]
+
 
 # %% ../nbs/03_data.ipynb #e22e8c07
 @dataclass
 class VideoIndex:
     "Where the videos under a data root are: per class folder and flat, by id (and by 11-character YouTube id)."
+
     root: Path
-    by_class: dict[str, dict[str, Path]]   # class -> {video id: file or frame folder}
-    flat: dict[str, Path]                  # video id -> file or frame folder directly under the root
+    by_class: dict[str, dict[str, Path]]  # class -> {video id: file or frame folder}
+    flat: dict[str, Path]  # video id -> file or frame folder directly under the root
 
     _yt: dict = field(default_factory=dict, repr=False)  # lazily built YouTube-id tables
 
@@ -40,247 +65,388 @@ class VideoIndex:
         "The file or frame folder of video `vid` of class `cls`, or None."
         tables = [(cls, self.by_class.get(cls, {})), (None, self.flat)]
         for _, table in tables:
-            if vid in table: return table[vid]
+            if vid in table:
+                return table[vid]
         if youtube_ids:  # `<ytid>_<start>_<end>` in the list, `<ytid>` on disk (or the other way round)
             for key, table in tables:
-                if key not in self._yt: self._yt[key] = _youtube_table(table)
+                if key not in self._yt:
+                    self._yt[key] = _youtube_table(table)
                 hit = self._yt[key].get(vid[:11])
-                if hit is not None: return hit
+                if hit is not None:
+                    return hit
         return None
+
 
 def _youtube_table(table: dict[str, Path]) -> dict[str, Path]:
     yt = {}
-    for vid, p in sorted(table.items()): yt.setdefault(vid[:11], p)  # first in sorted order wins
+    for vid, p in sorted(table.items()):
+        yt.setdefault(vid[:11], p)  # first in sorted order wins
     return yt
 
-def index_videos(root: PathLike,  # the folder holding the videos
-                 classes: Sequence[str],  # the split's raw class names: folders so named are class folders
-                ) -> VideoIndex:
+
+def index_videos(
+    root: PathLike,  # the folder holding the videos
+    classes: Sequence[str],  # the split's raw class names: folders so named are class folders
+) -> VideoIndex:
     "Index `root` once: folders named like one of `classes` are class folders, everything else is flat."
     root = Path(root)
-    if not root.is_dir(): raise MissingInput(f'data root {root} does not exist (or is not a folder): pass --data-root')
+    if not root.is_dir():
+        raise MissingInput(f'data root {root} does not exist (or is not a folder): pass --data-root')
     classes, by_class, flat = set(classes), {}, {}
     for name, p in _scan(root)[0].items():
         if name in classes and p.is_dir():
             by_class[name], images = _scan(p)
-            if images or not by_class[name]: flat[name] = p  # also a flat frame folder whose id is a class id
-        else: flat[name] = p
+            if images or not by_class[name]:
+                flat[name] = p  # also a flat frame folder whose id is a class id
+        else:
+            flat[name] = p
     return VideoIndex(root, by_class, flat)
 
+
 # %% ../nbs/03_data.ipynb #635682be
-def video_root(name: str,  # dataset registry name
-               root: PathLike,  # data root
-              ) -> Path:
+def video_root(
+    name: str,  # dataset registry name
+    root: PathLike,  # data root
+) -> Path:
     "Folder under which dataset `name` keeps its videos (`<root>/videos` for the synthetic set)."
     info = get_dataset(name)
     return Path(root) / info.video_subdir if info.video_subdir else Path(root)
 
-def resolve_videos(split: Split,  # from `load_split`
-                   root: PathLike,  # data root
-                   drop_missing: bool = False,  # drop missing videos (with a warning) instead of stopping
-                   show: int = 10,  # missing videos listed in the message
-                  ) -> Split:
+
+def resolve_videos(
+    split: Split,  # from `load_split`
+    root: PathLike,  # data root
+    drop_missing: bool = False,  # drop missing videos (with a warning) instead of stopping
+    show: int = 10,  # missing videos listed in the message
+) -> Split:
     "Find every video of `split` under `root`; missing videos raise one error listing them, or are dropped with a warning."
     info, vroot = get_dataset(split.dataset), video_root(split.dataset, root)
     if not vroot.is_dir():
-        raise MissingInput(f'data root {vroot} for {split.title} does not exist (or is not a folder): pass --data-root')
+        raise MissingInput(
+            f'data root {vroot} for {split.title} does not exist (or is not a folder): pass --data-root'
+        )
     index = index_videos(vroot, split.classes)
     found = [index.find(split.classes[y], v, info.youtube_ids) for v, y in zip(split.videos, split.labels)]
     missing = [(split.classes[y], v) for v, y, p in zip(split.videos, split.labels, found) if p is None]
     if missing:
-        listed = '\n  '.join(f'{c}/{v}' for c, v in missing[:show]) + ('\n  ...' if len(missing) > show else '')
-        where = (f'{vroot}/<class>/<id>{{{",".join(VIDEO_EXTS)}}}, {vroot}/<class>/<id>/ (JPEG frames) and '
-                 f'{vroot}/<id>.<ext> (flat)' + (', also by the 11-character YouTube id' if info.youtube_ids else ''))
+        listed = '\n  '.join(f'{c}/{v}' for c, v in missing[:show]) + (
+            '\n  ...' if len(missing) > show else ''
+        )
+        where = (
+            f'{vroot}/<class>/<id>{{{",".join(VIDEO_EXTS)}}}, {vroot}/<class>/<id>/ (JPEG frames) and '
+            f'{vroot}/<id>.<ext> (flat)'
+            + (', also by the 11-character YouTube id' if info.youtube_ids else '')
+        )
         msg = f'{len(missing)} of {len(split)} videos of {split.title} {split.split} are missing'
         if not drop_missing:
-            raise MissingInput(f'{msg} (list: {split.source}):\n  {listed}\nLooked in {where}. '
-                               'Pass --drop-missing (drop_missing=True in Python) to run without them, and report it.')
-        warnings.warn(f'{msg}; dropped them (drop_missing). First: {", ".join(f"{c}/{v}" for c, v in missing[:show])}')
+            raise MissingInput(
+                f'{msg} (list: {split.source}):\n  {listed}\nLooked in {where}. '
+                'Pass --drop-missing (drop_missing=True in Python) to run without them, and report it.'
+            )
+        warnings.warn(
+            f'{msg}; dropped them (drop_missing). First: {", ".join(f"{c}/{v}" for c, v in missing[:show])}',
+            stacklevel=2,
+        )
     keep = [i for i, p in enumerate(found) if p is not None]
-    return replace(split, videos=[split.videos[i] for i in keep], labels=[split.labels[i] for i in keep],
-                   paths=[found[i] for i in keep], missing=missing)
+    return replace(
+        split,
+        videos=[split.videos[i] for i in keep],
+        labels=[split.labels[i] for i in keep],
+        paths=[found[i] for i in keep],
+        missing=missing,
+    )
+
 
 # %% ../nbs/03_data.ipynb #43ae1924
 @dataclass
 class DataConfig:
     "What a run reads: which data, where, how it is split, and the episodes drawn from it."
-    dataset: str = 'synthetic'  # synthetic, hmdb51, ucf101, kinetics100, ssv2_small, ssv2_full, or folder (your own videos: <data-root>/<class>/<video>)
+
+    # synthetic, hmdb51, ucf101, kinetics100, ssv2_small, ssv2_full, or folder (your own videos:
+    # <data-root>/<class>/<video>)
+    dataset: str = 'synthetic'
     data_root: str = 'data/synthetic'  # folder holding the videos
-    splits: str = ''  # folder holding train.txt, val.txt, test.txt split lists (default: the dataset's own; <data-root>/splits for folder and synthetic)
-    split_classes: str = ''  # folder dataset without split lists: deal the class folders into train/val/test classes, e.g. 64/12/24 (counts) or 0.6/0.2/0.2 (fractions)
+    # folder holding train.txt, val.txt, test.txt split lists (default: the dataset's own; <data-root>/splits
+    # for folder and synthetic)
+    splits: str = ''
+    # folder dataset without split lists: deal the class folders into train/val/test classes, e.g. 64/12/24
+    # (counts) or 0.6/0.2/0.2 (fractions)
+    split_classes: str = ''
     split_seed: int = 0  # seed of that deal of classes
-    class_names: str = ''  # JSON file {"class folder": "readable name"} overriding the prompt names read from class names
-    labels_json: str = ''  # SSv2-Full only: something-something-v2-labels.json (default: looked for in the data root)
-    drop_missing: bool = False  # run without videos missing from the data root (they are listed), instead of stopping
+    # JSON file {"class folder": "readable name"} overriding the prompt names read from class names
+    class_names: str = ''
+    # SSv2-Full only: something-something-v2-labels.json (default: looked for in the data root)
+    labels_json: str = ''
+    # run without videos missing from the data root (they are listed), instead of stopping
+    drop_missing: bool = False
     way: int = 5  # classes per episode
     shot: int = 5  # support videos per class
     train_query: int = 2  # query videos per class in training episodes
     test_query: int = 1  # query videos per class in val and test episodes
     short_side: int = 72  # frames are resized to this short side before cropping
     flip: bool = False  # random horizontal flip in training (off for direction-sensitive data such as SSv2)
-    train_frames: str = 'trx'  # frame mode of training clips (mdmf.video.FRAME_MODES): trx, train, trx-released (CLIP-MDMF's loader), segments (CLIP-FSAR's)
-    test_frames: str = 'test'  # frame mode of val and test clips: test, test-released (CLIP-MDMF's), segments (CLIP-FSAR's, random: no feature cache)
+    # frame mode of training clips (mdmf.video.FRAME_MODES): trx, train, trx-released (CLIP-MDMF's loader),
+    # segments (CLIP-FSAR's)
+    train_frames: str = 'trx'
+    # frame mode of val and test clips: test, test-released (CLIP-MDMF's), segments (CLIP-FSAR's, random: no
+    # feature cache)
+    test_frames: str = 'test'
     workers: int = 1  # data loading processes
 
+
 # %% ../nbs/03_data.ipynb #94244982
-def load_data(cfg: DataConfig,  # the run's data settings
-              split: str,  # train, val or test
-             ) -> Split:
+def load_data(
+    cfg: DataConfig,  # the run's data settings
+    split: str,  # train, val or test
+) -> Split:
     "Split `split` of the configured data, its videos found on disk: the one call the run layer makes."
-    s = load_split(cfg.dataset, split, cfg.data_root, cfg.labels_json or None, cfg.splits or None,
-                   cfg.split_classes, cfg.split_seed, cfg.class_names or None)
+    s = load_split(
+        cfg.dataset,
+        split,
+        cfg.data_root,
+        cfg.labels_json or None,
+        cfg.splits or None,
+        cfg.split_classes,
+        cfg.split_seed,
+        cfg.class_names or None,
+    )
     return resolve_videos(s, cfg.data_root, cfg.drop_missing)
+
 
 def dataset_label(cfg: DataConfig) -> str:
     "The data's name in run folders and messages: `hmdb51`, or your own data root's folder name (`my_actions`)."
     info = get_dataset(cfg.dataset)
-    if not info.class_folders: return info.name
+    if not info.class_folders:
+        return info.name
     name = re.sub(r'[^A-Za-z0-9._-]+', '_', Path(cfg.data_root).resolve().name).strip('_')
     return name or info.name
 
-def freeze_split(cfg: DataConfig,  # the run's data settings
-                 folder: PathLike,  # where the lists go, e.g. `<run folder>/splits`
-                ) -> DataConfig:
+
+def freeze_split(
+    cfg: DataConfig,  # the run's data settings
+    folder: PathLike,  # where the lists go, e.g. `<run folder>/splits`
+) -> DataConfig:
     "The config reading its split lists from `folder`, where the on-the-fly class split is written (unchanged without one)."
-    if cfg.splits or not cfg.split_classes: return cfg
+    if cfg.splits or not cfg.split_classes:
+        return cfg
     if not get_dataset(cfg.dataset).class_folders:
-        raise BadInput(f'--split-classes splits the class folders of your own data (--dataset folder), not {cfg.dataset}')
+        raise BadInput(
+            f'--split-classes splits the class folders of your own data (--dataset folder), not {cfg.dataset}'
+        )
     write_split_lists(split_class_folders(cfg.data_root, cfg.split_classes, cfg.split_seed), folder)
     return replace(cfg, splits=str(folder))
+
 
 # %% ../nbs/03_data.ipynb #0031fac7
 class EpisodeDataset(Dataset):
     "Episode `i` of a split as the episode dict (uint8 frames); everything random about it comes from `(seed, split, i)`."
-    def __init__(self,
-                 split: Split,  # a resolved split (`load_data`, or `resolve_videos`)
-                 sampler: EpisodeSampler,  # which videos make episode i
-                 episodes: int = 10_000,  # the dataset's length
-                 train: Optional[bool] = None,  # random crops and frames (default: for the train split)
-                 num_frames: int = 8,  # frames per clip T
-                 size: int = 224,  # crop size S
-                 short_side: int = 256,  # short side after resizing, before the crop
-                 frame_mode: Optional[str] = None,  # default: trx when training, else test
-                 flip: Optional[bool] = None,  # default: when training and the dataset allows it
-                 offset: int = 0,  # `dataset[i]` is episode `offset + i`
-                ):
-        if split.paths is None: raise ValueError(f'{split!r} is not resolved: call resolve_videos(split, root) first')
+
+    def __init__(
+        self,
+        split: Split,  # a resolved split (`load_data`, or `resolve_videos`)
+        sampler: EpisodeSampler,  # which videos make episode i
+        episodes: int = 10_000,  # the dataset's length
+        train: Optional[bool] = None,  # random crops and frames (default: for the train split)
+        num_frames: int = 8,  # frames per clip T
+        size: int = 224,  # crop size S
+        short_side: int = 256,  # short side after resizing, before the crop
+        frame_mode: Optional[str] = None,  # default: trx when training, else test
+        flip: Optional[bool] = None,  # default: when training and the dataset allows it
+        offset: int = 0,  # `dataset[i]` is episode `offset + i`
+    ):
+        if split.paths is None:
+            raise ValueError(f'{split!r} is not resolved: call resolve_videos(split, root) first')
         self.split, self.sampler, self.episodes, self.offset = split, sampler, episodes, offset
         self.train = split.split == 'train' if train is None else train
         self.frame_mode = frame_mode or ('trx' if self.train else 'test')
         self.flip = (get_dataset(split.dataset).flip and self.train) if flip is None else flip
         self.num_frames, self.size, self.short_side = num_frames, size, short_side
 
-    def __len__(self): return self.episodes
+    def __len__(self):
+        return self.episodes
 
     def _clips(self, index: np.ndarray, rng) -> torch.Tensor:
-        return torch.stack([read_clip(self.split.paths[i], self.num_frames, self.frame_mode, self.size, self.short_side,
-                                      self.train, self.flip, rng) for i in index])        # [n, T, 3, S, S] uint8
+        return torch.stack(
+            [
+                read_clip(
+                    self.split.paths[i],
+                    self.num_frames,
+                    self.frame_mode,
+                    self.size,
+                    self.short_side,
+                    self.train,
+                    self.flip,
+                    rng,
+                )
+                for i in index
+            ]
+        )  # [n, T, 3, S, S] uint8
 
     def __getitem__(self, i: int) -> dict:
-        if not 0 <= i < self.episodes: raise IndexError(f'episode {i} out of range ({self.episodes} episodes)')
+        if not 0 <= i < self.episodes:
+            raise IndexError(f'episode {i} out of range ({self.episodes} episodes)')
         index = self.offset + i
         ep = self.sampler.episode(index)
         rng = episode_rng(self.sampler.seed, self.sampler.split, index, stream=1)
-        return {'support': self._clips(ep.support_index, rng),
-                'support_labels': torch.from_numpy(ep.support_labels),
-                'query': self._clips(ep.query_index, rng),
-                'query_labels': torch.from_numpy(ep.query_labels),
-                'class_names': [self.split.class_names[c] for c in ep.class_ids],
-                'class_ids': torch.from_numpy(ep.class_ids),
-                'support_index': torch.from_numpy(ep.support_index),
-                'query_index': torch.from_numpy(ep.query_index)}
+        return {
+            'support': self._clips(ep.support_index, rng),
+            'support_labels': torch.from_numpy(ep.support_labels),
+            'query': self._clips(ep.query_index, rng),
+            'query_labels': torch.from_numpy(ep.query_labels),
+            'class_names': [self.split.class_names[c] for c in ep.class_ids],
+            'class_ids': torch.from_numpy(ep.class_ids),
+            'support_index': torch.from_numpy(ep.support_index),
+            'query_index': torch.from_numpy(ep.query_index),
+        }
 
     def __repr__(self):
-        return (f'EpisodeDataset({self.split.title}/{self.split.split}: {self.episodes} episodes, {self.sampler.way}-way '
-                f'{self.sampler.shot}-shot, T={self.num_frames}, {self.size}px, frames={self.frame_mode}, flip={self.flip})')
+        return (
+            f'EpisodeDataset({self.split.title}/{self.split.split}: {self.episodes} episodes, {self.sampler.way}-way '
+            f'{self.sampler.shot}-shot, T={self.num_frames}, {self.size}px, frames={self.frame_mode}, flip={self.flip})'
+        )
+
 
 # %% ../nbs/03_data.ipynb #717c4795
-def episode_data(cfg: DataConfig,  # the run's data settings (way, shot, queries, short side, flip)
-                 split: Split,  # from `load_data`
-                 num_frames: int,  # frames per clip T (the model's)
-                 size: int,  # crop size S (the backbone's input resolution)
-                 episodes: int,  # how many episodes
-                 seed: int,  # the episodes' seed
-                 offset: int = 0,  # first episode number (a resumed run continues)
-                 shot: Optional[int] = None,  # support videos per class (default: cfg.shot)
-                ) -> EpisodeDataset:
+def episode_data(
+    cfg: DataConfig,  # the run's data settings (way, shot, queries, short side, flip)
+    split: Split,  # from `load_data`
+    num_frames: int,  # frames per clip T (the model's)
+    size: int,  # crop size S (the backbone's input resolution)
+    episodes: int,  # how many episodes
+    seed: int,  # the episodes' seed
+    offset: int = 0,  # first episode number (a resumed run continues)
+    shot: Optional[int] = None,  # support videos per class (default: cfg.shot)
+) -> EpisodeDataset:
     "The `EpisodeDataset` of a loaded split under a run's data settings (training episodes for the train split)."
     train = split.split == 'train'
-    sampler = EpisodeSampler.from_split(split, cfg.way, shot or cfg.shot, cfg.train_query if train else cfg.test_query, seed)
-    return EpisodeDataset(split, sampler, episodes, train, num_frames, size, cfg.short_side,
-                          cfg.train_frames if train else cfg.test_frames, cfg.flip and train, offset)
+    sampler = EpisodeSampler.from_split(
+        split, cfg.way, shot or cfg.shot, cfg.train_query if train else cfg.test_query, seed
+    )
+    return EpisodeDataset(
+        split,
+        sampler,
+        episodes,
+        train,
+        num_frames,
+        size,
+        cfg.short_side,
+        cfg.train_frames if train else cfg.test_frames,
+        cfg.flip and train,
+        offset,
+    )
 
-def episode_dataset(name: str,  # dataset registry name
-                    split: str,  # train, val or test
-                    root: PathLike,  # data root
-                    way: int = 5, shot: int = 1, query: int = 1,  # the episodes' shape
-                    episodes: int = 10_000,  # the dataset's length
-                    seed: int = 0,  # the episodes' seed
-                    num_frames: int = 8, size: int = 224, short_side: int = 256,  # T, S, and the resize before the crop
-                    frame_mode: Optional[str] = None,  # default: trx for train, else test
-                    flip: Optional[bool] = None,  # default: when training and the dataset allows it
-                    drop_missing: bool = False,  # drop missing videos (with a warning) instead of stopping
-                    labels_json: Optional[PathLike] = None,  # SSv2-Full's labels json
-                    offset: int = 0,  # `dataset[i]` is episode `offset + i`
-                   ) -> EpisodeDataset:
+
+def episode_dataset(
+    name: str,  # dataset registry name
+    split: str,  # train, val or test
+    root: PathLike,  # data root
+    way: int = 5,
+    shot: int = 1,
+    query: int = 1,  # the episodes' shape
+    episodes: int = 10_000,  # the dataset's length
+    seed: int = 0,  # the episodes' seed
+    num_frames: int = 8,
+    size: int = 224,
+    short_side: int = 256,  # T, S, and the resize before the crop
+    frame_mode: Optional[str] = None,  # default: trx for train, else test
+    flip: Optional[bool] = None,  # default: when training and the dataset allows it
+    drop_missing: bool = False,  # drop missing videos (with a warning) instead of stopping
+    labels_json: Optional[PathLike] = None,  # SSv2-Full's labels json
+    offset: int = 0,  # `dataset[i]` is episode `offset + i`
+) -> EpisodeDataset:
     "The `EpisodeDataset` of split `split` of dataset `name` stored under `root`."
     s = resolve_videos(load_split(name, split, root, labels_json), root, drop_missing)
     sampler = EpisodeSampler.from_split(s, way, shot, query, seed)
     return EpisodeDataset(s, sampler, episodes, None, num_frames, size, short_side, frame_mode, flip, offset)
 
-def episode_loader(dataset: Dataset,  # an `EpisodeDataset`
-                   num_workers: int = 0,  # data loading processes (0: in this process)
-                   pin_memory: Optional[bool] = None,  # default: when CUDA is there
-                   persistent_workers: bool = False,  # keep the workers between passes
-                   prefetch_factor: Optional[int] = None,  # episodes each worker prepares ahead
-                  ) -> DataLoader:
+
+def episode_loader(
+    dataset: Dataset,  # an `EpisodeDataset`
+    num_workers: int = 0,  # data loading processes (0: in this process)
+    pin_memory: Optional[bool] = None,  # default: when CUDA is there
+    persistent_workers: bool = False,  # keep the workers between passes
+    prefetch_factor: Optional[int] = None,  # episodes each worker prepares ahead
+) -> DataLoader:
     "DataLoader serving one episode per batch (`batch_size=None`), in episode order; pins memory when CUDA is there."
-    if pin_memory is None: pin_memory = torch.cuda.is_available()
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
     kw = dict(prefetch_factor=prefetch_factor) if num_workers > 0 and prefetch_factor else {}
-    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=persistent_workers and num_workers > 0, **kw)
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=persistent_workers and num_workers > 0,
+        **kw,
+    )
+
 
 # %% ../nbs/03_data.ipynb #642b11b4
 class ClipDataset(Dataset):
     "Video `i` of a resolved split as `(clip uint8 [T, 3, S, S], label, i)` with deterministic frames (`test`) and a centre crop."
-    def __init__(self,
-                 split: Split,  # a resolved split
-                 num_frames: int = 8,  # frames per clip T
-                 size: int = 224,  # crop size S
-                 short_side: int = 256,  # short side after resizing, before the crop
-                 frame_mode: str = 'test',  # a frame mode that draws nothing: test or test-released
-                ):
-        if split.paths is None: raise ValueError(f'{split!r} is not resolved: call resolve_videos(split, root) first')
-        if frame_mode in RANDOM_FRAME_MODES: raise ValueError(f'ClipDataset encodes each video once: frame mode {frame_mode!r} is random')
-        self.split, self.num_frames, self.size, self.short_side, self.frame_mode = split, num_frames, size, short_side, frame_mode
 
-    def __len__(self): return len(self.split)
+    def __init__(
+        self,
+        split: Split,  # a resolved split
+        num_frames: int = 8,  # frames per clip T
+        size: int = 224,  # crop size S
+        short_side: int = 256,  # short side after resizing, before the crop
+        frame_mode: str = 'test',  # a frame mode that draws nothing: test or test-released
+    ):
+        if split.paths is None:
+            raise ValueError(f'{split!r} is not resolved: call resolve_videos(split, root) first')
+        if frame_mode in RANDOM_FRAME_MODES:
+            raise ValueError(f'ClipDataset encodes each video once: frame mode {frame_mode!r} is random')
+        self.split, self.num_frames, self.size, self.short_side, self.frame_mode = (
+            split,
+            num_frames,
+            size,
+            short_side,
+            frame_mode,
+        )
+
+    def __len__(self):
+        return len(self.split)
 
     def __getitem__(self, i: int):
         clip = read_clip(self.split.paths[i], self.num_frames, self.frame_mode, self.size, self.short_side)
         return clip, self.split.labels[i], i
 
+
 # %% ../nbs/03_data.ipynb #529a4bfe
-def random_episode(way: int = 5,  # classes
-                   shot: int = 1,  # support videos per class
-                   query: int = 1,  # query videos per class
-                   frames: int = 8,  # frames per video T
-                   size: int = 64,  # frame size S
-                   seed: int = 0,  # seed of the pixels
-                   normal: bool = False,  # float32 frames drawn from N(0, 1), as if already normalised, instead of uint8 pixels
-                  ) -> dict:
+def random_episode(
+    way: int = 5,  # classes
+    shot: int = 1,  # support videos per class
+    query: int = 1,  # query videos per class
+    frames: int = 8,  # frames per video T
+    size: int = 64,  # frame size S
+    seed: int = 0,  # seed of the pixels
+    normal: bool = False,  # float32 frames drawn from N(0, 1), as if already normalised, instead of uint8 pixels
+) -> dict:
     "An episode dict with random frames `[n, T, 3, S, S]` (uint8, or float32 with `normal`), class-major labels and names 'class 0', ..."
     g = torch.Generator().manual_seed(seed)
-    clips = lambda n: (torch.randn((n, frames, 3, size, size), generator=g) if normal else
-                       torch.randint(0, 256, (n, frames, 3, size, size), generator=g, dtype=torch.uint8))
-    return dict(support=clips(way * shot), support_labels=torch.arange(way).repeat_interleave(shot),
-                query=clips(way * query), query_labels=torch.arange(way).repeat_interleave(query),
-                class_names=[f'class {i}' for i in range(way)], class_ids=torch.arange(way),
-                support_index=torch.arange(way * shot), query_index=torch.arange(way * shot, way * (shot + query)))
+    clips = lambda n: (
+        torch.randn((n, frames, 3, size, size), generator=g)
+        if normal
+        else torch.randint(0, 256, (n, frames, 3, size, size), generator=g, dtype=torch.uint8)
+    )
+    return dict(
+        support=clips(way * shot),
+        support_labels=torch.arange(way).repeat_interleave(shot),
+        query=clips(way * query),
+        query_labels=torch.arange(way).repeat_interleave(query),
+        class_names=[f'class {i}' for i in range(way)],
+        class_ids=torch.arange(way),
+        support_index=torch.arange(way * shot),
+        query_index=torch.arange(way * shot, way * (shot + query)),
+    )
+
 
 # %% ../nbs/03_data.ipynb #bd76e8e5
 def _copy_as_frames(src: Path, dst: Path):
     write_frames(dst, read_frames(src, range(num_frames(src))), quality=90)
+
 
 def frames_split(split, sampler: EpisodeSampler, episodes: int, folder, workers: int = 4):
     "`split` with the videos of its first `episodes` episodes stored as JPEG frame folders under `folder` (the others are not made)."
@@ -291,4 +457,3 @@ def frames_split(split, sampler: EpisodeSampler, episodes: int, folder, workers:
     with ThreadPoolExecutor(max(1, workers)) as pool:
         list(pool.map(lambda k: _copy_as_frames(split.paths[k], paths[k]), need))
     return replace(split, paths=paths)
-

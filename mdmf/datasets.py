@@ -20,217 +20,340 @@ import numpy as np
 from .core import BadInput, MissingInput, PathLike, atomic_write_text
 
 # %% auto #0
-__all__ = ['DATASETS', 'SPLITS', 'NAME_FIXES', 'SSV2_LABELS', 'VIDEO_EXTS', 'IMAGE_EXTS', 'DatasetInfo', 'get_dataset',
-           'splits_dir', 'read_split', 'readable_name', 'read_class_names', 'ssv2_label_names', 'natural_key',
-           'scan_class_folders', 'parse_split_classes', 'split_class_folders', 'write_split_lists', 'Split',
-           'load_split']
+__all__ = [
+    'DATASETS',
+    'SPLITS',
+    'NAME_FIXES',
+    'SSV2_LABELS',
+    'VIDEO_EXTS',
+    'IMAGE_EXTS',
+    'DatasetInfo',
+    'get_dataset',
+    'splits_dir',
+    'read_split',
+    'readable_name',
+    'read_class_names',
+    'ssv2_label_names',
+    'natural_key',
+    'scan_class_folders',
+    'parse_split_classes',
+    'split_class_folders',
+    'write_split_lists',
+    'Split',
+    'load_split',
+]
+
 
 # %% ../nbs/01_datasets.ipynb #5194c33b
 @dataclass(frozen=True)
 class DatasetInfo:
     "What the loader needs to know about one dataset."
-    name: str                        # registry key, also the folder name under data/splits
-    title: str                       # how papers call it
-    protocol: str                    # which paper's split lists these are
-    flip: bool                       # horizontal flip allowed as a training augmentation
-    youtube_ids: bool = False        # file names may be the 11-character YouTube id only (Kinetics)
-    numeric_labels: bool = False     # class names are SSv2 label ids, names come from the labels json
-    splits_in_root: bool = False     # split lists live in `<root>/splits` instead of the shipped ones
-    video_subdir: str = ''           # videos live in `<root>/<video_subdir>`
-    class_folders: bool = False      # your own data, `<root>/<class>/<video>`: classes can be split on the fly
 
-DATASETS = {d.name: d for d in [
-    DatasetInfo('hmdb51', 'HMDB51', 'ARN', flip=True),
-    DatasetInfo('ucf101', 'UCF101', 'ARN', flip=True),
-    DatasetInfo('kinetics100', 'Kinetics-100', 'CMN', flip=True, youtube_ids=True),
-    DatasetInfo('ssv2_small', 'SSv2-Small', 'CMN', flip=False),
-    DatasetInfo('ssv2_full', 'SSv2-Full', 'OTAM', flip=False, numeric_labels=True),
-    DatasetInfo('synthetic', 'Synthetic', 'mdmf', flip=False, splits_in_root=True, video_subdir='videos'),
-    DatasetInfo('folder', 'Folder', 'own', flip=False, splits_in_root=True, class_folders=True),
-]}
+    name: str  # registry key, also the folder name under data/splits
+    title: str  # how papers call it
+    protocol: str  # which paper's split lists these are
+    flip: bool  # horizontal flip allowed as a training augmentation
+    youtube_ids: bool = False  # file names may be the 11-character YouTube id only (Kinetics)
+    numeric_labels: bool = False  # class names are SSv2 label ids, names come from the labels json
+    splits_in_root: bool = False  # split lists live in `<root>/splits` instead of the shipped ones
+    video_subdir: str = ''  # videos live in `<root>/<video_subdir>`
+    # your own data, `<root>/<class>/<video>`: classes can be split on the fly
+    class_folders: bool = False
+
+
+DATASETS = {
+    d.name: d
+    for d in [
+        DatasetInfo('hmdb51', 'HMDB51', 'ARN', flip=True),
+        DatasetInfo('ucf101', 'UCF101', 'ARN', flip=True),
+        DatasetInfo('kinetics100', 'Kinetics-100', 'CMN', flip=True, youtube_ids=True),
+        DatasetInfo('ssv2_small', 'SSv2-Small', 'CMN', flip=False),
+        DatasetInfo('ssv2_full', 'SSv2-Full', 'OTAM', flip=False, numeric_labels=True),
+        DatasetInfo('synthetic', 'Synthetic', 'mdmf', flip=False, splits_in_root=True, video_subdir='videos'),
+        DatasetInfo('folder', 'Folder', 'own', flip=False, splits_in_root=True, class_folders=True),
+    ]
+}
 SPLITS = ('train', 'val', 'test')
+
 
 def get_dataset(name: str) -> DatasetInfo:
     "The registry entry for `name` (case-insensitive; `-` and `_` are the same)."
     key = name.lower().replace('-', '_')
     if key not in DATASETS:
-        raise BadInput(f'unknown dataset {name!r}; known: {", ".join(DATASETS)} '
-                       '(`folder` reads your own videos from <data root>/<class>/<video>)')
+        raise BadInput(
+            f'unknown dataset {name!r}; known: {", ".join(DATASETS)} '
+            '(`folder` reads your own videos from <data root>/<class>/<video>)'
+        )
     return DATASETS[key]
 
+
 # %% ../nbs/01_datasets.ipynb #6b772e42
-def splits_dir(name: str,  # dataset registry name
-               root: Optional[PathLike] = None,  # data root (where `synthetic` and `folder` keep their lists)
-              ) -> Path:
+def splits_dir(
+    name: str,  # dataset registry name
+    root: Optional[PathLike] = None,  # data root (where `synthetic` and `folder` keep their lists)
+) -> Path:
     "Folder holding the split lists of dataset `name`: `<root>/splits`, the checkout's `data/splits`, or the installed `mdmf.splits`."
     info = get_dataset(name)
     if info.splits_in_root:
-        if root is None: raise BadInput(f'{info.name}: the split lists live in `<root>/splits`; pass the data root')
+        if root is None:
+            raise BadInput(f'{info.name}: the split lists live in `<root>/splits`; pass the data root')
         return Path(root) / 'splits'
     spec = importlib.util.find_spec('mdmf')  # a checkout: <repo>/mdmf next to <repo>/data/splits
-    repo = Path(spec.origin).resolve().parent.parent / 'data' / 'splits' / info.name if spec and spec.origin else None
-    if repo is not None and repo.is_dir(): return repo
-    try: return resources.files('mdmf.splits') / info.name
+    repo = (
+        Path(spec.origin).resolve().parent.parent / 'data' / 'splits' / info.name
+        if spec and spec.origin
+        else None
+    )
+    if repo is not None and repo.is_dir():
+        return repo
+    try:
+        return resources.files('mdmf.splits') / info.name
     except ModuleNotFoundError as e:
-        raise MissingInput(f'split lists for {info.name} not found in {repo} nor in the package data mdmf.splits; '
-                           'reinstall mdmf, or pass --splits DIR') from e
+        raise MissingInput(
+            f'split lists for {info.name} not found in {repo} nor in the package data mdmf.splits; '
+            'reinstall mdmf, or pass --splits DIR'
+        ) from e
+
 
 _EXPECTED = '(expected `<class name>/<video id>`)'
+
 
 def _line_error(line: str) -> Optional[str]:
     "What is wrong with one non-blank split line, or None."
     cls, sep, vid = line.rpartition('/')
-    if not sep or not cls.strip() or not vid.strip(): return f'malformed line {line!r} {_EXPECTED}'
+    if not sep or not cls.strip() or not vid.strip():
+        return f'malformed line {line!r} {_EXPECTED}'
     if line.startswith(('/', '\\')) or re.match(r'[A-Za-z]:[\\/]', line):
         return f'absolute path {line!r}: lines name a video under the data root {_EXPECTED}'
-    if '..' in re.split(r'[\\/]', line): return f'{line!r} climbs out of the data root with `..` {_EXPECTED}'
+    if '..' in re.split(r'[\\/]', line):
+        return f'{line!r} climbs out of the data root with `..` {_EXPECTED}'
     return None
 
-def read_split(path: PathLike,  # a split list, e.g. `<root>/splits/train.txt`
-              ) -> list[tuple[str, str]]:
+
+def read_split(
+    path: PathLike,  # a split list, e.g. `<root>/splits/train.txt`
+) -> list[tuple[str, str]]:
     "Read a split list: one `(class name, video id)` per line, blank lines skipped; errors name the file and line number."
     path = path if hasattr(path, 'read_text') else Path(path)  # also the package data's Traversable
-    try: text = path.read_text(encoding='utf-8')
-    except FileNotFoundError: raise MissingInput(f'split list {path} does not exist') from None
+    try:
+        text = path.read_text(encoding='utf-8')
+    except FileNotFoundError:
+        raise MissingInput(f'split list {path} does not exist') from None
     items, seen = [], {}
     for i, line in enumerate(text.splitlines(), 1):
         line = line.strip()
-        if not line: continue
-        if (err := _line_error(line)): raise BadInput(f'{path}, line {i}: {err}')
+        if not line:
+            continue
+        if err := _line_error(line):
+            raise BadInput(f'{path}, line {i}: {err}')
         cls, _, vid = line.rpartition('/')
-        if (cls, vid) in seen: raise BadInput(f'{path}, line {i}: {line!r} repeats line {seen[(cls, vid)]}')
+        if (cls, vid) in seen:
+            raise BadInput(f'{path}, line {i}: {line!r} repeats line {seen[(cls, vid)]}')
         seen[(cls, vid)] = i
         items.append((cls, vid))
-    if not items: raise BadInput(f'{path}: the split list is empty (one `<class name>/<video id>` a line)')
+    if not items:
+        raise BadInput(f'{path}: the split list is empty (one `<class name>/<video id>` a line)')
     return items
+
 
 # %% ../nbs/01_datasets.ipynb #7c93a74a
 NAME_FIXES = {'YoYo': 'yo-yo'}  # raw class name -> prompt name, where the rule below reads it wrongly
 _CAMEL = re.compile(r'(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])')
 
+
 def readable_name(name: str) -> str:
     "Prompt name of a class: `brush_hair` -> `brush hair`, `ApplyEyeMakeup` -> `apply eye makeup`; natural names unchanged."
-    if name in NAME_FIXES: return NAME_FIXES[name]
+    if name in NAME_FIXES:
+        return NAME_FIXES[name]
     name = name.replace('_', ' ').strip()
-    if ' ' not in name: name = _CAMEL.sub(' ', name).lower()  # one word: CamelCase or plain
+    if ' ' not in name:
+        name = _CAMEL.sub(' ', name).lower()  # one word: CamelCase or plain
     return name
+
 
 def read_class_names(path: PathLike) -> dict[str, str]:
     "A names file: JSON object `{raw class name: readable name}`; errors name the file."
     path = Path(path)
-    try: data = json.loads(path.read_text(encoding='utf-8'))
-    except FileNotFoundError: raise MissingInput(f'names file {path} does not exist (--class-names)') from None
+    try:
+        data = json.loads(path.read_text(encoding='utf-8'))
+    except FileNotFoundError:
+        raise MissingInput(f'names file {path} does not exist (--class-names)') from None
     except json.JSONDecodeError as e:
-        raise BadInput(f'names file {path} is not valid JSON ({e}); expected {{"class folder": "readable name", ...}}') from None
-    bad = [k for k, v in data.items() if not isinstance(v, str) or not v.strip()] if isinstance(data, dict) else None
+        raise BadInput(
+            f'names file {path} is not valid JSON ({e}); expected {{"class folder": "readable name", ...}}'
+        ) from None
+    bad = (
+        [k for k, v in data.items() if not isinstance(v, str) or not v.strip()]
+        if isinstance(data, dict)
+        else None
+    )
     if bad is None or bad:
-        raise BadInput(f'names file {path}: expected a JSON object of non-empty strings {{"class folder": "readable name", ...}}'
-                       + (f'; bad entries: {bad[:5]}' if bad else ''))
+        raise BadInput(
+            f'names file {path}: expected a JSON object of non-empty strings {{"class folder": "readable name", ...}}'
+            + (f'; bad entries: {bad[:5]}' if bad else '')
+        )
     return {k: v.strip() for k, v in data.items()}
+
 
 # %% ../nbs/01_datasets.ipynb #c71e6e3b
 SSV2_LABELS = 'something-something-v2-labels.json'
 
-def _labels_json_candidates(root):
-    if root is None: return []
-    root = Path(root)
-    return [root / SSV2_LABELS, root / 'labels' / SSV2_LABELS, root / 'annotations' / SSV2_LABELS, root.parent / SSV2_LABELS]
 
-def ssv2_label_names(labels_json: Optional[PathLike] = None,  # the file (default: looked for in `root`)
-                     root: Optional[PathLike] = None,  # the data root
-                    ) -> dict[str, str]:
+def _labels_json_candidates(root):
+    if root is None:
+        return []
+    root = Path(root)
+    return [
+        root / SSV2_LABELS,
+        root / 'labels' / SSV2_LABELS,
+        root / 'annotations' / SSV2_LABELS,
+        root.parent / SSV2_LABELS,
+    ]
+
+
+def ssv2_label_names(
+    labels_json: Optional[PathLike] = None,  # the file (default: looked for in `root`)
+    root: Optional[PathLike] = None,  # the data root
+) -> dict[str, str]:
     "SSv2 label id -> template, from `something-something-v2-labels.json` given by path or found in the data root."
     places = [Path(labels_json)] if labels_json is not None else _labels_json_candidates(root)
     for p in places:
         if p.is_file():
-            try: data = json.loads(p.read_text(encoding='utf-8'))
-            except json.JSONDecodeError as e: raise BadInput(f'{p} is not valid JSON ({e}); download it again') from None
+            try:
+                data = json.loads(p.read_text(encoding='utf-8'))
+            except json.JSONDecodeError as e:
+                raise BadInput(f'{p} is not valid JSON ({e}); download it again') from None
             return {str(v): k for k, v in data.items()}
     looked = ', '.join(str(p) for p in places) or 'nowhere (no data root and no labels_json given)'
-    raise MissingInput(f'SSv2-Full class names need SSv2\'s {SSV2_LABELS} (template -> id, part of every SSv2 '
-                       f'download); pass --labels-json FILE or put it in the data root. Looked in: {looked}')
+    raise MissingInput(
+        f'SSv2-Full class names need SSv2\'s {SSV2_LABELS} (template -> id, part of every SSv2 '
+        f'download); pass --labels-json FILE or put it in the data root. Looked in: {looked}'
+    )
+
 
 # %% ../nbs/01_datasets.ipynb #5d186dc3
 VIDEO_EXTS = ('.mp4', '.avi', '.webm', '.mkv', '.mov')
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp')
 _NUM = re.compile(r'(\d+)')
 
+
 def natural_key(name: str) -> list:
     "Sort key reading the numbers in a name as numbers: `2.jpg` before `10.jpg`."
     return [int(p) if p.isdigit() else p.lower() for p in _NUM.split(name)]
+
 
 def _scan(folder: Path) -> tuple[dict[str, Path], int]:
     "Video files (by stem) and sub-folders (by name: frame folders) in `folder`, and how many images it holds: one listing."
     out, images = {}, 0
     with os.scandir(folder) as it:
         for e in it:
-            if e.name.startswith('.'): continue
-            if e.is_dir(): out.setdefault(e.name, Path(e.path)); continue
+            if e.name.startswith('.'):
+                continue
+            if e.is_dir():
+                out.setdefault(e.name, Path(e.path))
+                continue
             stem, ext = os.path.splitext(e.name)
-            if ext.lower() in VIDEO_EXTS: out[stem] = Path(e.path)
-            elif ext.lower() in IMAGE_EXTS: images += 1
+            if ext.lower() in VIDEO_EXTS:
+                out[stem] = Path(e.path)
+            elif ext.lower() in IMAGE_EXTS:
+                images += 1
     return out, images
 
-def scan_class_folders(root: PathLike,  # data root of your own data, `<root>/<class>/<video>`
-                       skip: Sequence[str] = ('splits',),  # folders of the root that are not classes
-                      ) -> dict[str, list[str]]:
+
+def scan_class_folders(
+    root: PathLike,  # data root of your own data, `<root>/<class>/<video>`
+    skip: Sequence[str] = ('splits',),  # folders of the root that are not classes
+) -> dict[str, list[str]]:
     "Class folder -> its video ids (sorted), for your own data in `<root>/<class>/<video>`."
     root = Path(root)
     if not root.is_dir():
-        raise MissingInput(f'data root {root} does not exist (or is not a folder): pass --data-root, the folder '
-                           'holding one folder per class')
+        raise MissingInput(
+            f'data root {root} does not exist (or is not a folder): pass --data-root, the folder '
+            'holding one folder per class'
+        )
     top, _ = _scan(root)
     classes, empty = {}, []
     for name in sorted(n for n, p in top.items() if p.is_dir() and n not in skip):
         videos, images = _scan(top[name])
         if images and not videos:
-            raise BadInput(f'{top[name]} holds images, not videos: the data root must hold one folder per class, '
-                           f'each holding videos or frame folders (<root>/<class>/<video>/1.jpg); is {root} one level too deep?')
-        if videos: classes[name] = sorted(videos, key=natural_key)
-        else: empty.append(name)
-    if empty: warnings.warn(f'{root}: skipped {len(empty)} folder(s) without videos: {", ".join(empty[:10])}')
-    if not classes: raise BadInput(f'{root} has no class folders with videos (<root>/<class>/<video file or frame folder>)')
+            raise BadInput(
+                f'{top[name]} holds images, not videos: the data root must hold one folder per class, '
+                f'each holding videos or frame folders (<root>/<class>/<video>/1.jpg); is {root} one level too deep?'
+            )
+        if videos:
+            classes[name] = sorted(videos, key=natural_key)
+        else:
+            empty.append(name)
+    if empty:
+        warnings.warn(
+            f'{root}: skipped {len(empty)} folder(s) without videos: {", ".join(empty[:10])}', stacklevel=2
+        )
+    if not classes:
+        raise BadInput(
+            f'{root} has no class folders with videos (<root>/<class>/<video file or frame folder>)'
+        )
     return classes
 
+
 # %% ../nbs/01_datasets.ipynb #f16e8db7
-def parse_split_classes(spec: str,  # '64/12/24' (classes) or '0.6/0.2/0.2' (fractions)
-                        n_classes: int,  # class folders available
-                       ) -> tuple[int, int, int]:
+def parse_split_classes(
+    spec: str,  # '64/12/24' (classes) or '0.6/0.2/0.2' (fractions)
+    n_classes: int,  # class folders available
+) -> tuple[int, int, int]:
     "Number of train, val and test classes asked for by `spec`."
     what = f'--split-classes {spec!r}'
     parts = [p.strip() for p in str(spec).split('/')]
-    try: values = [float(p) for p in parts]
-    except ValueError: values = []
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
     if len(values) != 3 or min(values) < 0:
-        raise BadInput(f'{what}: expected three numbers train/val/test: class counts (64/12/24) or fractions (0.6/0.2/0.2)')
-    if all(p.isdigit() for p in parts): counts = [int(p) for p in parts]
+        raise BadInput(
+            f'{what}: expected three numbers train/val/test: class counts (64/12/24) or fractions (0.6/0.2/0.2)'
+        )
+    if all(p.isdigit() for p in parts):
+        counts = [int(p) for p in parts]
     elif max(values) <= 1 and sum(values) <= 1 + 1e-9:
         exact = [v * n_classes for v in values]
         counts = [int(x) for x in exact]
-        for i in sorted(range(3), key=lambda i: counts[i] - exact[i])[:round(sum(exact)) - sum(counts)]: counts[i] += 1
-    else: raise BadInput(f'{what}: fractions must each be at most 1 and add up to at most 1 (whole numbers are class counts)')
-    if min(counts) < 1: raise BadInput(f'{what} gives {"/".join(map(str, counts))} of {n_classes} classes: every split needs a class')
+        for i in sorted(range(3), key=lambda i: counts[i] - exact[i])[: round(sum(exact)) - sum(counts)]:
+            counts[i] += 1
+    else:
+        raise BadInput(
+            f'{what}: fractions must each be at most 1 and add up to at most 1 (whole numbers are class counts)'
+        )
+    if min(counts) < 1:
+        raise BadInput(
+            f'{what} gives {"/".join(map(str, counts))} of {n_classes} classes: every split needs a class'
+        )
     if sum(counts) > n_classes:
         raise BadInput(f'{what} asks for {sum(counts)} classes, the data has {n_classes} class folders')
     return tuple(counts)
 
-def split_class_folders(root: PathLike,  # data root of your own data, `<root>/<class>/<video>`
-                        spec: str,  # classes per split, e.g. '64/12/24' or '0.6/0.2/0.2'
-                        seed: int = 0,  # seed of the deal
-                       ) -> dict[str, list[tuple[str, str]]]:
+
+def split_class_folders(
+    root: PathLike,  # data root of your own data, `<root>/<class>/<video>`
+    spec: str,  # classes per split, e.g. '64/12/24' or '0.6/0.2/0.2'
+    seed: int = 0,  # seed of the deal
+) -> dict[str, list[tuple[str, str]]]:
     "Split name -> `(class, video id)` items: the class folders dealt into train, val and test classes."
     folders = scan_class_folders(root)
     names = sorted(folders)
     counts = parse_split_classes(spec, len(names))
     order = np.random.default_rng(int(seed)).permutation(len(names))
     ends = np.cumsum(counts)
-    picked = {s: sorted((names[i] for i in order[e - c:e]), key=natural_key) for s, c, e in zip(SPLITS, counts, ends)}
+    picked = {
+        s: sorted((names[i] for i in order[e - c : e]), key=natural_key)
+        for s, c, e in zip(SPLITS, counts, ends)
+    }
     return {s: [(c, v) for c in classes for v in folders[c]] for s, classes in picked.items()}
 
+
 # %% ../nbs/01_datasets.ipynb #c43e4af8
-def write_split_lists(items: dict[str, list[tuple[str, str]]],  # split name -> (class, video id) items
-                      folder: PathLike,  # where train.txt, val.txt and test.txt go
-                     ) -> Path:
+def write_split_lists(
+    items: dict[str, list[tuple[str, str]]],  # split name -> (class, video id) items
+    folder: PathLike,  # where train.txt, val.txt and test.txt go
+) -> Path:
     "Write split lists `<folder>/<split>.txt`; existing lists must be the same (they are never overwritten)."
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -238,91 +361,141 @@ def write_split_lists(items: dict[str, list[tuple[str, str]]],  # split name -> 
     for s, text in texts.items():
         path = folder / f'{s}.txt'
         if path.is_file() and path.read_text(encoding='utf-8') != text:
-            raise BadInput(f'{path} already holds a different split list; remove it or write the split elsewhere')
+            raise BadInput(
+                f'{path} already holds a different split list; remove it or write the split elsewhere'
+            )
     for s, text in texts.items():
-        if not (folder / f'{s}.txt').is_file(): atomic_write_text(folder / f'{s}.txt', text)
+        if not (folder / f'{s}.txt').is_file():
+            atomic_write_text(folder / f'{s}.txt', text)
     return folder
+
 
 # %% ../nbs/01_datasets.ipynb #f4fca6cc
 @dataclass
 class Split:
     "One split of one dataset: video ids, their class indices, and the classes' raw and readable names."
+
     dataset: str
     split: str
-    classes: list[str]               # raw class names as in the list, sorted; index = class id
-    class_names: list[str]           # readable prompt names, same order
-    videos: list[str]                # video ids
-    labels: list[int]                # class id of each video
+    classes: list[str]  # raw class names as in the list, sorted; index = class id
+    class_names: list[str]  # readable prompt names, same order
+    videos: list[str]  # video ids
+    labels: list[int]  # class id of each video
     paths: Optional[list[Path]] = None  # resolved files / frame folders (after `resolve_videos`)
-    source: str = ''                 # where the list was read
+    source: str = ''  # where the list was read
     missing: list[tuple[str, str]] = field(default_factory=list)  # (class, id) dropped by `drop_missing`
-    title: str = ''                  # name in messages (default: the registry's title)
+    title: str = ''  # name in messages (default: the registry's title)
 
-    def __post_init__(self): self.title = self.title or get_dataset(self.dataset).title
-    def __len__(self): return len(self.videos)
+    def __post_init__(self):
+        self.title = self.title or get_dataset(self.dataset).title
+
+    def __len__(self):
+        return len(self.videos)
+
     def __repr__(self):
-        return (f'Split({self.title}/{self.split}: {len(self.classes)} classes, {len(self.videos)} videos'
-                f'{", resolved" if self.paths is not None else ""})')
+        return (
+            f'Split({self.title}/{self.split}: {len(self.classes)} classes, {len(self.videos)} videos'
+            f'{", resolved" if self.paths is not None else ""})'
+        )
+
     def class_counts(self) -> np.ndarray:
         "Videos per class, `[n_classes]`."
         return np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=len(self.classes))
 
+
 def _split_from_items(dataset, split, items, names_of, source='', title=''):
     classes = sorted({c for c, _ in items}, key=lambda c: (len(c), c) if c.isdigit() else (0, c))
     cid = {c: i for i, c in enumerate(classes)}
-    return Split(dataset, split, classes, [names_of(c) for c in classes], [v for _, v in items],
-                 [cid[c] for c, _ in items], source=str(source), title=title)
+    return Split(
+        dataset,
+        split,
+        classes,
+        [names_of(c) for c in classes],
+        [v for _, v in items],
+        [cid[c] for c, _ in items],
+        source=str(source),
+        title=title,
+    )
+
 
 # %% ../nbs/01_datasets.ipynb #e5fec130
 def _split_items(info: DatasetInfo, split: str, root, splits, split_classes, split_seed):
     "The `(class, video id)` items of one split and where they came from."
-    if splits: return read_split(Path(splits) / f'{split}.txt'), Path(splits) / f'{split}.txt'
+    if splits:
+        return read_split(Path(splits) / f'{split}.txt'), Path(splits) / f'{split}.txt'
     if split_classes:
         if not info.class_folders:
-            raise BadInput(f'--split-classes splits the class folders of your own data (--dataset folder); '
-                           f'{info.title} has its own split lists')
-        if root is None: raise BadInput('--split-classes needs the data root (--data-root)')
-        return split_class_folders(root, split_classes, split_seed)[split], f'{root} (classes {split_classes}, seed {split_seed})'
+            raise BadInput(
+                f'--split-classes splits the class folders of your own data (--dataset folder); '
+                f'{info.title} has its own split lists'
+            )
+        if root is None:
+            raise BadInput('--split-classes needs the data root (--data-root)')
+        return split_class_folders(root, split_classes, split_seed)[
+            split
+        ], f'{root} (classes {split_classes}, seed {split_seed})'
     path = splits_dir(info.name, root) / f'{split}.txt'
     if info.class_folders and not path.is_file():
-        raise MissingInput(f'{path} does not exist: write the split lists train.txt, val.txt, test.txt there '
-                           '(one `<class>/<video id>` a line), pass --splits DIR, or --split-classes 64/12/24 to split the class folders')
+        raise MissingInput(
+            f'{path} does not exist: write the split lists train.txt, val.txt, test.txt there '
+            '(one `<class>/<video id>` a line), pass --splits DIR, or --split-classes 64/12/24 to split the class folders'
+        )
     return read_split(path), path
+
 
 def _names_of(info: DatasetInfo, items, root, labels_json, overrides: dict):
     "The function raw class name -> readable name."
     if info.numeric_labels:
         ids = ssv2_label_names(labels_json, root)
         unknown = sorted({c for c, _ in items if c not in ids})
-        if unknown: raise BadInput(f'label ids {unknown[:10]} are not in the SSv2 labels json; is it the right file?')
+        if unknown:
+            raise BadInput(f'label ids {unknown[:10]} are not in the SSv2 labels json; is it the right file?')
         base = lambda c: ids[c]
-    else: base = readable_name
+    else:
+        base = readable_name
     return lambda c: overrides.get(c) or base(c)
 
+
 # %% ../nbs/01_datasets.ipynb #fa8862e8
-def load_split(name: str,  # dataset registry name
-               split: str,  # train, val or test
-               root: Optional[PathLike] = None,  # data root: needed for synthetic and folder, and to find SSv2's labels json
-               labels_json: Optional[PathLike] = None,  # SSv2-Full's labels json (default: looked for in the root)
-               splits: Optional[PathLike] = None,  # folder with the split lists, instead of the dataset's own
-               split_classes: str = '',  # your own data without lists: classes per split, e.g. '64/12/24'
-               split_seed: int = 0,  # seed of that class split
-               class_names: Optional[PathLike] = None,  # names file: JSON {raw class name: readable name}
-              ) -> Split:
+def load_split(
+    name: str,  # dataset registry name
+    split: str,  # train, val or test
+    root: Optional[
+        PathLike
+    ] = None,  # data root: needed for synthetic and folder, and to find SSv2's labels json
+    labels_json: Optional[PathLike] = None,  # SSv2-Full's labels json (default: looked for in the root)
+    splits: Optional[PathLike] = None,  # folder with the split lists, instead of the dataset's own
+    split_classes: str = '',  # your own data without lists: classes per split, e.g. '64/12/24'
+    split_seed: int = 0,  # seed of that class split
+    class_names: Optional[PathLike] = None,  # names file: JSON {raw class name: readable name}
+) -> Split:
     "Read split `split` of dataset `name` (videos not looked up yet)."
     info = get_dataset(name)
-    if split not in SPLITS: raise BadInput(f'split must be one of {SPLITS}, got {split!r}')
+    if split not in SPLITS:
+        raise BadInput(f'split must be one of {SPLITS}, got {split!r}')
     items, source = _split_items(info, split, root, splits or None, split_classes, split_seed)
     overrides = read_class_names(class_names) if class_names else {}
-    unknown = sorted(set(overrides) - _all_classes(info, root, splits, split_classes, split_seed)) if overrides else []
-    if unknown: raise BadInput(f'names file {class_names} names classes the data does not have: {unknown[:10]}')
-    title = (Path(root).resolve().name or info.title) if info.class_folders and root is not None else info.title
-    return _split_from_items(info.name, split, items, _names_of(info, items, root, labels_json, overrides), source, title)
+    unknown = (
+        sorted(set(overrides) - _all_classes(info, root, splits, split_classes, split_seed))
+        if overrides
+        else []
+    )
+    if unknown:
+        raise BadInput(f'names file {class_names} names classes the data does not have: {unknown[:10]}')
+    title = (
+        (Path(root).resolve().name or info.title) if info.class_folders and root is not None else info.title
+    )
+    return _split_from_items(
+        info.name, split, items, _names_of(info, items, root, labels_json, overrides), source, title
+    )
+
 
 def _all_classes(info, root, splits, split_classes, split_seed) -> set[str]:
     "Raw class names of every split that has a list (to check a names file against)."
     out = set()
     for s in SPLITS:
-        try: out |= {c for c, _ in _split_items(info, s, root, splits or None, split_classes, split_seed)[0]}
-        except MissingInput: pass
+        try:
+            out |= {c for c, _ in _split_items(info, s, root, splits or None, split_classes, split_seed)[0]}
+        except MissingInput:
+            pass
     return out

@@ -18,52 +18,64 @@ from .datasets import Split
 # %% auto #0
 __all__ = ['Episode', 'episode_rng', 'episode_generator', 'EpisodeSampler']
 
+
 # %% ../nbs/01_episodes.ipynb #54986355
 @dataclass(frozen=True)
 class Episode:
     "Which videos make one episode: class ids (into the split), and video indices, class-major."
-    class_ids: np.ndarray      # [way] class index within the split
+
+    class_ids: np.ndarray  # [way] class index within the split
     support_index: np.ndarray  # [way*shot] video index within the split
-    query_index: np.ndarray    # [way*query]
+    query_index: np.ndarray  # [way*query]
     way: int
     shot: int
     query: int
 
     @property
-    def support_labels(self): return np.repeat(np.arange(self.way), self.shot)  # [way*shot]
-    @property
-    def query_labels(self): return np.repeat(np.arange(self.way), self.query)   # [way*query]
+    def support_labels(self):
+        return np.repeat(np.arange(self.way), self.shot)  # [way*shot]
 
-def episode_rng(seed: int,  # the run's seed
-                split: str,  # train, val or test
-                index: int,  # the episode's number
-                stream: int = 0,  # 0: which videos, 1: frames and crops, 2: the model's draws
-               ) -> np.random.Generator:
+    @property
+    def query_labels(self):
+        return np.repeat(np.arange(self.way), self.query)  # [way*query]
+
+
+def episode_rng(
+    seed: int,  # the run's seed
+    split: str,  # train, val or test
+    index: int,  # the episode's number
+    stream: int = 0,  # 0: which videos, 1: frames and crops, 2: the model's draws
+) -> np.random.Generator:
     "Generator for episode `index` of `split`, from these numbers alone (`stream` separates uses: 0 sampling, 1 augmentation, 2 model)."
     return np.random.default_rng([int(seed), zlib.crc32(split.encode()), int(index), int(stream)])
 
-def episode_generator(seed: int,  # the run's seed
-                      split: str,  # train, val or test
-                      index: int,  # the episode's number
-                      device,  # where the model draws (a torch device or its name)
-                     ) -> torch.Generator:
+
+def episode_generator(
+    seed: int,  # the run's seed
+    split: str,  # train, val or test
+    index: int,  # the episode's number
+    device,  # where the model draws (a torch device or its name)
+) -> torch.Generator:
     "The torch generator of episode `index`'s random draws inside the model (PPS), from these numbers alone."
     g = torch.Generator(device=device)
     return g.manual_seed(int(episode_rng(seed, split, index, stream=2).integers(2**62)))
 
+
 # %% ../nbs/01_episodes.ipynb #cb7e5019
 class EpisodeSampler:
     "N-way K-shot episodes from the videos of one split; episode `i` depends only on `(seed, split, i)`."
-    def __init__(self,
-                 labels: Sequence[int],  # class id of each video of the split
-                 way: int = 5,  # classes per episode
-                 shot: int = 1,  # support videos per class
-                 query: int = 1,  # query videos per class
-                 seed: int = 0,  # the episodes' seed
-                 split: str = 'test',  # the split's name (part of each episode's seed)
-                 class_names: Optional[Sequence[str]] = None,  # names used in error messages
-                 source: str = '',  # where the split list was read (named in error messages)
-                ):
+
+    def __init__(
+        self,
+        labels: Sequence[int],  # class id of each video of the split
+        way: int = 5,  # classes per episode
+        shot: int = 1,  # support videos per class
+        query: int = 1,  # query videos per class
+        seed: int = 0,  # the episodes' seed
+        split: str = 'test',  # the split's name (part of each episode's seed)
+        class_names: Optional[Sequence[str]] = None,  # names used in error messages
+        source: str = '',  # where the split list was read (named in error messages)
+    ):
         self.labels = np.asarray(labels, dtype=np.int64)
         self.way, self.shot, self.query, self.seed, self.split = way, shot, query, seed, split
         n_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
@@ -72,16 +84,25 @@ class EpisodeSampler:
         self.classes = np.array([c for c in range(n_classes) if len(self.by_class[c])])  # classes present
         where = f' ({source})' if source else ''
         if len(self.classes) < way:
-            raise BadInput(f'{way}-way episodes need {way} classes, the {split} split{where} has {len(self.classes)}: '
-                           f'lower --way or give the split more classes')
-        few = [(names[c], len(self.by_class[c])) for c in self.classes if len(self.by_class[c]) < shot + query]
+            raise BadInput(
+                f'{way}-way episodes need {way} classes, the {split} split{where} has {len(self.classes)}: '
+                f'lower --way or give the split more classes'
+            )
+        few = [
+            (names[c], len(self.by_class[c])) for c in self.classes if len(self.by_class[c]) < shot + query
+        ]
         if few:
-            raise BadInput(f'{split} classes{where} with fewer videos than shot+query = {shot}+{query}: '
-                           + ', '.join(f'{n!r} has {k}' for n, k in few[:10]) + ('...' if len(few) > 10 else '')
-                           + '. Lower --shot or the query count, or give these classes more videos')
+            raise BadInput(
+                f'{split} classes{where} with fewer videos than shot+query = {shot}+{query}: '
+                + ', '.join(f'{n!r} has {k}' for n, k in few[:10])
+                + ('...' if len(few) > 10 else '')
+                + '. Lower --shot or the query count, or give these classes more videos'
+            )
 
     @classmethod
-    def from_split(cls, split: Split, way: int = 5, shot: int = 1, query: int = 1, seed: int = 0) -> EpisodeSampler:
+    def from_split(
+        cls, split: Split, way: int = 5, shot: int = 1, query: int = 1, seed: int = 0
+    ) -> EpisodeSampler:
         "Sampler over the videos of `split` (class names in errors are the raw ones)."
         return cls(split.labels, way, shot, query, seed, split.split, split.classes, split.source)
 
@@ -90,10 +111,16 @@ class EpisodeSampler:
         rng = episode_rng(self.seed, self.split, index)
         class_ids = rng.choice(self.classes, size=self.way, replace=False)
         picks = [rng.choice(self.by_class[c], size=self.shot + self.query, replace=False) for c in class_ids]
-        support = np.concatenate([p[:self.shot] for p in picks])  # [way*shot], class-major
-        query = np.concatenate([p[self.shot:] for p in picks])    # [way*query]
-        return Episode(class_ids.astype(np.int64), support.astype(np.int64), query.astype(np.int64),
-                       self.way, self.shot, self.query)
+        support = np.concatenate([p[: self.shot] for p in picks])  # [way*shot], class-major
+        query = np.concatenate([p[self.shot :] for p in picks])  # [way*query]
+        return Episode(
+            class_ids.astype(np.int64),
+            support.astype(np.int64),
+            query.astype(np.int64),
+            self.way,
+            self.shot,
+            self.query,
+        )
 
     def __repr__(self):
         return f'EpisodeSampler({self.split}: {self.way}-way {self.shot}-shot {self.query} query, {len(self.classes)} classes, seed {self.seed})'

@@ -14,11 +14,10 @@ from typing import Optional
 
 import numpy as np
 import torch
+from fastcore.imports import in_notebook
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-
-from fastcore.imports import in_notebook
 
 from .config import Config, command_parser, with_values
 from .core import BadInput, UserError, atomic_write_text, cli, parse_command
@@ -30,8 +29,19 @@ from .runtime import Runtime, all_max, all_sum, autocast, init_runtime, set_thre
 from .video import RANDOM_FRAME_MODES
 
 # %% auto #0
-__all__ = ['SMALL_SPLIT', 'summarize', 'crop_size', 'encode_split', 'EvalResult', 'evaluate', 'evaluate_run', 'EvaluateOptions',
-           'example_note', 'main']
+__all__ = [
+    'SMALL_SPLIT',
+    'summarize',
+    'crop_size',
+    'encode_split',
+    'EvalResult',
+    'evaluate',
+    'evaluate_run',
+    'EvaluateOptions',
+    'example_note',
+    'main',
+]
+
 
 # %% ../nbs/16_evaluate.ipynb #eb177e3e
 def summarize(acc) -> dict:
@@ -41,18 +51,21 @@ def summarize(acc) -> dict:
     ci = 1.96 * a.std() / math.sqrt(n) if n > 1 else float('nan')
     return dict(accuracy=round(100 * float(a.mean()), 4), ci95=round(100 * float(ci), 4), episodes=n)
 
+
 # %% ../nbs/16_evaluate.ipynb #6574ff53
 def crop_size(model: nn.Module) -> int:
     "The frames' crop size: the backbone's input resolution."
     return unwrap(model).backbone.image_size
 
+
 @torch.no_grad()
-def encode_split(model: nn.Module,  # a model of mdmf.model (or its DistributedDataParallel wrapper)
-                 split: Split,  # resolved split
-                 cfg: Config,  # frames, short side, batch, workers
-                 rt: Optional[Runtime] = None,  # several processes share the batches
-                 progress: bool = False,
-                ) -> Tensor:  # [V, T, D]
+def encode_split(
+    model: nn.Module,  # a model of mdmf.model (or its DistributedDataParallel wrapper)
+    split: Split,  # resolved split
+    cfg: Config,  # frames, short side, batch, workers
+    rt: Optional[Runtime] = None,  # several processes share the batches
+    progress: bool = False,
+) -> Tensor:  # [V, T, D]
     "Backbone features of every video of `split` (test frames, centre crop, eval mode), computed once."
     rt, model = rt or Runtime(), unwrap(model)
     was_training = model.training
@@ -60,29 +73,45 @@ def encode_split(model: nn.Module,  # a model of mdmf.model (or its DistributedD
     ds = ClipDataset(split, cfg.model.frames, crop_size(model), cfg.data.short_side, cfg.data.test_frames)
     b = cfg.eval.eval_batch
     batches = [list(range(i, min(i + b, len(ds)))) for i in range(0, len(ds), b)]
-    loader = DataLoader(ds, batch_sampler=batches[rt.rank::rt.world], num_workers=cfg.data.workers,
-                        pin_memory=rt.device.type == 'cuda')
+    loader = DataLoader(
+        ds,
+        batch_sampler=batches[rt.rank :: rt.world],
+        num_workers=cfg.data.workers,
+        pin_memory=rt.device.type == 'cuda',
+    )
     feats = None
-    for clips, _, index in tqdm(loader, desc=f'encode {split.split}', disable=not (progress and rt.is_main),
-                                leave=False, dynamic_ncols=True):
+    for clips, _, index in tqdm(
+        loader,
+        desc=f'encode {split.split}',
+        disable=not (progress and rt.is_main),
+        leave=False,
+        dynamic_ncols=True,
+    ):
         with autocast(rt):
             f = model.encode_frames(clips.to(rt.device, non_blocking=True))  # [B, T, D]
-        if feats is None: feats = torch.zeros(len(ds), *f.shape[1:], dtype=f.dtype, device=rt.device)  # [V, T, D]
+        # [V, T, D]
+        if feats is None:
+            feats = torch.zeros(len(ds), *f.shape[1:], dtype=f.dtype, device=rt.device)
         feats[index.to(rt.device)] = f
     if rt.distributed:  # a process without batches still joins the sum
         shape = torch.tensor(feats.shape[1:] if feats is not None else [0, 0], device=rt.device)
         shape = all_max(shape, rt)
-        if feats is None: feats = torch.zeros(len(ds), *shape.tolist(), device=rt.device)
+        if feats is None:
+            feats = torch.zeros(len(ds), *shape.tolist(), device=rt.device)
         all_sum(feats, rt)
     model.train(was_training)
     return feats
 
+
 # %% ../nbs/16_evaluate.ipynb #12e370e3
-SMALL_SPLIT = 200  # fewer distinct videos than this: the summary warns that the interval understates the uncertainty
+# fewer distinct videos than this: the summary warns that the interval understates the uncertainty
+SMALL_SPLIT = 200
+
 
 @dataclass
 class EvalResult:
     "Accuracy over episodes, with what it was computed from."
+
     accuracy: float  # mean per-episode accuracy, percent
     ci95: float  # 95% interval of the mean over episodes, percent
     episodes: int
@@ -93,67 +122,116 @@ class EvalResult:
     seconds: dict = field(default_factory=dict)  # encode, episodes, total
 
     def metrics(self) -> dict:
-        return dict(accuracy=self.accuracy, ci95=self.ci95, episodes=self.episodes, videos=self.videos,
-                    draws_per_video=round(self.draws_per_video, 1))
+        return dict(
+            accuracy=self.accuracy,
+            ci95=self.ci95,
+            episodes=self.episodes,
+            videos=self.videos,
+            draws_per_video=round(self.draws_per_video, 1),
+        )
 
     def summary(self) -> str:
         "The accuracy with its interval and, for a small split, what the interval does not cover."
-        s = (f'{self.accuracy:.2f} ± {self.ci95:.2f} % ({self.episodes} episodes over {self.videos} videos, '
-             f'each drawn {self.draws_per_video:.0f} times on average)')
+        s = (
+            f'{self.accuracy:.2f} ± {self.ci95:.2f} % ({self.episodes} episodes over {self.videos} videos, '
+            f'each drawn {self.draws_per_video:.0f} times on average)'
+        )
         if self.videos < SMALL_SPLIT:
-            s += (f'\nwarning: only {self.videos} distinct videos: the ± interval covers the choice of episodes, not the '
-                  'choice of videos, and with so few another set of videos could move the accuracy by more than it')
+            s += (
+                f'\nwarning: only {self.videos} distinct videos: the ± interval covers the choice of episodes, not the '
+                'choice of videos, and with so few another set of videos could move the accuracy by more than it'
+            )
         return s
 
+
 def _drawn(sampler: EpisodeSampler, n: int) -> tuple:  # (distinct videos, draws per video)
-    idx = np.concatenate([np.concatenate([e.support_index, e.query_index]) for e in map(sampler.episode, range(n))])
+    idx = np.concatenate(
+        [np.concatenate([e.support_index, e.query_index]) for e in map(sampler.episode, range(n))]
+    )
     distinct = len(np.unique(idx))
     return distinct, len(idx) / max(distinct, 1)
 
+
 # %% ../nbs/16_evaluate.ipynb #96c259bb
-def _cached(model, features: Tensor, tokens: Tensor, sampler: EpisodeSampler, mine: list, gen, rt: Runtime, bar,
-            batch: int = 1,  # episodes per call of the heads (`episode_logits`)
-           ) -> dict:
+def _cached(
+    model,
+    features: Tensor,
+    tokens: Tensor,
+    sampler: EpisodeSampler,
+    mine: list,
+    gen,
+    rt: Runtime,
+    bar,
+    batch: int = 1,  # episodes per call of the heads (`episode_logits`)
+) -> dict:
     "Predictions `[way*query]` of episodes `mine` from the cached features `[V, T, D]` (heads only), `batch` at a time."
     preds = {}
     for start in range(0, len(mine), max(batch, 1)):
-        ids = mine[start:start + max(batch, 1)]
+        ids = mine[start : start + max(batch, 1)]
         eps = [sampler.episode(i) for i in ids]
-        rows = lambda name: torch.from_numpy(np.stack([getattr(e, name) for e in eps])).to(rt.device)  # [E, ...]
+        # [E, ...]
+        rows = lambda name: torch.from_numpy(np.stack([getattr(e, name) for e in eps])).to(rt.device)
         with autocast(rt):
-            logits = model.episode_logits(features, tokens, rows('support_index'), rows('support_labels'),
-                                          rows('query_index'), rows('class_ids'), [gen(i) for i in ids])  # [E, Q, N]
+            logits = model.episode_logits(
+                features,
+                tokens,
+                rows('support_index'),
+                rows('support_labels'),
+                rows('query_index'),
+                rows('class_ids'),
+                [gen(i) for i in ids],
+            )  # [E, Q, N]
         preds.update(zip(ids, logits.argmax(-1)))
         bar.update(len(ids))
     return preds
 
-def _uncached(model, cfg: Config, s: Split, sampler: EpisodeSampler, n: int, mine: list, gen, rt: Runtime, bar) -> dict:
+
+def _uncached(
+    model, cfg: Config, s: Split, sampler: EpisodeSampler, n: int, mine: list, gen, rt: Runtime, bar
+) -> dict:
     "Predictions of episodes `mine`, every episode decoded and encoded from its videos."
-    ds = EpisodeDataset(s, sampler, n, train=False, num_frames=cfg.model.frames, size=crop_size(model),
-                        short_side=cfg.data.short_side, frame_mode=cfg.data.test_frames)
-    loader = DataLoader(ds, batch_size=None, sampler=mine, num_workers=cfg.data.workers, pin_memory=rt.device.type == 'cuda')
+    ds = EpisodeDataset(
+        s,
+        sampler,
+        n,
+        train=False,
+        num_frames=cfg.model.frames,
+        size=crop_size(model),
+        short_side=cfg.data.short_side,
+        frame_mode=cfg.data.test_frames,
+    )
+    loader = DataLoader(
+        ds, batch_size=None, sampler=mine, num_workers=cfg.data.workers, pin_memory=rt.device.type == 'cuda'
+    )
     preds = {}
     for i, ep in zip(mine, loader):
         with autocast(rt):
-            out = model(ep['support'].to(rt.device, non_blocking=True), ep['support_labels'].to(rt.device),
-                        ep['query'].to(rt.device, non_blocking=True), ep['class_names'], generator=gen(i))
+            out = model(
+                ep['support'].to(rt.device, non_blocking=True),
+                ep['support_labels'].to(rt.device),
+                ep['query'].to(rt.device, non_blocking=True),
+                ep['class_names'],
+                generator=gen(i),
+            )
         preds[i] = out.logits.argmax(-1)
         bar.update()
     return preds
 
+
 # %% ../nbs/16_evaluate.ipynb #29ff116c
 @torch.no_grad()
-def evaluate(model: nn.Module,  # a model of mdmf.model (or its DistributedDataParallel wrapper)
-             cfg: Config,  # way, queries, frames, seed, data, batch, workers
-             split: str = 'test',  # 'train', 'val' or 'test'
-             episodes: Optional[int] = None,  # default: cfg.eval.test_episodes (test) or val_episodes
-             shot: Optional[int] = None,  # default: cfg.data.shot
-             cache: Optional[bool] = None,  # default: cfg.eval.cache
-             rt: Optional[Runtime] = None,  # device and processes (default: this process on the CPU)
-             data: Optional[Split] = None,  # the resolved split, if at hand
-             features: Optional[Tensor] = None,  # [V, T, D] cached features of `data`, if at hand
-             progress: Optional[bool] = None,  # default: cfg.run.progress
-            ) -> EvalResult:
+def evaluate(
+    model: nn.Module,  # a model of mdmf.model (or its DistributedDataParallel wrapper)
+    cfg: Config,  # way, queries, frames, seed, data, batch, workers
+    split: str = 'test',  # 'train', 'val' or 'test'
+    episodes: Optional[int] = None,  # default: cfg.eval.test_episodes (test) or val_episodes
+    shot: Optional[int] = None,  # default: cfg.data.shot
+    cache: Optional[bool] = None,  # default: cfg.eval.cache
+    rt: Optional[Runtime] = None,  # device and processes (default: this process on the CPU)
+    data: Optional[Split] = None,  # the resolved split, if at hand
+    features: Optional[Tensor] = None,  # [V, T, D] cached features of `data`, if at hand
+    progress: Optional[bool] = None,  # default: cfg.run.progress
+) -> EvalResult:
     "Accuracy of `model` on `episodes` episodes of `split`."
     rt, model, d = rt or Runtime(), unwrap(model), cfg.data
     n = episodes or (cfg.eval.test_episodes if split == 'test' else cfg.eval.val_episodes)
@@ -166,75 +244,126 @@ def evaluate(model: nn.Module,  # a model of mdmf.model (or its DistributedDataP
     model.eval()
     t0 = time.perf_counter()
     tokens = model.class_tokens(s.class_names)  # [C, D]: fills the prompt cache in one batch
-    if cache and features is None: features = encode_split(model, s, cfg, rt, progress)
+    if cache and features is None:
+        features = encode_split(model, s, cfg, rt, progress)
     t1 = time.perf_counter()
     mine = list(range(rt.rank, n, rt.world))
-    bar = tqdm(total=len(mine), desc=f'{split} {"cached" if cache else "uncached"}', leave=False,
-               disable=not (progress and rt.is_main), dynamic_ncols=True)
+    bar = tqdm(
+        total=len(mine),
+        desc=f'{split} {"cached" if cache else "uncached"}',
+        leave=False,
+        disable=not (progress and rt.is_main),
+        dynamic_ncols=True,
+    )
     gen = lambda i: episode_generator(cfg.run.seed, s.split, i, rt.device)
-    got = (_cached(model, features, tokens, sampler, mine, gen, rt, bar, cfg.eval.episode_batch) if cache
-           else _uncached(model, cfg, s, sampler, n, mine, gen, rt, bar))
+    got = (
+        _cached(model, features, tokens, sampler, mine, gen, rt, bar, cfg.eval.episode_batch)
+        if cache
+        else _uncached(model, cfg, s, sampler, n, mine, gen, rt, bar)
+    )
     bar.close()
     preds = torch.zeros(n, d.way * d.test_query, dtype=torch.long, device=rt.device)  # [n, way*query]
-    for i, p in got.items(): preds[i] = p
+    for i, p in got.items():
+        preds[i] = p
     all_sum(preds, rt)  # every process filled its own rows
     preds = preds.cpu().numpy()
     per_episode = (preds == np.repeat(np.arange(d.way), d.test_query)).mean(1)  # labels are class-major
     t2 = time.perf_counter()
     model.train(was_training)
     m = summarize(per_episode)
-    return EvalResult(m['accuracy'], m['ci95'], n, per_episode, preds, *_drawn(sampler, n),
-                      dict(encode=t1 - t0, episodes=t2 - t1, total=t2 - t0))
+    return EvalResult(
+        m['accuracy'],
+        m['ci95'],
+        n,
+        per_episode,
+        preds,
+        *_drawn(sampler, n),
+        dict(encode=t1 - t0, episodes=t2 - t1, total=t2 - t0),
+    )
+
 
 # %% ../nbs/16_evaluate.ipynb #b7521d26
-def evaluate_run(model: nn.Module, cfg: Config,  # a model and its run's config (e.g. from `load_model`)
-                 split: str = 'test', episodes: Optional[int] = None, shot: Optional[int] = None,
-                 out=None,  # metrics file to write (None: none)
-                 rt: Optional[Runtime] = None, checkpoint: str = '') -> dict:
+def evaluate_run(
+    model: nn.Module,
+    cfg: Config,  # a model and its run's config (e.g. from `load_model`)
+    split: str = 'test',
+    episodes: Optional[int] = None,
+    shot: Optional[int] = None,
+    out=None,  # metrics file to write (None: none)
+    rt: Optional[Runtime] = None,
+    checkpoint: str = '',
+) -> dict:
     "Metrics of a model on `episodes` episodes of `split`, printed and written to `out`."
     rt = rt or Runtime()
     r = evaluate(model, cfg, split, episodes, shot=shot, rt=rt)
     shot = shot or cfg.data.shot
-    metrics = {split: dict(r.metrics(), way=cfg.data.way, shot=shot, query=cfg.data.test_query, split=split),
-               'timings': dict(encode_s=round(r.seconds['encode'], 2), episodes_s=round(r.seconds['episodes'], 2),
-                               total_s=round(r.seconds['total'], 2)),
-               'checkpoint': str(checkpoint), 'model': cfg.model.model, 'dataset': cfg.data.dataset}
+    metrics = {
+        split: dict(r.metrics(), way=cfg.data.way, shot=shot, query=cfg.data.test_query, split=split),
+        'timings': dict(
+            encode_s=round(r.seconds['encode'], 2),
+            episodes_s=round(r.seconds['episodes'], 2),
+            total_s=round(r.seconds['total'], 2),
+        ),
+        'checkpoint': str(checkpoint),
+        'model': cfg.model.model,
+        'dataset': cfg.data.dataset,
+    }
     if rt.is_main:
-        if out: atomic_write_text(out, json.dumps(metrics, indent=1))
-        print(f'{cfg.model.model} on {dataset_label(cfg.data)} {split}, {cfg.data.way}-way {shot}-shot: {r.summary()}'
-              + (f'; written to {out}' if out else ''))
+        if out:
+            atomic_write_text(out, json.dumps(metrics, indent=1))
+        print(
+            f'{cfg.model.model} on {dataset_label(cfg.data)} {split}, {cfg.data.way}-way {shot}-shot: {r.summary()}'
+            + (f'; written to {out}' if out else '')
+        )
     return metrics
+
 
 # %% ../nbs/16_evaluate.ipynb #b2009bc3
 @dataclass
 class EvaluateOptions:
     "What `python -m mdmf.evaluate` evaluates; every other setting is the saved run's unless given."
+
     checkpoint: str = ''  # best.pt or last.pt, or a run folder (its best.pt)
     split: str = 'test'  # split to draw episodes from
     episodes: int = 0  # number of episodes (0: the run's test_episodes, or val_episodes for val)
     out: str = ''  # metrics file (default: eval-<split>-<shot>shot-<episodes>.json next to the checkpoint)
 
+
 def example_note(path) -> Optional[str]:
     "What a shipped example file given as a checkpoint is and how to use it (None for any other file)."
-    try: ck = load_checkpoint(checkpoint_path(path))
-    except UserError: return None
-    if 'model' in ck or not {'format', 'base', 'weights', 'config'} <= set(ck): return None
+    try:
+        ck = load_checkpoint(checkpoint_path(path))
+    except UserError:
+        return None
+    if 'model' in ck or not {'format', 'base', 'weights', 'config'} <= set(ck):
+        return None
     model, acc = ck['config']['model']['model'], (ck.get('metrics') or {}).get('test', {}).get('accuracy')
-    return (f'{path} is an example file shipped with mdmf, not a checkpoint: the {model} run of the default schedule '
-            f'({ck.get("name")}, test accuracy {acc} %), holding its config, log and metrics and, in float16, only the '
-            'weights training changed.\nMake its run folder with `python -c "from mdmf.examples import example_run; '
-            f"print(example_run('{model}'))\"` (under $MDMF_HOME, default ~/.cache/mdmf) and give that folder to "
-            '--checkpoint.')
+    return (
+        f'{path} is an example file shipped with mdmf, not a checkpoint: the {model} run of the default schedule '
+        f'({ck.get("name")}, test accuracy {acc} %), holding its config, log and metrics and, in float16, only the '
+        'weights training changed.\nMake its run folder with `python -c "from mdmf.examples import example_run; '
+        f"print(example_run('{model}'))\"` (under $MDMF_HOME, default ~/.cache/mdmf) and give that folder to "
+        '--checkpoint.'
+    )
+
 
 def main(argv=None):
     "`python -m mdmf.evaluate --checkpoint PATH [...]`: see `--help`."
-    p = command_parser('python -m mdmf.evaluate', 'Evaluate a saved run on random episodes: accuracy and 95% interval '
-                       "in percent. Settings not given are the run's own.", EvaluateOptions(),
-                       dict(data=None, eval=('eval_batch', 'cache', 'episode_batch'), run=('device', 'threads', 'progress')),
-                       default_text="the run's", choices=dict(split=('train', 'val', 'test')), required=('checkpoint',))
+    p = command_parser(
+        'python -m mdmf.evaluate',
+        'Evaluate a saved run on random episodes: accuracy and 95% interval '
+        "in percent. Settings not given are the run's own.",
+        EvaluateOptions(),
+        dict(data=None, eval=('eval_batch', 'cache', 'episode_batch'), run=('device', 'threads', 'progress')),
+        default_text="the run's",
+        choices=dict(split=('train', 'val', 'test')),
+        required=('checkpoint',),
+    )
     o, given = parse_command(p, argv, EvaluateOptions)
-    try: model, cfg = load_model(o.checkpoint)
-    except BadInput as e: raise BadInput(example_note(o.checkpoint) or str(e)) from None
+    try:
+        model, cfg = load_model(o.checkpoint)
+    except BadInput as e:
+        raise BadInput(example_note(o.checkpoint) or str(e)) from None
     cfg = with_values(cfg, given)
     set_threads(cfg.run.threads)
     rt = init_runtime(cfg.run.device, cfg.optim.amp)
@@ -244,8 +373,11 @@ def main(argv=None):
         out = o.out or folder / f'eval-{o.split}-{cfg.data.shot}shot-{n}.json'
         return evaluate_run(model.to(rt.device), cfg, o.split, n, out=out, rt=rt, checkpoint=o.checkpoint)
     finally:
-        if torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
 
 # %% ../nbs/16_evaluate.ipynb #c046fec6
 #| eval: false
-if __name__ == '__main__' and not in_notebook(): cli(main)  # a notebook kernel's __name__ is '__main__' too
+if __name__ == '__main__' and not in_notebook():
+    cli(main)  # a notebook kernel's __name__ is '__main__' too

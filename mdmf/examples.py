@@ -17,11 +17,21 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from mdmf.runs import (
+    BEST,
+    CONFIG,
+    LOG,
+    METRICS,
+    RunLock,
+    checkpoint_path,
+    load_checkpoint,
+    read_log,
+    save_checkpoint,
+)
+
 from .config import Config, config_from_dict, config_to_dict, preset_config
 from .core import BadInput, MissingInput, atomic_write_text
 from .model import build_model
-from .runs import (BEST, CONFIG, LOG, METRICS, RunLock, checkpoint_path, load_checkpoint, read_log,
-                       save_checkpoint)
 
 # %% auto #0
 __all__ = ['EXAMPLE_MODELS', 'mdmf_home', 'example_file', 'save_example', 'example_run']
@@ -29,25 +39,32 @@ __all__ = ['EXAMPLE_MODELS', 'mdmf_home', 'example_file', 'save_example', 'examp
 # %% ../nbs/21_examples.ipynb #f24df7b0
 EXAMPLE_MODELS = ('mdmf', 'clip-fsar')  # the models with an example run
 
+
 def mdmf_home() -> Path:
     "Where mdmf keeps what it makes for you: `$MDMF_HOME`, else `~/.cache/mdmf`."
     return Path(os.environ.get('MDMF_HOME') or Path.home() / '.cache' / 'mdmf')
 
+
 def example_file(model: str = 'mdmf') -> Path:
     "The example file of `model` shipped in the package (it may be absent)."
-    if model not in EXAMPLE_MODELS: raise BadInput(f'no example run of {model!r}: choose one of {EXAMPLE_MODELS}')
+    if model not in EXAMPLE_MODELS:
+        raise BadInput(f'no example run of {model!r}: choose one of {EXAMPLE_MODELS}')
     return Path(str(importlib.resources.files('mdmf'))) / 'assets' / f'example-{model}.pt'
+
 
 def _digest(state: dict, keys: Sequence[str]) -> str:
     "sha256 of the named tensors of a state dict, in float32 (what the example's unshipped weights must match)."
     h = hashlib.sha256()
     for k in sorted(keys):
-        h.update(k.encode()); h.update(state[k].detach().float().cpu().contiguous().numpy().tobytes())
+        h.update(k.encode())
+        h.update(state[k].detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
-def save_example(run,  # a finished run folder of the default schedule (its best.pt)
-                 out=None,  # the file to write (default: the package's example file of the run's model)
-                ) -> Path:
+
+def save_example(
+    run,  # a finished run folder of the default schedule (its best.pt)
+    out=None,  # the file to write (default: the package's example file of the run's model)
+) -> Path:
     "Write the small example file of a run: what training changed (float16), the config, log and metrics."
     path, folder = checkpoint_path(run), Path(run)
     ck = load_checkpoint(path)
@@ -56,14 +73,23 @@ def save_example(run,  # a finished run folder of the default schedule (its best
     trained = ck['model']
     ship = {k: v for k, v in trained.items() if not k.startswith('backbone.') or not torch.equal(v, base[k])}
     kept = [k for k in trained if k not in ship]  # the frozen backbone weights, as shipped
-    metrics = json.loads((folder / METRICS).read_text(encoding='utf-8')) if (folder / METRICS).exists() else {}
-    example = dict(format=1, name=folder.name, config=ck['config'], base=_digest(trained, kept), metrics=metrics,
-                   log=read_log(folder) if folder.is_dir() else [],
-                   weights={k: v.half() if v.is_floating_point() else v for k, v in ship.items()})
+    metrics = (
+        json.loads((folder / METRICS).read_text(encoding='utf-8')) if (folder / METRICS).exists() else {}
+    )
+    example = dict(
+        format=1,
+        name=folder.name,
+        config=ck['config'],
+        base=_digest(trained, kept),
+        metrics=metrics,
+        log=read_log(folder) if folder.is_dir() else [],
+        weights={k: v.half() if v.is_floating_point() else v for k, v in ship.items()},
+    )
     out = Path(out) if out is not None else example_file(cfg.model.model)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out, example)
     return out
+
 
 # %% ../nbs/21_examples.ipynb #e89fc293
 def _example_model(example: dict) -> Optional[tuple]:  # (model, Config), or None when the file does not fit
@@ -71,10 +97,12 @@ def _example_model(example: dict) -> Optional[tuple]:  # (model, Config), or Non
     cfg = config_from_dict(example['config'])
     model = build_model(cfg.model)
     state = model.state_dict()
-    if _digest(state, [k for k in state if k not in example['weights']]) != example['base']: return None
+    if _digest(state, [k for k in state if k not in example['weights']]) != example['base']:
+        return None
     state.update({k: v.to(state[k].dtype) for k, v in example['weights'].items()})
     model.load_state_dict(state)
     return model.eval(), cfg
+
 
 @contextmanager
 def _waiting_lock(folder: Path, say):
@@ -82,12 +110,19 @@ def _waiting_lock(folder: Path, say):
     folder.mkdir(parents=True, exist_ok=True)
     lock, told = RunLock(folder), False
     while True:
-        try: lock.acquire(); break
+        try:
+            lock.acquire()
+            break
         except BadInput:
-            if not told: say(f'waiting for another process that prepares the example runs in {folder}'); told = True
+            if not told:
+                say(f'waiting for another process that prepares the example runs in {folder}')
+                told = True
             time.sleep(0.5)
-    try: yield
-    finally: lock.release()
+    try:
+        yield
+    finally:
+        lock.release()
+
 
 def _write_run(folder: Path, model: nn.Module, cfg: Config, example: dict):
     "A run folder as `mdmf.train` writes one (config.json, best.pt, metrics.json, log.jsonl) from an example."
@@ -97,37 +132,52 @@ def _write_run(folder: Path, model: nn.Module, cfg: Config, example: dict):
     atomic_write_text(folder / METRICS, json.dumps(example['metrics'], indent=1))
     atomic_write_text(folder / LOG, ''.join(json.dumps(e) + '\n' for e in example['log']))
 
+
 # %% ../nbs/21_examples.ipynb #9d71590f
-def example_run(model: str = 'mdmf',  # 'mdmf' (CLIP-MDMF) or 'clip-fsar' (CLIP-FSAR)
-                home=None,  # where the run folder and its data go (default: `mdmf_home()`)
-                train: bool = True,  # without a fitting example file: train the run here (minutes), else raise
-                quiet: bool = False,  # no messages
-               ) -> Path:
+def example_run(
+    model: str = 'mdmf',  # 'mdmf' (CLIP-MDMF) or 'clip-fsar' (CLIP-FSAR)
+    home=None,  # where the run folder and its data go (default: `mdmf_home()`)
+    train: bool = True,  # without a fitting example file: train the run here (minutes), else raise
+    quiet: bool = False,  # no messages
+) -> Path:
     "A trained run folder of the default schedule: from the shipped example file, else trained here once."
-    from mdmf.train import prepare_data, train as train_run  # the trainer, only when an example must be made
+    from mdmf.train import prepare_data  # the trainer, only when an example must be made
+    from mdmf.train import train as train_run
+
     home = Path(home) if home is not None else mdmf_home()
     folder, src = home / 'examples' / f'synthetic-{model}', example_file(model)
-    base_cfg = preset_config('synthetic').replace(model=model, data_root=str(home / 'data' / 'synthetic'),
-                                                  runs=str(folder.parent), name=folder.name)
+    base_cfg = preset_config('synthetic').replace(
+        model=model, data_root=str(home / 'data' / 'synthetic'), runs=str(folder.parent), name=folder.name
+    )
     say = (lambda m: None) if quiet else print
     with _waiting_lock(home, say):
         prepare_data(base_cfg, log=say)  # the synthetic data, rendered once (seconds)
         example = load_checkpoint(src) if src.is_file() else None
         tag = hashlib.sha256(src.read_bytes()).hexdigest() if example else 'trained here'
         marker = folder / '.example'
-        if (folder / BEST).exists() and marker.exists() and marker.read_text() == tag: return folder
+        if (folder / BEST).exists() and marker.exists() and marker.read_text() == tag:
+            return folder
         built = _example_model(example) if example else None
         if built is not None:
             trained, cfg = built
-            _write_run(folder, trained, cfg.replace(data_root=base_cfg.data.data_root, runs=base_cfg.run.runs,
-                                                    name=folder.name), example)
+            _write_run(
+                folder,
+                trained,
+                cfg.replace(data_root=base_cfg.data.data_root, runs=base_cfg.run.runs, name=folder.name),
+                example,
+            )
         else:
-            why = f'{src} was made over another tiny-pretrained backbone' if example else f'{src} is not there'
+            why = (
+                f'{src} was made over another tiny-pretrained backbone' if example else f'{src} is not there'
+            )
             if not train:
-                raise MissingInput(f'no example run of {model}: {why}. Make it with `python -m mdmf.train` and '
-                                   '`python -m mdmf.visualize --save-examples RUN`, or call example_run(train=True)')
+                raise MissingInput(
+                    f'no example run of {model}: {why}. Make it with `python -m mdmf.train` and '
+                    '`python -m mdmf.visualize --save-examples RUN`, or call example_run(train=True)'
+                )
             tag = 'trained here'
-            if marker.exists() and marker.read_text() == tag and (folder / BEST).exists(): return folder
+            if marker.exists() and marker.read_text() == tag and (folder / BEST).exists():
+                return folder
             say(f'{why}: training the example run here once (the default schedule, minutes)')
             train_run(base_cfg.replace(overwrite=True), quiet=quiet)
         atomic_write_text(marker, tag)

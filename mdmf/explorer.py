@@ -13,37 +13,58 @@ import ipywidgets as W
 from fastcore.basics import patch
 from torch import nn
 
+from mdmf.plots import (
+    Picture,
+    plot_attention,
+    plot_episode,
+    plot_gradcam,
+    plot_otam,
+    plot_posteriors,
+    plot_pps,
+    plot_prediction,
+    short_names,
+)
+
 from .config import Config
+from .core import figure_png, png_size
 from .data import load_data
 from .datasets import Split
 from .evaluate import crop_size
 from .inspection import Inspection, distill_decision, grad_cam, inspect_episode, load_episode
-from .plots import (Picture, figure_png, plot_attention, plot_episode, plot_gradcam, plot_otam, plot_posteriors,
-                        plot_pps, plot_prediction, png_size, short_names)
 
 # %% auto #0
 __all__ = ['TABS', 'EpisodeExplorer']
 
 # %% ../nbs/23_explorer.ipynb #d08ea2b8
 TABS = {  # tab title -> the pictures in it
-    'prediction': ('prediction', 'pps'), 'support videos': ('support',), 'posteriors': ('posteriors',),
-    'attention': ('attention',), 'OTAM': ('otam',), 'Grad-CAM': ('gradcam',)}
-_BY_QUERY = {'query', 'prediction', 'pps', 'posteriors', 'attention', 'otam', 'gradcam'}  # change with the query
+    'prediction': ('prediction', 'pps'),
+    'support videos': ('support',),
+    'posteriors': ('posteriors',),
+    'attention': ('attention',),
+    'OTAM': ('otam',),
+    'Grad-CAM': ('gradcam',),
+}
+# change with the query
+_BY_QUERY = {'query', 'prediction', 'pps', 'posteriors', 'attention', 'otam', 'gradcam'}
 _BY_VIEW = {'prediction', 'attention', 'otam'}  # change with the view
+
 
 class EpisodeExplorer:
     "ipywidgets explorer of one run's episodes: seed, episode, query, view, Grad-CAM on demand."
-    def __init__(self,
-                 model: nn.Module,  # the model to explore (e.g. from `load_run`)
-                 cfg: Config,  # its run's config
-                 split: str = 'test',  # the split the episodes come from
-                 seed: Optional[int] = None,  # episode seed (default: the run's)
-                 index: int = 0,  # first episode shown
-                 query: int = 0,  # first query shown
-                 view: str = 'fused',  # first view shown
-                 compare: Optional[dict] = None,  # {name: model} shown beside this one in the Grad-CAM tab
-                 name: str = 'CLIP-MDMF',  # this model's name in the Grad-CAM tab
-                 data: Optional[Split] = None):  # the loaded split (default: read from the config)
+
+    def __init__(
+        self,
+        model: nn.Module,  # the model to explore (e.g. from `load_run`)
+        cfg: Config,  # its run's config
+        split: str = 'test',  # the split the episodes come from
+        seed: Optional[int] = None,  # episode seed (default: the run's)
+        index: int = 0,  # first episode shown
+        query: int = 0,  # first query shown
+        view: str = 'fused',  # first view shown
+        compare: Optional[dict] = None,  # {name: model} shown beside this one in the Grad-CAM tab
+        name: str = 'CLIP-MDMF',  # this model's name in the Grad-CAM tab
+        data: Optional[Split] = None,
+    ):  # the loaded split (default: read from the config)
         self.model, self.cfg, self.name, self.compare = model, cfg, name, dict(compare or {})
         self.data = data if data is not None else load_data(cfg.data, split)
         self.batch, self.ins, self.cams, self.cache, self.timings, self._quiet = None, None, {}, {}, [], False
@@ -53,8 +74,10 @@ class EpisodeExplorer:
 
     def __repr__(self):
         b = self.batch
-        return (f'EpisodeExplorer({self.name}: {b["split"]} episode {b["index"]}, seed {b["seed"]}, '
-                f'query {self.w_query.value}, view {self.w_view.value})')
+        return (
+            f'EpisodeExplorer({self.name}: {b["split"]} episode {b["index"]}, seed {b["seed"]}, '
+            f'query {self.w_query.value}, view {self.w_view.value})'
+        )
 
     def _repr_mimebundle_(self, **kwargs) -> dict:
         "The live widget, and a picture of the episode for pages that show stored outputs without a kernel."
@@ -63,25 +86,43 @@ class EpisodeExplorer:
         bundle['image/png'] = figure_png(plot_episode(self.batch, self.w_query.value, inspection=self.ins))
         return bundle
 
+
 # %% ../nbs/23_explorer.ipynb #b5f23d9c
 @patch
 def _build_widgets(self: EpisodeExplorer, seed: int, index: int):
     "Controls, status line, the query's strip and the tabs of pictures; callbacks attached."
     style = dict(description_width='initial')
-    self.w_seed = W.IntText(value=seed, description='episode seed', style=style, layout=W.Layout(width='170px'))
-    self.w_index = W.BoundedIntText(value=index, min=0, max=10**9, description='episode', style=style,
-                                    layout=W.Layout(width='140px'))
-    self.w_query = W.Dropdown(options=[('0', 0)], value=0, description='query', style=style, layout=W.Layout(width='330px'))
-    self.w_view = W.ToggleButtons(options=[('fused', 'fused')], value='fused', style=dict(button_width='70px'))
+    self.w_seed = W.IntText(
+        value=seed, description='episode seed', style=style, layout=W.Layout(width='170px')
+    )
+    self.w_index = W.BoundedIntText(
+        value=index, min=0, max=10**9, description='episode', style=style, layout=W.Layout(width='140px')
+    )
+    self.w_query = W.Dropdown(
+        options=[('0', 0)], value=0, description='query', style=style, layout=W.Layout(width='330px')
+    )
+    self.w_view = W.ToggleButtons(
+        options=[('fused', 'fused')], value='fused', style=dict(button_width='70px')
+    )
     self.w_gradcam = W.Button(description='Grad-CAM', icon='eye', tooltip='compute Grad-CAM for this query')
     self.status = W.HTML()
-    for w, css in ((self.w_seed, 'seed'), (self.w_index, 'episode'), (self.w_query, 'query'), (self.w_view, 'view'),
-                   (self.w_gradcam, 'gradcam'), (self.status, 'status')): w.add_class(f'mdmf-{css}')
+    for w, css in (
+        (self.w_seed, 'seed'),
+        (self.w_index, 'episode'),
+        (self.w_query, 'query'),
+        (self.w_view, 'view'),
+        (self.w_gradcam, 'gradcam'),
+        (self.status, 'status'),
+    ):
+        w.add_class(f'mdmf-{css}')
     kinds = ['query'] + [k for ks in TABS.values() for k in ks]
     self.images = {k: W.Image(format='png', layout=W.Layout(object_fit='contain')) for k in kinds}
-    for k, img in self.images.items(): img.add_class(f'mdmf-img-{k}')
+    for k, img in self.images.items():
+        img.add_class(f'mdmf-img-{k}')
     self.gradcam_note = W.HTML()
-    pages = [W.HBox([self.images[k] for k in ks], layout=W.Layout(flex_flow='row wrap')) for ks in TABS.values()]
+    pages = [
+        W.HBox([self.images[k] for k in ks], layout=W.Layout(flex_flow='row wrap')) for ks in TABS.values()
+    ]
     pages[list(TABS).index('Grad-CAM')].children += (self.gradcam_note,)
     self.tabs = W.Tab(children=pages, titles=list(TABS))
     self.tabs.add_class('mdmf-tabs')
@@ -91,9 +132,12 @@ def _build_widgets(self: EpisodeExplorer, seed: int, index: int):
     self.w_view.observe(self.on_draw, names='value')
     self.tabs.observe(self.on_draw, names='selected_index')
     self.w_gradcam.on_click(self.on_gradcam)
-    controls = W.HBox([self.w_seed, self.w_index, self.w_query, self.w_gradcam], layout=W.Layout(flex_flow='row wrap'))
+    controls = W.HBox(
+        [self.w_seed, self.w_index, self.w_query, self.w_gradcam], layout=W.Layout(flex_flow='row wrap')
+    )
     self.widget = W.VBox([controls, self.w_view, self.status, self.images['query'], self.tabs])
     self.widget.add_class('mdmf-explorer')
+
 
 # %% ../nbs/23_explorer.ipynb #a7e15ad7
 def _view_options(ins: Inspection) -> list:
@@ -101,16 +145,19 @@ def _view_options(ins: Inspection) -> list:
     opts = [(names.get(b, b.upper()), b) for b in ins.views]
     return opts + [('fused', 'fused')] if len(ins.views) > 1 else opts
 
+
 @patch
-def load(self: EpisodeExplorer,
-         view: Optional[str] = None,  # the view to show (default: the current one, if this model has it)
-         query: Optional[int] = None,  # the query to show (default: the current one, if the episode has it)
-        ):
+def load(
+    self: EpisodeExplorer,
+    view: Optional[str] = None,  # the view to show (default: the current one, if this model has it)
+    query: Optional[int] = None,  # the query to show (default: the current one, if the episode has it)
+):
     "Read the episode the seed and episode controls name, run the model on it once, and draw."
     t0 = time.perf_counter()
     self.status.value = '<i>loading the episode…</i>'
-    self.batch = load_episode(self.cfg, crop_size(self.model), self.w_index.value, self.data.split, self.w_seed.value,
-                              self.data)
+    self.batch = load_episode(
+        self.cfg, crop_size(self.model), self.w_index.value, self.data.split, self.w_seed.value, self.data
+    )
     self.ins = inspect_episode(self.model, self.batch)
     self.cams, self.cache, self.epoch = {}, {}, self.epoch + 1
     b, ins = self.batch, self.ins
@@ -118,10 +165,13 @@ def load(self: EpisodeExplorer,
     ok = (ins.pred == ins.query_labels).tolist()
     q = query if query is not None and query < len(names) else min(self.w_query.value, len(names) - 1)
     options, v = _view_options(ins), view or self.w_view.value
-    if v not in [o[1] for o in options]: v = options[-1][1]
+    if v not in [o[1] for o in options]:
+        v = options[-1][1]
     self._quiet = True  # setting options fires the callbacks: draw once, below
     try:
-        self.w_query.options = [(f'{i}: {n} {"✓" if right else "✗"}', i) for i, (n, right) in enumerate(zip(names, ok))]
+        self.w_query.options = [
+            (f'{i}: {n} {"✓" if right else "✗"}', i) for i, (n, right) in enumerate(zip(names, ok))
+        ]
         self.w_query.value = q
         self.w_view.options = options
         self.w_view.value = v
@@ -129,22 +179,35 @@ def load(self: EpisodeExplorer,
         self._quiet = False
     self.draw(since=t0, what='episode')
 
+
 # %% ../nbs/23_explorer.ipynb #3bdc5872
 @patch
 def _figure(self: EpisodeExplorer, kind: str) -> Optional[Picture]:
     "Picture `kind` for the current query and view (None: Grad-CAM not computed yet)."
     q, v, ins, b = self.w_query.value, self.w_view.value, self.ins, self.batch
-    if kind == 'gradcam': return plot_gradcam(self.cams[q], b) if q in self.cams else None
-    draw = dict(query=lambda: plot_episode(b, q, shots=0, inspection=ins), support=lambda: plot_episode(b, None, shots=1),
-                prediction=lambda: plot_prediction(ins, q, v), pps=lambda: plot_pps(ins, q),
-                posteriors=lambda: plot_posteriors(ins, q), attention=lambda: plot_attention(ins, q, v),
-                otam=lambda: plot_otam(ins, q, v))
+    if kind == 'gradcam':
+        return plot_gradcam(self.cams[q], b) if q in self.cams else None
+    draw = dict(
+        query=lambda: plot_episode(b, q, shots=0, inspection=ins),
+        support=lambda: plot_episode(b, None, shots=1),
+        prediction=lambda: plot_prediction(ins, q, v),
+        pps=lambda: plot_pps(ins, q),
+        posteriors=lambda: plot_posteriors(ins, q),
+        attention=lambda: plot_attention(ins, q, v),
+        otam=lambda: plot_otam(ins, q, v),
+    )
     return draw[kind]()
+
 
 @patch
 def _key(self: EpisodeExplorer, kind: str) -> tuple:
     "What picture `kind` shows now: (picture, query or None, view or None)."
-    return (kind, self.w_query.value if kind in _BY_QUERY else None, self.w_view.value if kind in _BY_VIEW else None)
+    return (
+        kind,
+        self.w_query.value if kind in _BY_QUERY else None,
+        self.w_view.value if kind in _BY_VIEW else None,
+    )
+
 
 @patch
 def _show(self: EpisodeExplorer, kind: str):
@@ -152,39 +215,50 @@ def _show(self: EpisodeExplorer, kind: str):
     key, img = self._key(kind), self.images[kind]
     if key not in self.cache:
         fig = self._figure(kind)
-        if fig is None: return
+        if fig is None:
+            return
         self.cache[key] = figure_png(fig)
     if self.shown.get(kind) != (self.epoch, key):
         w, h = png_size(self.cache[key])
-        img.value, img.layout.width, img.layout.height = self.cache[key], f'{w}px', f'{h}px'  # its own size, not stretched
+        # its own size, not stretched
+        img.value, img.layout.width, img.layout.height = self.cache[key], f'{w}px', f'{h}px'
         self.shown[kind] = (self.epoch, key)
     img.layout.display = None
 
+
 @patch
-def draw(self: EpisodeExplorer,
-         since: Optional[float] = None,  # when the change began (default: now)
-         what: str = 'draw',  # what changed, for `timings`
-        ):
+def draw(
+    self: EpisodeExplorer,
+    since: Optional[float] = None,  # when the change began (default: now)
+    what: str = 'draw',  # what changed, for `timings`
+):
     "Draw what is on screen for the current episode, query, view and tab; note the time it took."
     t0 = since or time.perf_counter()
     q, b, ins = self.w_query.value, self.batch, self.ins
     tab = list(TABS)[self.tabs.selected_index or 0]
     on_screen = ('query',) + TABS[tab]
-    for kind in on_screen: self._show(kind)
+    for kind in on_screen:
+        self._show(kind)
     for kind, img in self.images.items():  # closed tabs: hide what no longer fits, keep ready what does
-        if kind in on_screen and (kind != 'gradcam' or q in self.cams): continue
+        if kind in on_screen and (kind != 'gradcam' or q in self.cams):
+            continue
         fits = self.shown.get(kind) == (self.epoch, self._key(kind)) and (kind != 'gradcam' or q in self.cams)
         img.layout.display = None if fits else 'none'
     if tab == 'Grad-CAM':
-        self.gradcam_note.value = '' if q in self.cams else f'<i>press <b>Grad-CAM</b> to compute the maps for query {q}</i>'
+        self.gradcam_note.value = (
+            '' if q in self.cams else f'<i>press <b>Grad-CAM</b> to compute the maps for query {q}</i>'
+        )
     truth, pred = int(b['query_labels'][q]), int(ins.pred[q])
     names = b['class_names']
     seconds = time.perf_counter() - t0
     self.timings.append((what, tab, round(seconds, 3)))
-    self.status.value = (f'<b>{b["split"]} episode {b["index"]}</b> (seed {b["seed"]}) · query {q}: truth '
-                         f'<b>{html.escape(names[truth])}</b>, predicted <b>{html.escape(names[pred])}</b> '
-                         f'({"right" if truth == pred else "wrong"}) · {distill_decision(ins, q)} · '
-                         f'<span class="mdmf-seconds">drawn in {seconds:.2f} s</span>')
+    self.status.value = (
+        f'<b>{b["split"]} episode {b["index"]}</b> (seed {b["seed"]}) · query {q}: truth '
+        f'<b>{html.escape(names[truth])}</b>, predicted <b>{html.escape(names[pred])}</b> '
+        f'({"right" if truth == pred else "wrong"}) · {distill_decision(ins, q)} · '
+        f'<span class="mdmf-seconds">drawn in {seconds:.2f} s</span>'
+    )
+
 
 # %% ../nbs/23_explorer.ipynb #224376f9
 @patch
@@ -192,12 +266,23 @@ def on_episode(self: EpisodeExplorer, change=None):
     "Callback of the seed and episode controls."
     self.load()
 
+
 @patch
 def on_draw(self: EpisodeExplorer, change=None):
     "Callback of the query and view controls and of the tabs."
-    if self._quiet: return
+    if self._quiet:
+        return
     owner = change['owner'] if change else None
-    self.draw(what='query' if owner is self.w_query else 'view' if owner is self.w_view else 'tab' if owner else 'draw')
+    self.draw(
+        what='query'
+        if owner is self.w_query
+        else 'view'
+        if owner is self.w_view
+        else 'tab'
+        if owner
+        else 'draw'
+    )
+
 
 @patch
 def on_gradcam(self: EpisodeExplorer, button=None):
@@ -210,8 +295,10 @@ def on_gradcam(self: EpisodeExplorer, button=None):
             self.cams[q] = {self.name: grad_cam(self.model, b, q, inspection=self.ins)}
             self.cams[q].update({k: grad_cam(m, b, q) for k, m in self.compare.items()})
         self._quiet = True
-        try: self.tabs.selected_index = list(TABS).index('Grad-CAM')
-        finally: self._quiet = False
+        try:
+            self.tabs.selected_index = list(TABS).index('Grad-CAM')
+        finally:
+            self._quiet = False
         self.draw(since=t0, what='gradcam')
     finally:
         busy.disabled, busy.description, busy.icon = False, 'Grad-CAM', 'eye'

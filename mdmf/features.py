@@ -31,28 +31,47 @@ from .runtime import Runtime, all_max, all_sum, autocast, unwrap
 from .video import crop_clip, frame_indices, num_frames, read_frames
 
 # %% auto #0
-__all__ = ['MEMO_SIZE', 'draw_rng', 'video_draws', 'episode_draws', 'DrawEpisodes', 'check_frozen', 'FeatureBank', 'build_bank',
-           'FeatureEpisodes', 'FeatureForward', 'clear_memo', 'cached_bank', 'frozen_split_features', 'uses_features',
-           'feature_loader']
+__all__ = [
+    'MEMO_SIZE',
+    'draw_rng',
+    'video_draws',
+    'episode_draws',
+    'DrawEpisodes',
+    'check_frozen',
+    'FeatureBank',
+    'build_bank',
+    'FeatureEpisodes',
+    'FeatureForward',
+    'clear_memo',
+    'cached_bank',
+    'frozen_split_features',
+    'uses_features',
+    'feature_loader',
+]
+
 
 # %% ../nbs/18_features.ipynb #982d2d76
-def draw_rng(seed: int,  # the run's seed
-             split: str,  # the split's name, e.g. 'train'
-             video: int,  # the video's index in the split
-             draw: int,  # the draw number, 0..K-1
-            ) -> np.random.Generator:
+def draw_rng(
+    seed: int,  # the run's seed
+    split: str,  # the split's name, e.g. 'train'
+    video: int,  # the video's index in the split
+    draw: int,  # the draw number, 0..K-1
+) -> np.random.Generator:
     "Generator of draw `draw` of video `video`: its frame jitter, crop and flip, from these numbers alone."
     return np.random.default_rng([int(seed), zlib.crc32(split.encode()), int(video), int(draw), 3])
 
-def video_draws(path: PathLike,  # a video file or frame folder
-                video: int,  # its index in the split
-                draws: Sequence[int],  # which draws
-                seed: int, split: str = 'train',  # with `video` and the draw: the draw's generator
-                frames: int = 8,  # T
-                size: int = 224,  # crop size S
-                short_side: int = 256,  # short side after resizing, before the crop
-                flip: bool = False,  # random horizontal flip
-               ) -> Tensor:  # uint8 [len(draws), T, 3, S, S]
+
+def video_draws(
+    path: PathLike,  # a video file or frame folder
+    video: int,  # its index in the split
+    draws: Sequence[int],  # which draws
+    seed: int,
+    split: str = 'train',  # with `video` and the draw: the draw's generator
+    frames: int = 8,  # T
+    size: int = 224,  # crop size S
+    short_side: int = 256,  # short side after resizing, before the crop
+    flip: bool = False,  # random horizontal flip
+) -> Tensor:  # uint8 [len(draws), T, 3, S, S]
     "The clips of some draws of one video; its frames are decoded once for all of them."
     n = num_frames(path)
     rngs = [draw_rng(seed, split, video, d) for d in draws]
@@ -60,193 +79,326 @@ def video_draws(path: PathLike,  # a video file or frame folder
     want = np.unique(np.concatenate(idx))  # [U] every frame any draw needs
     decoded = read_frames(path, want)  # [U, H, W, 3]
     row = {f: k for k, f in enumerate(want.tolist())}
-    return torch.stack([crop_clip(decoded[[row[f] for f in ix.tolist()]], size, short_side, True, flip, r)
-                        for ix, r in zip(idx, rngs)])  # [K, T, 3, S, S]
+    return torch.stack(
+        [
+            crop_clip(decoded[[row[f] for f in ix.tolist()]], size, short_side, True, flip, r)
+            for ix, r in zip(idx, rngs)
+        ]
+    )  # [K, T, 3, S, S]
+
 
 # %% ../nbs/18_features.ipynb #b4c39e16
-def episode_draws(seed: int, split: str, index: int,  # the episode: (seed, split, index)
-                  videos: int,  # its videos, support first, then queries
-                  draws: int,  # K, draws per video in the bank
-                 ) -> np.ndarray:  # [videos] in 0..K-1
+def episode_draws(
+    seed: int,
+    split: str,
+    index: int,  # the episode: (seed, split, index)
+    videos: int,  # its videos, support first, then queries
+    draws: int,  # K, draws per video in the bank
+) -> np.ndarray:  # [videos] in 0..K-1
     "The draw shown of each video of episode `index`, from these numbers alone."
     return episode_rng(seed, split, index, stream=3).integers(draws, size=videos)
 
+
 def _episode_meta(episodes: EpisodeDataset, i: int, draws: int) -> dict:
     "Everything of episode `i` but its pixels or features: labels, names, video indices and their draws."
-    if not 0 <= i < len(episodes): raise IndexError(f'episode {i} out of range ({len(episodes)} episodes)')
+    if not 0 <= i < len(episodes):
+        raise IndexError(f'episode {i} out of range ({len(episodes)} episodes)')
     index, s = episodes.offset + i, episodes.sampler
     ep = s.episode(index)
     S = len(ep.support_index)
     d = torch.from_numpy(episode_draws(s.seed, s.split, index, S + len(ep.query_index), draws))  # [S+Q]
-    return dict(support_labels=torch.from_numpy(ep.support_labels), query_labels=torch.from_numpy(ep.query_labels),
-                class_names=[episodes.split.class_names[c] for c in ep.class_ids], class_ids=torch.from_numpy(ep.class_ids),
-                support_index=torch.from_numpy(ep.support_index), query_index=torch.from_numpy(ep.query_index),
-                support_draws=d[:S], query_draws=d[S:])
+    return dict(
+        support_labels=torch.from_numpy(ep.support_labels),
+        query_labels=torch.from_numpy(ep.query_labels),
+        class_names=[episodes.split.class_names[c] for c in ep.class_ids],
+        class_ids=torch.from_numpy(ep.class_ids),
+        support_index=torch.from_numpy(ep.support_index),
+        query_index=torch.from_numpy(ep.query_index),
+        support_draws=d[:S],
+        query_draws=d[S:],
+    )
+
 
 class DrawEpisodes(Dataset):
     "The episodes of `episodes` with each video shown in its cached draw, as uint8 frames: the uncached path."
-    def __init__(self, episodes: EpisodeDataset,  # training episodes (`episode_data` of the train split)
-                 draws: int):  # K, draws per video
+
+    def __init__(
+        self,
+        episodes: EpisodeDataset,  # training episodes (`episode_data` of the train split)
+        draws: int,
+    ):  # K, draws per video
         if episodes.frame_mode != 'trx':
-            raise ValueError(f'cached draws jitter the frames as training does (trx), not {episodes.frame_mode!r}')
+            raise ValueError(
+                f'cached draws jitter the frames as training does (trx), not {episodes.frame_mode!r}'
+            )
         self.episodes, self.draws = episodes, draws
 
-    def __len__(self): return len(self.episodes)
+    def __len__(self):
+        return len(self.episodes)
 
     def _clips(self, index: Tensor, draws: Tensor) -> Tensor:
         e = self.episodes
-        return torch.stack([video_draws(e.split.paths[v], v, [d], e.sampler.seed, e.sampler.split, e.num_frames, e.size,
-                                        e.short_side, e.flip)[0] for v, d in zip(index.tolist(), draws.tolist())])
+        return torch.stack(
+            [
+                video_draws(
+                    e.split.paths[v],
+                    v,
+                    [d],
+                    e.sampler.seed,
+                    e.sampler.split,
+                    e.num_frames,
+                    e.size,
+                    e.short_side,
+                    e.flip,
+                )[0]
+                for v, d in zip(index.tolist(), draws.tolist())
+            ]
+        )
 
     def __getitem__(self, i: int) -> dict:
         m = _episode_meta(self.episodes, i, self.draws)
-        return dict(support=self._clips(m['support_index'], m['support_draws']),  # [S, T, 3, S, S] uint8
-                    query=self._clips(m['query_index'], m['query_draws']), **m)  # [Q, T, 3, S, S] uint8
+        return dict(
+            support=self._clips(m['support_index'], m['support_draws']),  # [S, T, 3, S, S] uint8
+            query=self._clips(m['query_index'], m['query_draws']),
+            **m,
+        )  # [Q, T, 3, S, S] uint8
+
 
 # %% ../nbs/18_features.ipynb #57cb5f48
 def check_frozen(model: nn.Module):
     "Raise `BadInput` unless the model's visual encoder is frozen and computes the same in train and eval mode."
     m = unwrap(model)
     if not m.backbone.freeze_visual:
-        raise BadInput('cached training features need a frozen visual encoder: pass --freeze-visual '
-                       '(or --train-draws 0 to train without the cache)')
-    live = [type(x).__name__ for x in m.backbone.clip.visual.modules()
-            if (isinstance(x, nn.modules.batchnorm._BatchNorm) and not m.backbone.freeze_bn)
-            or (isinstance(x, nn.Dropout) and x.p > 0)]
+        raise BadInput(
+            'cached training features need a frozen visual encoder: pass --freeze-visual '
+            '(or --train-draws 0 to train without the cache)'
+        )
+    live = [
+        type(x).__name__
+        for x in m.backbone.clip.visual.modules()
+        if (isinstance(x, nn.modules.batchnorm._BatchNorm) and not m.backbone.freeze_bn)
+        or (isinstance(x, nn.Dropout) and x.p > 0)
+    ]
     if live:
-        raise BadInput(f'the frozen visual encoder has {live[0]} layers that act differently in training, so cached '
-                       'features would not be the ones training computes: keep --freeze-bn, or pass --train-draws 0')
+        raise BadInput(
+            f'the frozen visual encoder has {live[0]} layers that act differently in training, so cached '
+            'features would not be the ones training computes: keep --freeze-bn, or pass --train-draws 0'
+        )
+
 
 class _VideoDraws(Dataset):
     "Video `v` of a resolved split as its K draws, uint8 `[K, T, 3, S, S]`, and `v`."
-    def __init__(self, split: Split, draws: int, seed: int, frames: int, size: int, short_side: int, flip: bool):
+
+    def __init__(
+        self, split: Split, draws: int, seed: int, frames: int, size: int, short_side: int, flip: bool
+    ):
         self.split, self.draws, self.seed = split, draws, seed
         self.frames, self.size, self.short_side, self.flip = frames, size, short_side, flip
 
-    def __len__(self): return len(self.split)
+    def __len__(self):
+        return len(self.split)
 
     def __getitem__(self, v: int):
-        return video_draws(self.split.paths[v], v, range(self.draws), self.seed, self.split.split, self.frames,
-                           self.size, self.short_side, self.flip), v
+        return video_draws(
+            self.split.paths[v],
+            v,
+            range(self.draws),
+            self.seed,
+            self.split.split,
+            self.frames,
+            self.size,
+            self.short_side,
+            self.flip,
+        ), v
+
 
 @dataclass
 class FeatureBank:
     "Frame features of K augmented draws of every video of a split."
+
     feats: Tensor  # [V, K, T, D]
     seed: int  # the draws' seed (the run's)
     seconds: float = 0.0  # time it took to build
 
     @property
-    def draws(self) -> int: return self.feats.shape[1]
+    def draws(self) -> int:
+        return self.feats.shape[1]
 
-    def take(self, videos: Tensor,  # [n] video indices
-             draws: Tensor,  # [n] their draws
-            ) -> Tensor:  # [n, T, D]
+    def take(
+        self,
+        videos: Tensor,  # [n] video indices
+        draws: Tensor,  # [n] their draws
+    ) -> Tensor:  # [n, T, D]
         "Features of some videos, each in one draw."
         dev = self.feats.device
         return self.feats[videos.to(dev), draws.to(dev)]
 
+
 # %% ../nbs/18_features.ipynb #297b733c
-def _bank_zeros(V: int, K: int, T: int, D: int, rt: Runtime) -> Tensor:  # [V, K, T, D] where `bank_place` puts it
-    dev, dtype, pin = bank_place(bank_bytes(V, K, T, D), rt.device); return torch.zeros(V, K, T, D, dtype=dtype, device=dev, pin_memory=pin)
+def _bank_zeros(
+    V: int, K: int, T: int, D: int, rt: Runtime
+) -> Tensor:  # [V, K, T, D] where `bank_place` puts it
+    dev, dtype, pin = bank_place(bank_bytes(V, K, T, D), rt.device)
+    return torch.zeros(V, K, T, D, dtype=dtype, device=dev, pin_memory=pin)
+
 
 @torch.no_grad()
-def build_bank(model: nn.Module,  # a model of mdmf.model (or its DistributedDataParallel wrapper), visual encoder frozen
-               split: Split,  # the resolved training split
-               cfg: Config,  # frames, short side, flip, seed, eval batch, workers, and `train_draws`
-               rt: Optional[Runtime] = None,  # several processes share the batches
-               draws: Optional[int] = None,  # K (default: cfg.optim.train_draws)
-               progress: bool = False,
-              ) -> FeatureBank:
+def build_bank(
+    model: nn.Module,  # a model of mdmf.model (or its DistributedDataParallel wrapper), visual encoder frozen
+    split: Split,  # the resolved training split
+    cfg: Config,  # frames, short side, flip, seed, eval batch, workers, and `train_draws`
+    rt: Optional[Runtime] = None,  # several processes share the batches
+    draws: Optional[int] = None,  # K (default: cfg.optim.train_draws)
+    progress: bool = False,
+) -> FeatureBank:
     "Frame features `[V, K, T, D]` of K augmented draws of every video of `split`."
     rt, m = rt or Runtime(), unwrap(model)
     check_frozen(m)
     K = cfg.optim.train_draws if draws is None else draws
-    if K < 1: raise BadInput(f'a feature bank needs at least one draw per video, not train_draws={K}')
+    if K < 1:
+        raise BadInput(f'a feature bank needs at least one draw per video, not train_draws={K}')
     t0, was_training = time.perf_counter(), m.training
-    ds = _VideoDraws(split, K, cfg.run.seed, cfg.model.frames, crop_size(m), cfg.data.short_side, cfg.data.flip)
+    ds = _VideoDraws(
+        split, K, cfg.run.seed, cfg.model.frames, crop_size(m), cfg.data.short_side, cfg.data.flip
+    )
     per = max(1, cfg.eval.eval_batch // K)  # videos per batch
     batches = [list(range(i, min(i + per, len(ds)))) for i in range(0, len(ds), per)]
     feats = None
     with preserved_rng():
-        loader = DataLoader(ds, batch_sampler=batches[rt.rank::rt.world], num_workers=cfg.data.workers,
-                            pin_memory=rt.device.type == 'cuda', generator=torch.Generator())
+        loader = DataLoader(
+            ds,
+            batch_sampler=batches[rt.rank :: rt.world],
+            num_workers=cfg.data.workers,
+            pin_memory=rt.device.type == 'cuda',
+            generator=torch.Generator(),
+        )
         m.eval()
-        for clips, index in tqdm(loader, desc=f'feature bank ({K} draws)', disable=not (progress and rt.is_main),
-                                 leave=False, dynamic_ncols=True):
+        for clips, index in tqdm(
+            loader,
+            desc=f'feature bank ({K} draws)',
+            disable=not (progress and rt.is_main),
+            leave=False,
+            dynamic_ncols=True,
+        ):
             B = len(index)
             with autocast(rt):
                 f = m.encode_frames(clips.flatten(0, 1).to(rt.device, non_blocking=True))  # [B*K, T, D]
             f = f.float().view(B, K, *f.shape[1:])  # [B, K, T, D]
-            if feats is None: feats = _bank_zeros(len(ds), K, *f.shape[2:], rt=rt)  # [V, K, T, D]
+            if feats is None:
+                feats = _bank_zeros(len(ds), K, *f.shape[2:], rt=rt)  # [V, K, T, D]
             feats[index.to(feats.device)] = f.to(feats.device, feats.dtype)
         m.train(was_training)
     if rt.distributed:  # a process without batches still joins the sum
         shape = all_max(torch.tensor(feats.shape[2:] if feats is not None else [0, 0], device=rt.device), rt)
-        if feats is None: feats = _bank_zeros(len(ds), K, *shape.tolist(), rt=rt)
-        for c in feats.split(max(1, 2**28 // max(feats[0].nbytes, 1))): c.copy_(all_sum(c.to(rt.device), rt))  # a host bank: via the GPU
+        if feats is None:
+            feats = _bank_zeros(len(ds), K, *shape.tolist(), rt=rt)
+        # a host bank: via the GPU
+        for c in feats.split(max(1, 2**28 // max(feats[0].nbytes, 1))):
+            c.copy_(all_sum(c.to(rt.device), rt))
     return FeatureBank(feats, cfg.run.seed, time.perf_counter() - t0)
+
 
 # %% ../nbs/18_features.ipynb #3fdcabe1
 class FeatureEpisodes(Dataset):
     "The episodes of `episodes` as cached features: each video in its draw, looked up in the bank."
-    def __init__(self, episodes: EpisodeDataset,  # training episodes (`episode_data` of the train split)
-                 bank,  # a FeatureBank of the same split and seed, or a function returning one (built on first use)
-                ):
+
+    def __init__(
+        self,
+        episodes: EpisodeDataset,  # training episodes (`episode_data` of the train split)
+        bank,  # a FeatureBank of the same split and seed, or a function returning one (built on first use)
+    ):
         if episodes.frame_mode != 'trx':
-            raise ValueError(f'cached draws jitter the frames as training does (trx), not {episodes.frame_mode!r}')
+            raise ValueError(
+                f'cached draws jitter the frames as training does (trx), not {episodes.frame_mode!r}'
+            )
         self.episodes, self._bank = episodes, bank
 
     @property
     def bank(self) -> FeatureBank:
-        if not isinstance(self._bank, FeatureBank): self._bank = self._bank()
+        if not isinstance(self._bank, FeatureBank):
+            self._bank = self._bank()
         if self._bank.seed != self.episodes.sampler.seed:
-            raise ValueError(f'the bank was drawn with seed {self._bank.seed}, the episodes with {self.episodes.sampler.seed}')
+            raise ValueError(
+                f'the bank was drawn with seed {self._bank.seed}, the episodes with {self.episodes.sampler.seed}'
+            )
         return self._bank
 
-    def __len__(self): return len(self.episodes)
+    def __len__(self):
+        return len(self.episodes)
 
     def __getitem__(self, i: int) -> dict:
         bank = self.bank
         m = _episode_meta(self.episodes, i, bank.draws)
-        return dict(support_feats=bank.take(m['support_index'], m['support_draws']),  # [S, T, D]
-                    query_feats=bank.take(m['query_index'], m['query_draws']), **m)  # [Q, T, D]
+        return dict(
+            support_feats=bank.take(m['support_index'], m['support_draws']),  # [S, T, D]
+            query_feats=bank.take(m['query_index'], m['query_draws']),
+            **m,
+        )  # [Q, T, D]
+
 
 class FeatureForward(nn.Module):
     "`model(...)` on cached frame features: what the trainer calls (and wraps in DDP) when the encoder is frozen."
+
     def __init__(self, model: FewShotModel):
         super().__init__()
         self.model = model
 
-    def forward(self,
-                support_feats: Tensor,  # [S, T, D] support frame features, class-major
-                support_labels: Tensor,  # [S] long in 0..N-1
-                query_feats: Tensor,  # [Q, T, D]
-                class_names: list,  # N readable class names
-                query_labels: Tensor = None,  # [Q] long; None: no loss
-                generator: torch.Generator = None,  # for the PPS draw
-               ) -> ModelOutput:
+    def forward(
+        self,
+        support_feats: Tensor,  # [S, T, D] support frame features, class-major
+        support_labels: Tensor,  # [S] long in 0..N-1
+        query_feats: Tensor,  # [Q, T, D]
+        class_names: list,  # N readable class names
+        query_labels: Tensor = None,  # [Q] long; None: no loss
+        generator: torch.Generator = None,  # for the PPS draw
+    ) -> ModelOutput:
         m = self.model
-        return m.forward_features(support_feats.float(), support_labels, query_feats.float(), m.class_tokens(class_names), query_labels,
-                                  generator, class_names=class_names)
+        return m.forward_features(
+            support_feats.float(),
+            support_labels,
+            query_feats.float(),
+            m.class_tokens(class_names),
+            query_labels,
+            generator,
+            class_names=class_names,
+        )
+
 
 # %% ../nbs/18_features.ipynb #28dfa9b8
 MEMO_SIZE = 3  # banks and split features kept by this process for later runs
 _MEMO: OrderedDict = OrderedDict()
 
-def clear_memo(): _MEMO.clear()
+
+def clear_memo():
+    _MEMO.clear()
+
 
 def _weights_key(model: nn.Module) -> str:
     "Hash of the visual encoder's weights and buffers."
     h = hashlib.blake2b(digest_size=16)
     for k, t in unwrap(model).backbone.clip.visual.state_dict().items():
-        h.update(k.encode()); h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(k.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
 
 def _memo_key(kind: str, model: nn.Module, split: Split, cfg: Config, rt: Runtime, *more) -> tuple:
     paths = hashlib.blake2b('\n'.join(map(str, split.paths)).encode(), digest_size=16).hexdigest()
-    return (kind, _weights_key(model), split.split, paths, cfg.model.frames, crop_size(unwrap(model)), cfg.data.short_side,
-            str(rt.device), str(rt.amp_dtype), rt.rank, rt.world, *more)
+    return (
+        kind,
+        _weights_key(model),
+        split.split,
+        paths,
+        cfg.model.frames,
+        crop_size(unwrap(model)),
+        cfg.data.short_side,
+        str(rt.device),
+        str(rt.amp_dtype),
+        rt.rank,
+        rt.world,
+        *more,
+    )
+
 
 def _remember(key: tuple, make: Callable):
     "`make()`, or what it gave before for `key`."
@@ -254,12 +406,19 @@ def _remember(key: tuple, make: Callable):
         _MEMO.move_to_end(key)
         return _MEMO[key]
     _MEMO[key] = value = make()
-    while len(_MEMO) > MEMO_SIZE: _MEMO.popitem(last=False)
+    while len(_MEMO) > MEMO_SIZE:
+        _MEMO.popitem(last=False)
     return value
 
-def cached_bank(model: nn.Module, split: Split, cfg: Config, rt: Optional[Runtime] = None, progress: bool = False,
-                log: Optional[Callable] = None,  # log(message): built or reused, size
-               ) -> FeatureBank:
+
+def cached_bank(
+    model: nn.Module,
+    split: Split,
+    cfg: Config,
+    rt: Optional[Runtime] = None,
+    progress: bool = False,
+    log: Optional[Callable] = None,  # log(message): built or reused, size
+) -> FeatureBank:
     "`build_bank`, or the same bank built earlier in this process."
     rt = rt or Runtime()
     check_frozen(model)
@@ -268,40 +427,58 @@ def cached_bank(model: nn.Module, split: Split, cfg: Config, rt: Optional[Runtim
     b = _remember(key, lambda: build_bank(model, split, cfg, rt, progress=progress))
     if log is not None:
         V, K = b.feats.shape[:2]
-        log(f'feature bank: {V} training videos x {K} draws ({b.feats.numel() * b.feats.element_size() / 2**20:.1f} MiB, '
+        log(
+            f'feature bank: {V} training videos x {K} draws ({b.feats.numel() * b.feats.element_size() / 2**20:.1f} MiB, '
             f'{str(b.feats.dtype)[6:]} on {"pinned host memory" if b.feats.is_pinned() else b.feats.device}), '
-            + ('reused from an earlier run of this process' if reused else f'built in {b.seconds:.1f} s'))
+            + ('reused from an earlier run of this process' if reused else f'built in {b.seconds:.1f} s')
+        )
     return b
 
-def frozen_split_features(model: nn.Module,  # visual encoder frozen
-                          split: Split,  # a resolved split (val or test)
-                          cfg: Config, rt: Optional[Runtime] = None, progress: bool = False,
-                         ) -> Tensor:  # [V, T, D]
+
+def frozen_split_features(
+    model: nn.Module,  # visual encoder frozen
+    split: Split,  # a resolved split (val or test)
+    cfg: Config,
+    rt: Optional[Runtime] = None,
+    progress: bool = False,
+) -> Tensor:  # [V, T, D]
     "`encode_split` (test frames, centre crop), computed once per frozen encoder and split in this process."
     rt = rt or Runtime()
     check_frozen(model)
+
     def make():
-        with preserved_rng(): return encode_split(model, split, cfg, rt, progress)
+        with preserved_rng():
+            return encode_split(model, split, cfg, rt, progress)
+
     return _remember(_memo_key('split', model, split, cfg, rt), make)
+
 
 # %% ../nbs/18_features.ipynb #f117d5e5
 def uses_features(cfg: Config) -> bool:
     "Whether training runs on cached features: the visual encoder is frozen and `train_draws > 0`."
     return cfg.model.freeze_visual and cfg.optim.train_draws > 0
 
-def feature_loader(model: nn.Module,  # the model being trained (visual encoder frozen)
-                   split: Split,  # the resolved training split
-                   cfg: Config,  # the run's settings
-                   rt: Optional[Runtime] = None,
-                   indices: Optional[Sequence[int]] = None,  # the episodes this process trains, in order (default: all)
-                   log: Optional[Callable] = None,  # log(message) once the bank is ready
-                  ) -> DataLoader:
+
+def feature_loader(
+    model: nn.Module,  # the model being trained (visual encoder frozen)
+    split: Split,  # the resolved training split
+    cfg: Config,  # the run's settings
+    rt: Optional[Runtime] = None,
+    indices: Optional[Sequence[int]] = None,  # the episodes this process trains, in order (default: all)
+    log: Optional[Callable] = None,  # log(message) once the bank is ready
+) -> DataLoader:
     "The training episodes of a run as cached features (a DataLoader, one episode per item, in `indices` order)."
     rt = rt or Runtime()
     check_frozen(model)
-    episodes = episode_data(cfg.data, split, cfg.model.frames, crop_size(unwrap(model)), cfg.optim.train_episodes,
-                            cfg.run.seed)
+    episodes = episode_data(
+        cfg.data, split, cfg.model.frames, crop_size(unwrap(model)), cfg.optim.train_episodes, cfg.run.seed
+    )
     bank = lambda: cached_bank(model, split, cfg, rt, cfg.run.progress, log)  # built when first asked for
     data = FeatureEpisodes(episodes, bank)
-    return DataLoader(data, batch_size=None, sampler=list(range(len(data))) if indices is None else list(indices),
-                      num_workers=0, generator=torch.Generator().manual_seed(cfg.run.seed))
+    return DataLoader(
+        data,
+        batch_size=None,
+        sampler=list(range(len(data))) if indices is None else list(indices),
+        num_workers=0,
+        generator=torch.Generator().manual_seed(cfg.run.seed),
+    )

@@ -27,40 +27,66 @@ from .runtime import Runtime
 from .video import to_clip_input
 
 # %% auto #0
-__all__ = ['load_run', 'load_episode', 'Inspection', 'inspect_episode', 'distill_decision', 'GradCAM', 'cam_layer', 'grad_cam',
-           'episode_embeddings', 'embed_2d', 'per_class_accuracy']
+__all__ = [
+    'load_run',
+    'load_episode',
+    'Inspection',
+    'inspect_episode',
+    'distill_decision',
+    'GradCAM',
+    'cam_layer',
+    'grad_cam',
+    'episode_embeddings',
+    'embed_2d',
+    'per_class_accuracy',
+]
+
 
 # %% ../nbs/21_inspection.ipynb #2c25f0c4
-def load_run(run,  # a run folder (its best.pt, else last.pt) or a checkpoint file
-             device='cpu',  # where the model goes
-             which: str = 'best',  # 'best' (selected on val) or 'last'
-            ) -> tuple:  # (model in eval mode, Config)
+def load_run(
+    run,  # a run folder (its best.pt, else last.pt) or a checkpoint file
+    device='cpu',  # where the model goes
+    which: str = 'best',  # 'best' (selected on val) or 'last'
+) -> tuple:  # (model in eval mode, Config)
     "The model of a run with its attention maps kept for pictures, and the run's config."
     model, cfg = load_model(run, device, which)
     model.cfg.return_attention = True  # the pictures read the maps; the weights do not change
     return model, cfg
 
-def load_episode(cfg: Config,  # the run's config (data, frames, seed)
-                 size: int,  # crop size: the backbone's input resolution (`crop_size(model)`)
-                 index: int = 0,  # episode number
-                 split: str = 'test',  # 'train', 'val' or 'test'
-                 seed: Optional[int] = None,  # episode seed (default: the run's)
-                 data: Optional[Split] = None,  # the loaded split, to skip reading it again
-                 shot: Optional[int] = None,  # support videos per class (default: the run's)
-                 query: Optional[int] = None,  # queries per class (default: the run's test_query)
-                ) -> dict:
+
+def load_episode(
+    cfg: Config,  # the run's config (data, frames, seed)
+    size: int,  # crop size: the backbone's input resolution (`crop_size(model)`)
+    index: int = 0,  # episode number
+    split: str = 'test',  # 'train', 'val' or 'test'
+    seed: Optional[int] = None,  # episode seed (default: the run's)
+    data: Optional[Split] = None,  # the loaded split, to skip reading it again
+    shot: Optional[int] = None,  # support videos per class (default: the run's)
+    query: Optional[int] = None,  # queries per class (default: the run's test_query)
+) -> dict:
     "Episode `index` of `split` as the evaluation draws it (test frames, centre crop, uint8)."
     data = data if data is not None else load_data(cfg.data, split)
     seed = cfg.run.seed if seed is None else seed
-    sampler = EpisodeSampler.from_split(data, cfg.data.way, shot or cfg.data.shot, query or cfg.data.test_query, seed)
-    ds = EpisodeDataset(data, sampler, index + 1, train=False, num_frames=cfg.model.frames, size=size,
-                        short_side=cfg.data.short_side)
+    sampler = EpisodeSampler.from_split(
+        data, cfg.data.way, shot or cfg.data.shot, query or cfg.data.test_query, seed
+    )
+    ds = EpisodeDataset(
+        data,
+        sampler,
+        index + 1,
+        train=False,
+        num_frames=cfg.model.frames,
+        size=size,
+        short_side=cfg.data.short_side,
+    )
     return dict(ds[index], split=data.split, seed=seed, index=index)
+
 
 # %% ../nbs/21_inspection.ipynb #7e41ea06
 @dataclass
 class Inspection:
     "One episode run through a model, with everything the pictures read."
+
     batch: dict  # the episode dict (on the CPU)
     out: ModelOutput  # the model's output (tensors detached, on the CPU)
     model: str  # 'mdmf', 'clip-fsar', ...
@@ -72,55 +98,81 @@ class Inspection:
     support_rows: str = 'video'  # 'video': a fused row per support video; 'class': one per class (CLIP-FSAR)
 
     @property
-    def class_names(self) -> list: return list(self.batch['class_names'])
+    def class_names(self) -> list:
+        return list(self.batch['class_names'])
+
     @property
-    def query_labels(self) -> Tensor: return self.batch['query_labels']
+    def query_labels(self) -> Tensor:
+        return self.batch['query_labels']
+
     @property
-    def pred(self) -> Tensor: return self.out.logits.argmax(-1)  # [Q]
+    def pred(self) -> Tensor:
+        return self.out.logits.argmax(-1)  # [Q]
+
 
 def _cpu(x):
     "Tensors of nested dicts, lists and dataclasses detached and moved to the CPU."
-    if torch.is_tensor(x): return x.detach().cpu()
-    if isinstance(x, dict): return {k: _cpu(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)): return type(x)(_cpu(v) for v in x)
-    if hasattr(x, '__dataclass_fields__'): return type(x)(**{f.name: _cpu(getattr(x, f.name)) for f in fields(x)})
+    if torch.is_tensor(x):
+        return x.detach().cpu()
+    if isinstance(x, dict):
+        return {k: _cpu(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_cpu(v) for v in x)
+    if hasattr(x, '__dataclass_fields__'):
+        return type(x)(**{f.name: _cpu(getattr(x, f.name)) for f in fields(x)})
     return x
+
 
 @contextmanager
 def _hooks(pairs):
     "Register forward hooks `[(module, fn), ...]`; they are removed on exit, error or not."
     handles = []
     try:
-        for m, fn in pairs: handles.append(m.register_forward_hook(fn))
+        for m, fn in pairs:
+            handles.append(m.register_forward_hook(fn))
         yield
     finally:
-        for h in handles: h.remove()
+        for h in handles:
+            h.remove()
+
 
 def _fusion_modules(model: nn.Module) -> dict:
     "The fusion encoder of each view: MDMF's `mmfe[b]`, CLIP-FSAR's shared transformer; none for other models."
-    if hasattr(model, 'mmfe'): return dict(model.mmfe.items())
-    if hasattr(model, 'transformer'): return {'fsar': model.transformer}
+    if hasattr(model, 'mmfe'):
+        return dict(model.mmfe.items())
+    if hasattr(model, 'transformer'):
+        return {'fsar': model.transformer}
     return {}
 
-def _device(model: nn.Module) -> torch.device: return next(model.parameters()).device
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
 
 def _generator(batch: dict, device, generator=None) -> Optional[torch.Generator]:
     "The PPS draw: `generator`, else the evaluation's for this episode (when the batch says which it is)."
-    if generator is not None or 'index' not in batch: return generator
+    if generator is not None or 'index' not in batch:
+        return generator
     return episode_generator(batch['seed'], batch['split'], batch['index'], device)
+
 
 # %% ../nbs/21_inspection.ipynb #66594930
 @torch.no_grad()
-def inspect_episode(model: nn.Module,  # a model of mdmf.model in any mode (eval is used)
-                    batch: dict,  # an episode dict
-                    generator: Optional[torch.Generator] = None,  # PPS draw (default: the evaluation's for this episode)
-                   ) -> Inspection:
+def inspect_episode(
+    model: nn.Module,  # a model of mdmf.model in any mode (eval is used)
+    batch: dict,  # an episode dict
+    generator: Optional[torch.Generator] = None,  # PPS draw (default: the evaluation's for this episode)
+) -> Inspection:
     "Run `model` on an episode and keep its output, extras and fused sequences."
     dev, was_training = _device(model), model.training
     calls = {}
+
     def keep(name):
-        def hook(module, args, output): calls.setdefault(name, []).append(output[0].detach())
+        def hook(module, args, output):
+            calls.setdefault(name, []).append(output[0].detach())
+
         return hook
+
     S = len(batch['support'])
     model.eval()
     try:
@@ -128,33 +180,56 @@ def inspect_episode(model: nn.Module,  # a model of mdmf.model in any mode (eval
             feats = model.encode_frames(torch.cat([batch['support'], batch['query']]).to(dev))  # [S+Q, T, D]
             s_feats, q_feats = feats[:S], feats[S:]  # [S, T, D], [Q, T, D]
             names = list(batch['class_names'])
-            out = model.forward_features(s_feats, batch['support_labels'].to(dev), q_feats, model.class_tokens(names),
-                                         generator=_generator(batch, dev, generator), class_names=names)
+            out = model.forward_features(
+                s_feats,
+                batch['support_labels'].to(dev),
+                q_feats,
+                model.class_tokens(names),
+                generator=_generator(batch, dev, generator),
+                class_names=names,
+            )
     finally:
         model.train(was_training)
     fused = {}
     for b, outs in calls.items():
-        if len(outs) == 1: fused[b] = (outs[0][:S], outs[0][S:])  # MDMF: support and queries in one call
-        else: fused[b] = (outs[0], outs[1])  # CLIP-FSAR: the support rows, then the queries
+        if len(outs) == 1:
+            fused[b] = (outs[0][:S], outs[0][S:])  # MDMF: support and queries in one call
+        else:
+            fused[b] = (outs[0], outs[1])  # CLIP-FSAR: the support rows, then the queries
     views = tuple(out.extras.get('cost', {})) or tuple(out.view_logits)
-    return Inspection({k: _cpu(v) for k, v in batch.items()}, _cpu(out), model.cfg.model, views, _cpu(fused),
-                      _cpu(s_feats), _cpu(q_feats), model.cfg.otam_lambda, out.extras.get('support_rows', 'video'))
+    return Inspection(
+        {k: _cpu(v) for k, v in batch.items()},
+        _cpu(out),
+        model.cfg.model,
+        views,
+        _cpu(fused),
+        _cpu(s_feats),
+        _cpu(q_feats),
+        model.cfg.otam_lambda,
+        out.extras.get('support_rows', 'video'),
+    )
+
 
 # %% ../nbs/21_inspection.ipynb #78368828
-def distill_decision(ins: Inspection,  # an inspected episode
-                     query: int = 0,  # which query
-                    ) -> str:
+def distill_decision(
+    ins: Inspection,  # an inspected episode
+    query: int = 0,  # which query
+) -> str:
     "Which view teaches for `query`: 'GTC teaches LTC', 'LTC teaches GTC', 'no distillation' or 'single view'."
     ex = ins.out.extras
-    if 'omega_g' not in ex: return 'single view'
+    if 'omega_g' not in ex:
+        return 'single view'
     g, l = bool(ex['omega_g'][query]), bool(ex['omega_l'][query])
-    if g and l: return 'both teach (no condition)'
+    if g and l:
+        return 'both teach (no condition)'
     return 'GTC teaches LTC' if g else 'LTC teaches GTC' if l else 'no distillation'
+
 
 # %% ../nbs/21_inspection.ipynb #984eb799
 @dataclass
 class GradCAM:
     "Grad-CAM maps of one query and the support videos of its target class."
+
     query: Tensor  # [T, H, W] in [0, 1], the query's frames
     support: Tensor  # [K, T, H, W], the target class's support videos
     support_index: list  # which support videos (rows of the episode's support) `support` holds
@@ -163,13 +238,18 @@ class GradCAM:
     score: float  # that logit
     layer: str  # the layer the maps were taken at
 
-def cam_layer(clip_visual: nn.Module) -> tuple:  # (module, name, kind): 'conv' reads the output, 'vit' the input
+
+def cam_layer(
+    clip_visual: nn.Module,
+) -> tuple:  # (module, name, kind): 'conv' reads the output, 'vit' the input
     "The layer Grad-CAM reads: ResNet `layer4` (its output), ViT's last block (its input patch tokens)."
-    if hasattr(clip_visual, 'layer4'): return clip_visual.layer4, 'layer4', 'conv'
+    if hasattr(clip_visual, 'layer4'):
+        return clip_visual.layer4, 'layer4', 'conv'
     if hasattr(clip_visual, 'transformer'):
         blocks = clip_visual.transformer.resblocks
         return blocks[-1], f'transformer.resblocks.{len(blocks) - 1} (input)', 'vit'
     raise BadInput(f'no Grad-CAM layer known for {type(clip_visual).__name__}: expected a CLIP ResNet or ViT')
+
 
 def _cam_from(acts: Tensor, grads: Tensor, kind: str, n_tokens: int) -> Tensor:
     "Grad-CAM [B, h, w] from activations and their gradients."
@@ -184,30 +264,40 @@ def _cam_from(acts: Tensor, grads: Tensor, kind: str, n_tokens: int) -> Tensor:
     g = int(round(math.sqrt(cam.shape[1])))
     return cam.reshape(-1, g, g)  # [B, g, g]
 
+
 def _normalise_video(cam: Tensor) -> Tensor:
     "Scale each video's maps [V, T, H, W] to [0, 1] by its maximum (all-zero maps stay zero)."
     top = cam.flatten(1).max(1).values.clamp_min(1e-12)  # [V]
     return cam / top[:, None, None, None]
 
+
 # %% ../nbs/21_inspection.ipynb #431b1e48
-def grad_cam(model: nn.Module,  # a model of mdmf.model
-             batch: dict,  # an episode dict (uint8 frames)
-             query: int = 0,  # which query
-             target: Optional[int] = None,  # class to explain (default: the nearest prototype, the prediction)
-             generator: Optional[torch.Generator] = None,  # PPS draw (default: the evaluation's for this episode)
-             inspection: Optional[Inspection] = None,  # this model's `inspect_episode` of `batch`: saves a forward pass
-            ) -> GradCAM:
+def grad_cam(
+    model: nn.Module,  # a model of mdmf.model
+    batch: dict,  # an episode dict (uint8 frames)
+    query: int = 0,  # which query
+    target: Optional[int] = None,  # class to explain (default: the nearest prototype, the prediction)
+    generator: Optional[torch.Generator] = None,  # PPS draw (default: the evaluation's for this episode)
+    inspection: Optional[
+        Inspection
+    ] = None,  # this model's `inspect_episode` of `batch`: saves a forward pass
+) -> GradCAM:
     "Grad-CAM of the CLIP visual encoder for a query and the support videos of its nearest prototype."
     dev, was_training, backbone = _device(model), model.training, model.backbone
     layer, layer_name, kind = cam_layer(backbone.clip.visual)
     n_tokens = getattr(backbone.clip.visual, 'positional_embedding', torch.empty(0)).shape[0]
-    if inspection is None and target is None: inspection = inspect_episode(model, batch, generator)
-    if target is None: target = int(inspection.pred[query])
+    if inspection is None and target is None:
+        inspection = inspect_episode(model, batch, generator)
+    if target is None:
+        target = int(inspection.pred[query])
     labels, names = batch['support_labels'].to(dev), list(batch['class_names'])
     mine = torch.nonzero(labels == target).flatten().tolist()  # support videos of the target class
     S, T = len(labels), batch['support'].shape[1]
     grab, saved_ckpt = {}, backbone.activation_checkpoint
-    def hook(module, args, output): grab['acts'] = args[0] if kind == 'vit' else output
+
+    def hook(module, args, output):
+        grab['acts'] = args[0] if kind == 'vit' else output
+
     model.eval()
     try:
         backbone.activation_checkpoint = False  # a checkpointed encoder would run the hook twice
@@ -215,36 +305,48 @@ def grad_cam(model: nn.Module,  # a model of mdmf.model
             if inspection is not None:  # the features it computed: the same as encoding again
                 feats = torch.cat([inspection.support_feats, inspection.query_feats]).to(dev)  # [S+Q, T, D]
             else:
-                feats = model.encode_frames(torch.cat([batch['support'], batch['query']]).to(dev))  # [S+Q, T, D]
+                # [S+Q, T, D]
+                feats = model.encode_frames(torch.cat([batch['support'], batch['query']]).to(dev))
             tokens = model.class_tokens(names)  # [N, D]
         picked = mine + [S + query]  # the videos explained: the target's support videos, then the query
-        frames = torch.cat([batch['support'][mine], batch['query'][query:query + 1]]).to(dev)  # [K+1, T, 3, H, W] uint8
+        # [K+1, T, 3, H, W] uint8
+        frames = torch.cat([batch['support'][mine], batch['query'][query : query + 1]]).to(dev)
         with torch.enable_grad(), _hooks([(layer, hook)]):
             x = to_clip_input(frames).requires_grad_(True)  # [K+1, T, 3, H, W] normalised floats
             f = model.encode_frames(x)  # [K+1, T, D]
-            feats = feats.index_put((torch.tensor(picked, device=dev),), f)  # [S+Q, T, D], only `picked` carry a graph
-            out = model.forward_features(feats[:S], labels, feats[S:], tokens, generator=_generator(batch, dev, generator),
-                                         class_names=names)
+            # [S+Q, T, D], only `picked` carry a graph
+            feats = feats.index_put((torch.tensor(picked, device=dev),), f)
+            out = model.forward_features(
+                feats[:S],
+                labels,
+                feats[S:],
+                tokens,
+                generator=_generator(batch, dev, generator),
+                class_names=names,
+            )
             score = out.logits[query, target]
             acts = grab['acts']
-            grads, = torch.autograd.grad(score, acts)  # with respect to the activations only
+            (grads,) = torch.autograd.grad(score, acts)  # with respect to the activations only
         cam = _cam_from(acts.detach(), grads.detach(), kind, n_tokens).float()  # [(K+1)*T, h, w]
         H, W = batch['query'].shape[-2:]
-        cam = nnf.interpolate(cam[:, None], size=(H, W), mode='bilinear', align_corners=False)[:, 0]  # [(K+1)*T, H, W]
+        # [(K+1)*T, H, W]
+        cam = nnf.interpolate(cam[:, None], size=(H, W), mode='bilinear', align_corners=False)[:, 0]
         cam = _normalise_video(cam.reshape(len(picked), T, H, W)).cpu()  # [K+1, T, H, W]
     finally:
         backbone.activation_checkpoint = saved_ckpt
         model.train(was_training)
     return GradCAM(cam[-1], cam[:-1], mine, query, target, float(score.detach()), layer_name)
 
+
 # %% ../nbs/21_inspection.ipynb #d2d6ef94
-def episode_embeddings(model: nn.Module,  # a model of mdmf.model
-                       cfg: Config,  # its run's config
-                       episodes: int = 3,  # how many test episodes
-                       query: Optional[int] = None,  # queries per class (default: as many as the split allows, up to 8)
-                       split: str = 'test',  # the split the episodes come from
-                       data: Optional[Split] = None,  # the loaded split, to skip reading it again
-                      ) -> dict:  # view -> dict(query [n, D], query_class [n], proto [m, D], proto_class [m]); 'names'
+def episode_embeddings(
+    model: nn.Module,  # a model of mdmf.model
+    cfg: Config,  # its run's config
+    episodes: int = 3,  # how many test episodes
+    query: Optional[int] = None,  # queries per class (default: as many as the split allows, up to 8)
+    split: str = 'test',  # the split the episodes come from
+    data: Optional[Split] = None,  # the loaded split, to skip reading it again
+) -> dict:  # view -> dict(query [n, D], query_class [n], proto [m, D], proto_class [m]); 'names'
     "Per-view video vectors of queries and prototypes over a few episodes, with class indices into the split."
     data = data if data is not None else load_data(cfg.data, split)
     if query is None:
@@ -257,49 +359,69 @@ def episode_embeddings(model: nn.Module,  # a model of mdmf.model
         cls, sl = b['class_ids'], b['support_labels']  # [N] class index within the split, [S]
         T = ins.query_feats.shape[1]
         per_view = {'clip': (ins.support_feats, ins.query_feats, 'video')}
-        per_view.update({v: (s[:, -T:], q[:, -T:], ins.support_rows) for v, (s, q) in ins.fused.items()})  # frames only
+        # frames only
+        per_view.update({v: (s[:, -T:], q[:, -T:], ins.support_rows) for v, (s, q) in ins.fused.items()})
         for v, (s, q, rows) in per_view.items():
             s, q = s.float().mean(1), q.float().mean(1)  # [S or N, D], [Q, D]
-            protos = s if rows == 'class' else torch.stack([s[sl == c].mean(0) for c in range(len(cls))])  # [N, D]
-            for key, x in (('query', q), ('query_class', cls[b['query_labels']]), ('proto', protos), ('proto_class', cls)):
+            # [N, D]
+            protos = s if rows == 'class' else torch.stack([s[sl == c].mean(0) for c in range(len(cls))])
+            for key, x in (
+                ('query', q),
+                ('query_class', cls[b['query_labels']]),
+                ('proto', protos),
+                ('proto_class', cls),
+            ):
                 acc.setdefault(v, {}).setdefault(key, []).append(x)
     out = {v: {k: torch.cat(x) for k, x in d.items()} for v, d in acc.items()}
     out['names'] = list(data.class_names)
     return out
 
-def embed_2d(x: np.ndarray,  # [n, D] the points
-             method: str = 'tsne',  # 'tsne' (scikit-learn) or 'pca'
-             seed: int = 0,  # t-SNE's random state
-            ) -> tuple:  # (coordinates [n, 2], the method used: 't-SNE' or 'PCA')
+
+def embed_2d(
+    x: np.ndarray,  # [n, D] the points
+    method: str = 'tsne',  # 'tsne' (scikit-learn) or 'pca'
+    seed: int = 0,  # t-SNE's random state
+) -> tuple:  # (coordinates [n, 2], the method used: 't-SNE' or 'PCA')
     "A 2-D map of the rows of `x`: t-SNE (PCA when asked, or for fewer than 6 points)."
-    if method not in ('tsne', 'pca'): raise BadInput(f"embed_2d: method must be 'tsne' or 'pca', not {method!r}")
+    if method not in ('tsne', 'pca'):
+        raise BadInput(f"embed_2d: method must be 'tsne' or 'pca', not {method!r}")
     x = np.asarray(x, dtype=np.float64)
     x = x - x.mean(0)
     if method == 'tsne' and len(x) >= 6:
         from sklearn.manifold import TSNE
+
         perplexity = float(max(2.0, min(30.0, (len(x) - 1) / 3)))
-        tsne = TSNE(2, perplexity=perplexity, init='pca', random_state=seed,
-                    method='exact' if len(x) <= 500 else 'barnes_hut')  # exact: faster for a few hundred points
+        tsne = TSNE(
+            2,
+            perplexity=perplexity,
+            init='pca',
+            random_state=seed,
+            method='exact' if len(x) <= 500 else 'barnes_hut',
+        )  # exact: faster for a few hundred points
         return tsne.fit_transform(x), 't-SNE'
     _, _, vt = np.linalg.svd(x, full_matrices=False)
     y = x @ vt[:2].T  # [n, <=2]
     return np.pad(y, ((0, 0), (0, 2 - y.shape[1]))), 'PCA'
 
+
 # %% ../nbs/21_inspection.ipynb #62a496c2
-def per_class_accuracy(model: nn.Module,  # a model of mdmf.model
-                       cfg: Config,  # the config whose episodes are drawn (data, way, shot, seed)
-                       episodes: int = 100,  # test episodes
-                       split: str = 'test',  # the split the episodes come from
-                       data: Optional[Split] = None,  # the loaded split, to skip reading it again
-                      ) -> dict:  # class name -> accuracy in percent
+def per_class_accuracy(
+    model: nn.Module,  # a model of mdmf.model
+    cfg: Config,  # the config whose episodes are drawn (data, way, shot, seed)
+    episodes: int = 100,  # test episodes
+    split: str = 'test',  # the split the episodes come from
+    data: Optional[Split] = None,  # the loaded split, to skip reading it again
+) -> dict:  # class name -> accuracy in percent
     "Accuracy of `model` on the episodes of `split`, per true class of the queries."
     data = data if data is not None else load_data(cfg.data, split)
     r = evaluate(model, cfg, split, episodes, data=data, progress=False, rt=Runtime(device=_device(model)))
     d = cfg.data
-    sampler = EpisodeSampler.from_split(data, d.way, d.shot, d.test_query, cfg.run.seed)  # as `evaluate` draws
+    # as `evaluate` draws
+    sampler = EpisodeSampler.from_split(data, d.way, d.shot, d.test_query, cfg.run.seed)
     labels = np.repeat(np.arange(d.way), d.test_query)  # [way*query]
     right, seen = np.zeros(len(data.classes)), np.zeros(len(data.classes))
     for i in range(episodes):
         cls = sampler.episode(i).class_ids[labels]  # [way*query] class index within the split
-        np.add.at(seen, cls, 1); np.add.at(right, cls, r.predictions[i] == labels)
+        np.add.at(seen, cls, 1)
+        np.add.at(right, cls, r.predictions[i] == labels)
     return {data.class_names[c]: 100 * right[c] / seen[c] for c in range(len(seen)) if seen[c]}

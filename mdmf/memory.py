@@ -28,15 +28,49 @@ from .runs import preserved_rng
 from .runtime import Runtime, autocast, device_name, set_threads
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'MEASURED', 'GiB', 'FRAGMENTATION', 'WORKSPACE', 'CHUNKS', 'CARDS', 'BANK_SHARE', 'BANK_DIMS',
-           'LiveBytes', 'measure_frame_memory', 'memory_file', 'frame_memory', 'signature', 'backbone_key',
-           'ParamCounts', 'param_counts', 'precision_name', 'predict_peak', 'fits', 'meta_model', 'episode_frames',
-           'MemoryPlan', 'plan_memory', 'usable_memory', 'plan_training', 'memory_table', 'format_memory_table',
-           'bank_bytes', 'bank_place', 'bank_table', 'unused_parameters', 'measure_all', 'MemoryOptions', 'main']
+__all__ = [
+    'PRECISIONS',
+    'MEASURED',
+    'GiB',
+    'FRAGMENTATION',
+    'WORKSPACE',
+    'CHUNKS',
+    'CARDS',
+    'BANK_SHARE',
+    'BANK_DIMS',
+    'LiveBytes',
+    'measure_frame_memory',
+    'memory_file',
+    'frame_memory',
+    'signature',
+    'backbone_key',
+    'ParamCounts',
+    'param_counts',
+    'precision_name',
+    'predict_peak',
+    'fits',
+    'meta_model',
+    'episode_frames',
+    'MemoryPlan',
+    'plan_memory',
+    'usable_memory',
+    'plan_training',
+    'memory_table',
+    'format_memory_table',
+    'bank_bytes',
+    'bank_place',
+    'bank_table',
+    'unused_parameters',
+    'measure_all',
+    'MemoryOptions',
+    'main',
+]
+
 
 # %% ../nbs/17_memory.ipynb #4af2da0d
 class LiveBytes(TorchDispatchMode):
     "Inside: `now` and `peak` bytes of the tensor storages created inside (forward and backward); views add nothing."
+
     def __init__(self):
         super().__init__()
         self.now = self.peak = 0
@@ -47,36 +81,48 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor) and t.device.type != 'meta'}
+        inputs = {
+            id(t.untyped_storage())
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor) and t.device.type != 'meta'
+        }
         for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or t.device.type == 'meta': continue
+            if not isinstance(t, torch.Tensor) or t.device.type == 'meta':
+                continue
             storage = t.untyped_storage()
             key = id(storage)
-            if key in self._live or key in inputs: continue  # counted already, or a view / in-place result of an input
+            # counted already, or a view / in-place result of an input
+            if key in self._live or key in inputs:
+                continue
             self._live[key] = storage.nbytes()
             self.now += self._live[key]
             self.peak = max(self.peak, self.now)
             weakref.finalize(storage, self._free, key)
         return out
 
+
 # %% ../nbs/17_memory.ipynb #44e94f39
 PRECISIONS = ('float32', 'bfloat16')  # measured; float16 uses the bfloat16 figures
+
 
 def _fit(n1: int, n2: int, y1: int, y2: int) -> tuple:  # (per frame, fixed) of the line through two points
     per = (y2 - y1) / (n2 - n1)
     return round(per), round(y1 - n1 * per)
 
-def measure_frame_memory(name: str,  # a `load_clip` name with random weights: 'RN50-random', 'tiny-vit', ...
-                         precision: str = 'float32',  # 'float32' or 'bfloat16' (CPU autocast)
-                         frames: Sequence[int] = (8, 16),  # the two frame counts N1 < N2
-                         chunk: int = 2,  # frames per chunk of the checkpointed pass
-                         seed: int = 0,
-                        ) -> dict:
+
+def measure_frame_memory(
+    name: str,  # a `load_clip` name with random weights: 'RN50-random', 'tiny-vit', ...
+    precision: str = 'float32',  # 'float32' or 'bfloat16' (CPU autocast)
+    frames: Sequence[int] = (8, 16),  # the two frame counts N1 < N2
+    chunk: int = 2,  # frames per chunk of the checkpointed pass
+    seed: int = 0,
+) -> dict:
     "Bytes of a backbone's forward + backward: per frame and fixed, without and with activation checkpointing."
-    if precision not in PRECISIONS: raise BadInput(f'precision must be one of {PRECISIONS}, not {precision!r}')
+    if precision not in PRECISIONS:
+        raise BadInput(f'precision must be one of {PRECISIONS}, not {precision!r}')
     bb = Backbone(load_clip(name, seed=seed)).train()
     S, g = bb.image_size, torch.Generator().manual_seed(seed)
+
     def run(n: int, ckpt: bool) -> tuple:  # (peak, bytes alive between forward and backward)
         bb.activation_checkpoint, bb.checkpoint_chunk = ckpt, chunk
         bb.zero_grad(set_to_none=True)
@@ -87,6 +133,7 @@ def measure_frame_memory(name: str,  # a `load_clip` name with random weights: '
             kept = live.now
             f.square().mean().backward()
         return live.peak, kept
+
     t0 = time.perf_counter()
     run(1, False)  # warm-up: first-call caches of the CPU libraries
     (p1, k1), (p2, k2) = run(frames[0], False), run(frames[1], False)
@@ -94,29 +141,53 @@ def measure_frame_memory(name: str,  # a `load_clip` name with random weights: '
     per_frame, fixed = _fit(*frames, p1, p2)
     kept_per_frame, kept_fixed = _fit(*frames, k1, k2)
     ckpt_per_frame, ckpt_fixed = _fit(*frames, c1, c2)
-    return dict(per_frame=max(per_frame, kept_per_frame), fixed=fixed, kept_per_frame=kept_per_frame,
-                kept_fixed=kept_fixed, checkpointed_per_frame=ckpt_per_frame, checkpointed_fixed=ckpt_fixed,
-                chunk=chunk, frames=list(frames), seconds=round(time.perf_counter() - t0, 1))
+    return dict(
+        per_frame=max(per_frame, kept_per_frame),
+        fixed=fixed,
+        kept_per_frame=kept_per_frame,
+        kept_fixed=kept_fixed,
+        checkpointed_per_frame=ckpt_per_frame,
+        checkpointed_fixed=ckpt_fixed,
+        chunk=chunk,
+        frames=list(frames),
+        seconds=round(time.perf_counter() - t0, 1),
+    )
+
 
 # %% ../nbs/17_memory.ipynb #1087133b
-MEASURED = {'tiny-vit': 'tiny-vit', 'tiny-rn': 'tiny-rn', 'RN50': 'RN50-random', 'ViT-B/16': 'ViT-B/16-random'}  # table key -> what is measured
-_SHAPES = {'tiny-vit': TINY_CONFIGS['tiny-vit'], 'tiny-rn': TINY_CONFIGS['tiny-rn'],
-           'RN50': RANDOM_CONFIGS['RN50-random'], 'ViT-B/16': RANDOM_CONFIGS['ViT-B/16-random']}
+# table key -> what is measured
+MEASURED = {
+    'tiny-vit': 'tiny-vit',
+    'tiny-rn': 'tiny-rn',
+    'RN50': 'RN50-random',
+    'ViT-B/16': 'ViT-B/16-random',
+}
+_SHAPES = {
+    'tiny-vit': TINY_CONFIGS['tiny-vit'],
+    'tiny-rn': TINY_CONFIGS['tiny-rn'],
+    'RN50': RANDOM_CONFIGS['RN50-random'],
+    'ViT-B/16': RANDOM_CONFIGS['ViT-B/16-random'],
+}
+
 
 def memory_file() -> Path:
     "The stored figures: `mdmf/assets/frame_memory.json`."
     return Path(str(importlib.resources.files('mdmf'))) / 'assets' / 'frame_memory.json'
 
+
 def frame_memory(path=None) -> dict:
     "The stored measurements: {'measured': conditions, 'backbones': {key: {'signature', 'image_size', precision: figures}}}."
     path = Path(path or memory_file())
-    if not path.is_file(): return dict(measured={}, backbones={})
+    if not path.is_file():
+        return dict(measured={}, backbones={})
     return json.loads(path.read_text(encoding='utf-8'))
+
 
 def signature(clip_model: CLIP) -> list:
     "What identifies a CLIP visual encoder's architecture: [class, input resolution, parameter count]."
     v = clip_model.visual
     return [type(v).__name__, int(v.input_resolution), int(sum(p.numel() for p in v.parameters()))]
+
 
 def backbone_key(clip_model: CLIP, table: Optional[dict] = None) -> Optional[str]:
     "The key of `clip_model`'s architecture in the stored figures (None: not measured)."
@@ -124,71 +195,107 @@ def backbone_key(clip_model: CLIP, table: Optional[dict] = None) -> Optional[str
     sig = signature(clip_model)
     return next((k for k, v in table['backbones'].items() if v.get('signature') == sig), None)
 
+
 # %% ../nbs/17_memory.ipynb #9355e241
-GiB = 2 ** 30
-FRAGMENTATION, WORKSPACE = 1.2, 3 * GiB // 4  # safety margins (not measured): fragmentation and the unseen, workspaces
+GiB = 2**30
+# safety margins (not measured): fragmentation and the unseen, workspaces
+FRAGMENTATION, WORKSPACE = 1.2, 3 * GiB // 4
+
 
 @dataclass
 class ParamCounts:
     "Parameters of a model: all, trainable, and the visual encoder's trainable ones."
+
     total: int
     trainable: int
     visual_trainable: int
+
 
 def param_counts(model: torch.nn.Module) -> ParamCounts:
     "The `ParamCounts` of a model of `mdmf.model` (works on the meta device)."
     visual = {id(p) for p in model.backbone.clip.visual.parameters()}
     ps = list(model.parameters())
-    return ParamCounts(sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad),
-                       sum(p.numel() for p in ps if p.requires_grad and id(p) in visual))
+    return ParamCounts(
+        sum(p.numel() for p in ps),
+        sum(p.numel() for p in ps if p.requires_grad),
+        sum(p.numel() for p in ps if p.requires_grad and id(p) in visual),
+    )
+
 
 def precision_name(dtype: Optional[torch.dtype]) -> str:
     "'float32' (no autocast), 'bfloat16' or 'float16'."
-    return {None: 'float32', torch.float32: 'float32', torch.bfloat16: 'bfloat16', torch.float16: 'float16'}[dtype]
+    return {None: 'float32', torch.float32: 'float32', torch.bfloat16: 'bfloat16', torch.float16: 'float16'}[
+        dtype
+    ]
 
-def predict_peak(figures: dict,  # one backbone's stored figures, by precision
-                 precision: str,  # 'float32', 'bfloat16' or 'float16'
-                 frames: int,  # N, frames of a training episode
-                 image_size: int,  # S
-                 counts: ParamCounts,
-                 chunk: int = 0,  # activation checkpointing in chunks of this many frames (0: off)
-                 world: int = 1,  # processes (DistributedDataParallel keeps a copy of the gradients in buckets)
-                ) -> dict:  # bytes of each part and 'total'
+
+def predict_peak(
+    figures: dict,  # one backbone's stored figures, by precision
+    precision: str,  # 'float32', 'bfloat16' or 'float16'
+    frames: int,  # N, frames of a training episode
+    image_size: int,  # S
+    counts: ParamCounts,
+    chunk: int = 0,  # activation checkpointing in chunks of this many frames (0: off)
+    world: int = 1,  # processes (DistributedDataParallel keeps a copy of the gradients in buckets)
+) -> dict:  # bytes of each part and 'total'
     "Predicted peak bytes of one training step, part by part."
     f = figures['bfloat16' if precision == 'float16' else precision]
-    parts = dict(weights=4 * counts.total, adam=8 * counts.trainable, head_grads=4 * (counts.trainable - counts.visual_trainable),
-                 ddp_buckets=4 * counts.trainable if world > 1 else 0, frames=frames * 3 * image_size ** 2)
-    if counts.visual_trainable == 0: parts['visual'] = frames * 3 * image_size ** 2 * 4  # float input only
-    elif chunk: parts['visual'] = (f['checkpointed_fixed'] + frames * f['checkpointed_per_frame']
-                                   + max(chunk - f['chunk'], 0) * f['per_frame'])
-    else: parts['visual'] = f['fixed'] + frames * f['per_frame']
+    parts = dict(
+        weights=4 * counts.total,
+        adam=8 * counts.trainable,
+        head_grads=4 * (counts.trainable - counts.visual_trainable),
+        ddp_buckets=4 * counts.trainable if world > 1 else 0,
+        frames=frames * 3 * image_size**2,
+    )
+    if counts.visual_trainable == 0:
+        parts['visual'] = frames * 3 * image_size**2 * 4  # float input only
+    elif chunk:
+        parts['visual'] = (
+            f['checkpointed_fixed']
+            + frames * f['checkpointed_per_frame']
+            + max(chunk - f['chunk'], 0) * f['per_frame']
+        )
+    else:
+        parts['visual'] = f['fixed'] + frames * f['per_frame']
     parts['total'] = sum(parts.values())
     return parts
+
 
 def fits(peak: int, budget: int) -> bool:
     "Whether a predicted peak fits `budget` bytes, with the allocator's and the libraries' overheads."
     return peak * FRAGMENTATION + WORKSPACE <= budget
 
+
 # %% ../nbs/17_memory.ipynb #ad72ca48
-def meta_model(cfg: Config,  # the run's settings (model and backbone switches)
-               key: str,  # 'RN50', 'ViT-B/16', 'tiny-vit' or 'tiny-rn'
-              ) -> torch.nn.Module:
+def meta_model(
+    cfg: Config,  # the run's settings (model and backbone switches)
+    key: str,  # 'RN50', 'ViT-B/16', 'tiny-vit' or 'tiny-rn'
+) -> torch.nn.Module:
     "The model `cfg` describes with backbone `key`'s architecture, on the meta device (shapes only, no memory)."
     m = cfg.model
     with torch.device('meta'):
-        bb = Backbone(CLIP(**_SHAPES[key]), train_text=m.train_text, freeze_visual=m.freeze_visual, freeze_bn=m.freeze_bn)
+        bb = Backbone(
+            CLIP(**_SHAPES[key]),
+            train_text=m.train_text,
+            freeze_visual=m.freeze_visual,
+            freeze_bn=m.freeze_bn,
+        )
         return build_model(m, backbone=bb)
+
 
 def episode_frames(cfg: Config) -> int:
     "Frames of one training episode: way x (shot + training queries) x T."
     return cfg.data.way * (cfg.data.shot + cfg.data.train_query) * cfg.model.frames
 
+
 # %% ../nbs/17_memory.ipynb #94be82f1
 CHUNKS = (256, 128, 64, 32, 16, 8, 4, 2, 1)  # chunk sizes tried, largest first
+
 
 @dataclass
 class MemoryPlan:
     "Activation checkpointing of the visual encoder, decided from the predicted peak and the memory at hand."
+
     activation_checkpoint: bool
     chunk: int  # frames per checkpointed chunk
     peak: Optional[int] = None  # predicted peak bytes with this plan (None: no figures for this backbone)
@@ -198,104 +305,165 @@ class MemoryPlan:
 
     def apply(self, backbone: Backbone) -> Backbone:
         "Set the backbone's activation checkpointing as planned (never with BatchNorm in training mode)."
-        if self.activation_checkpoint and backbone.is_resnet and not backbone.freeze_bn and not backbone.freeze_visual:
-            self.activation_checkpoint = False  # per-chunk batch statistics, running statistics updated twice per chunk
-            self.message += ('; turned off again: with --no-freeze-bn, BatchNorm in training mode would normalise each '
-                             'chunk by its own statistics, so keep --freeze-bn to checkpoint, or use fewer frames per episode')
+        if (
+            self.activation_checkpoint
+            and backbone.is_resnet
+            and not backbone.freeze_bn
+            and not backbone.freeze_visual
+        ):
+            # per-chunk batch statistics, running statistics updated twice per chunk
+            self.activation_checkpoint = False
+            self.message += (
+                '; turned off again: with --no-freeze-bn, BatchNorm in training mode would normalise each '
+                'chunk by its own statistics, so keep --freeze-bn to checkpoint, or use fewer frames per episode'
+            )
         backbone.activation_checkpoint, backbone.checkpoint_chunk = self.activation_checkpoint, self.chunk
         return backbone
 
-def _gib(b) -> str: return f'{b / GiB:.1f} GiB' if b >= GiB / 10 else f'{b / 2**20:.0f} MiB'
+
+def _gib(b) -> str:
+    return f'{b / GiB:.1f} GiB' if b >= GiB / 10 else f'{b / 2**20:.0f} MiB'
+
 
 def _best_chunk(peak_with, frames: int, budget: Optional[int]) -> int:
     "The largest chunk whose predicted peak fits `budget` (64 without a budget, 1 when none fits)."
     sizes = [c for c in CHUNKS if c < frames] or [1]
-    if budget is None: return min(64, sizes[0])
+    if budget is None:
+        return min(64, sizes[0])
     return next((c for c in sizes if fits(peak_with(c), budget)), sizes[-1])
 
+
 # %% ../nbs/17_memory.ipynb #75ed0646
-def plan_memory(figures: Optional[dict],  # the backbone's stored figures (None: its architecture was not measured)
-                precision: str,  # 'float32', 'bfloat16' or 'float16'
-                frames: int,  # frames of a training episode
-                image_size: int,  # S
-                counts: ParamCounts,
-                mode: str = 'auto',  # 'auto' | 'on' | 'off' (ModelConfig.activation_checkpoint)
-                budget: Optional[int] = None,  # bytes this process can use (None: unknown)
-                world: int = 1,  # processes
-                name: str = 'the backbone',  # for the message, e.g. 'RN50 on cuda:0'
-               ) -> MemoryPlan:
+def plan_memory(
+    figures: Optional[dict],  # the backbone's stored figures (None: its architecture was not measured)
+    precision: str,  # 'float32', 'bfloat16' or 'float16'
+    frames: int,  # frames of a training episode
+    image_size: int,  # S
+    counts: ParamCounts,
+    mode: str = 'auto',  # 'auto' | 'on' | 'off' (ModelConfig.activation_checkpoint)
+    budget: Optional[int] = None,  # bytes this process can use (None: unknown)
+    world: int = 1,  # processes
+    name: str = 'the backbone',  # for the message, e.g. 'RN50 on cuda:0'
+) -> MemoryPlan:
     "Whether (and in what chunks) to checkpoint the visual encoder's activations so that a training step fits."
-    if mode not in ('auto', 'on', 'off'): raise BadInput(f"activation_checkpoint must be auto, on or off, not {mode!r}")
+    if mode not in ('auto', 'on', 'off'):
+        raise BadInput(f"activation_checkpoint must be auto, on or off, not {mode!r}")
     head = f'memory plan for {name}, {precision}, {frames} frames per training episode'
     if figures is None:
         on = mode == 'on'
-        note = ('activation checkpointing on as asked, in chunks of 64 frames' if on else
-                'activation checkpointing stays off (--activation-checkpoint on turns it on)')
-        return MemoryPlan(on, 64, message=f'{head}: no measured memory figures for this architecture; {note}'
-                          if on or budget is not None else '')
+        note = (
+            'activation checkpointing on as asked, in chunks of 64 frames'
+            if on
+            else 'activation checkpointing stays off (--activation-checkpoint on turns it on)'
+        )
+        return MemoryPlan(
+            on,
+            64,
+            message=f'{head}: no measured memory figures for this architecture; {note}'
+            if on or budget is not None
+            else '',
+        )
     peak_with = lambda c: predict_peak(figures, precision, frames, image_size, counts, c, world)['total']
     without = peak_with(0)
     room = '' if budget is None else f' the {_gib(budget)} usable'
     if mode == 'off' or (mode == 'auto' and (budget is None or fits(without, budget))):
         plan = MemoryPlan(False, 64, without, without, budget)
         if budget is not None and not fits(without, budget):
-            plan.message = (f'{head}: the predicted peak {_gib(without)} does not fit{room}, and activation checkpointing '
-                            'is off as asked: expect CUDA out of memory (--activation-checkpoint auto would turn it on)')
+            plan.message = (
+                f'{head}: the predicted peak {_gib(without)} does not fit{room}, and activation checkpointing '
+                'is off as asked: expect CUDA out of memory (--activation-checkpoint auto would turn it on)'
+            )
         elif budget is not None:
-            plan.message = f'{head}: the predicted peak {_gib(without)} fits{room}, no activation checkpointing needed'
+            plan.message = (
+                f'{head}: the predicted peak {_gib(without)} fits{room}, no activation checkpointing needed'
+            )
         return plan
     chunk = _best_chunk(peak_with, frames, budget)
     plan = MemoryPlan(True, chunk, peak_with(chunk), without, budget)
-    why = 'as asked' if mode == 'on' else f'because the predicted peak without it, {_gib(without)}, does not fit{room}'
-    plan.message = (f'{head}: activation checkpointing on {why}; chunks of {chunk} frames, predicted peak '
-                    f'{_gib(plan.peak)} (the backbone runs its forward pass twice: about a third more compute per step)')
+    why = (
+        'as asked'
+        if mode == 'on'
+        else f'because the predicted peak without it, {_gib(without)}, does not fit{room}'
+    )
+    plan.message = (
+        f'{head}: activation checkpointing on {why}; chunks of {chunk} frames, predicted peak '
+        f'{_gib(plan.peak)} (the backbone runs its forward pass twice: about a third more compute per step)'
+    )
     if budget is not None and not fits(plan.peak, budget):
-        plan.message += ('; even so it does not fit: expect CUDA out of memory, and use fewer frames per episode '
-                         '(--train-query, --shot, --frames) or a larger GPU')
+        plan.message += (
+            '; even so it does not fit: expect CUDA out of memory, and use fewer frames per episode '
+            '(--train-query, --shot, --frames) or a larger GPU'
+        )
     return plan
+
 
 def usable_memory(device) -> Optional[int]:
     "Bytes this process can use on a CUDA device (free, plus what PyTorch's allocator holds already); None elsewhere."
     device = torch.device(device)
-    if device.type != 'cuda': return None
+    if device.type != 'cuda':
+        return None
     free, _ = torch.cuda.mem_get_info(device)
     return free + torch.cuda.memory_reserved(device)
 
-def plan_training(model: torch.nn.Module,  # a model of mdmf.model (its backbone is what the plan is for)
-                  cfg: Config,  # the run's settings: episode shape, activation_checkpoint
-                  rt: Runtime,  # the device, precision and number of processes
-                  budget: Optional[int] = None,  # bytes to plan for (default: `usable_memory(rt.device)`)
-                  table: Optional[dict] = None,  # the stored figures (default: `frame_memory()`)
-                 ) -> MemoryPlan:
+
+def plan_training(
+    model: torch.nn.Module,  # a model of mdmf.model (its backbone is what the plan is for)
+    cfg: Config,  # the run's settings: episode shape, activation_checkpoint
+    rt: Runtime,  # the device, precision and number of processes
+    budget: Optional[int] = None,  # bytes to plan for (default: `usable_memory(rt.device)`)
+    table: Optional[dict] = None,  # the stored figures (default: `frame_memory()`)
+) -> MemoryPlan:
     "The memory plan of a training run (see `plan_memory`)."
     table = frame_memory() if table is None else table
     key = backbone_key(model.backbone.clip, table)
     budget = usable_memory(rt.device) if budget is None else budget
-    return plan_memory(table['backbones'].get(key) if key else None, precision_name(rt.amp_dtype), episode_frames(cfg),
-                       model.backbone.image_size, param_counts(model), cfg.model.activation_checkpoint, budget, rt.world,
-                       name=f'{key or cfg.model.backbone} on {rt.device}')
+    return plan_memory(
+        table['backbones'].get(key) if key else None,
+        precision_name(rt.amp_dtype),
+        episode_frames(cfg),
+        model.backbone.image_size,
+        param_counts(model),
+        cfg.model.activation_checkpoint,
+        budget,
+        rt.world,
+        name=f'{key or cfg.model.backbone} on {rt.device}',
+    )
+
 
 # %% ../nbs/17_memory.ipynb #3bd39878
 def _stored_key(name: str, table: dict) -> Optional[str]:
     "The stored figures' key of a `load_clip` name (a shipped weights file: by its architecture)."
-    if name in table['backbones']: return name
-    if name in RANDOM_CONFIGS: return name.removesuffix('-random')
-    if name in PRETRAINED_FILES: return backbone_key(load_clip(name), table)
+    if name in table['backbones']:
+        return name
+    if name in RANDOM_CONFIGS:
+        return name.removesuffix('-random')
+    if name in PRETRAINED_FILES:
+        return backbone_key(load_clip(name), table)
     return None
 
-CARDS = {'16 GB': int(14.3 * GiB), '24 GB': int(21.9 * GiB), '40 GB': int(38.9 * GiB), '80 GB': int(78.6 * GiB)}
 
-def memory_table(presets: Sequence[str] = tuple(PRESETS),  # preset names
-                 backbones: Sequence[str] = ('RN50', 'ViT-B/16'),  # stored backbones (the preset's own is added)
-                 precisions: Sequence[str] = ('float32', 'bfloat16', 'float16'),
-                 chunk: int = 64,  # activation checkpointing's chunk in the table
-                 table: Optional[dict] = None,  # the stored figures (default: `frame_memory()`)
-                ) -> list:  # rows: dict(presets, backbone, precision, frames, peak, fits, checkpointed, checkpointed_fits)
+CARDS = {
+    '16 GB': int(14.3 * GiB),
+    '24 GB': int(21.9 * GiB),
+    '40 GB': int(38.9 * GiB),
+    '80 GB': int(78.6 * GiB),
+}
+
+
+def memory_table(
+    presets: Sequence[str] = tuple(PRESETS),  # preset names
+    backbones: Sequence[str] = ('RN50', 'ViT-B/16'),  # stored backbones (the preset's own is added)
+    precisions: Sequence[str] = ('float32', 'bfloat16', 'float16'),
+    chunk: int = 64,  # activation checkpointing's chunk in the table
+    table: Optional[dict] = None,  # the stored figures (default: `frame_memory()`)
+) -> list:  # rows: dict(presets, backbone, precision, frames, peak, fits, checkpointed, checkpointed_fits)
     "Predicted training peaks of presets x backbones x precisions, and the cards (`CARDS`) each fits."
     table, groups = frame_memory() if table is None else table, {}
     for name in presets:  # presets with the same episodes and model share a row
         cfg = preset_config(name)
-        key = json.dumps([episode_frames(cfg), {k: v for k, v in vars(cfg.model).items() if k != 'video_text_weight'}])
+        key = json.dumps(
+            [episode_frames(cfg), {k: v for k, v in vars(cfg.model).items() if k != 'video_text_weight'}]
+        )
         groups.setdefault(key, dict(cfg=cfg, names=[]))['names'].append(name)
     rows = []
     for g in groups.values():
@@ -304,129 +472,218 @@ def memory_table(presets: Sequence[str] = tuple(PRESETS),  # preset names
         for key in [own] * (own is not None and own not in backbones) + list(backbones):
             counts, S = param_counts(meta_model(cfg, key)), _SHAPES[key]['image_resolution']
             for precision in precisions:
-                peak = lambda c: predict_peak(table['backbones'][key], precision, frames, S, counts, c)['total']
+                peak = lambda c: predict_peak(table['backbones'][key], precision, frames, S, counts, c)[
+                    'total'
+                ]
                 p0, p1 = peak(0), peak(min(chunk, frames))
-                rows.append(dict(presets=g['names'], backbone=key, precision=precision, frames=frames, peak=p0,
-                                 fits=[c for c, b in CARDS.items() if fits(p0, b)], checkpointed=p1, chunk=chunk,
-                                 checkpointed_fits=[c for c, b in CARDS.items() if fits(p1, b)]))
+                rows.append(
+                    dict(
+                        presets=g['names'],
+                        backbone=key,
+                        precision=precision,
+                        frames=frames,
+                        peak=p0,
+                        fits=[c for c, b in CARDS.items() if fits(p0, b)],
+                        checkpointed=p1,
+                        chunk=chunk,
+                        checkpointed_fits=[c for c, b in CARDS.items() if fits(p1, b)],
+                    )
+                )
     return rows
+
 
 # %% ../nbs/17_memory.ipynb #1d53670e
 def format_memory_table(rows: list) -> str:
     "The rows of `memory_table` as plain text."
     head = ('presets', 'backbone', 'precision', 'frames', 'peak', 'fits', 'checkpointed', 'fits')
-    body = [(' '.join(r['presets']), r['backbone'], r['precision'], str(r['frames']), _gib(r['peak']),
-             ' '.join(c.split()[0] for c in r['fits']) + ' GB' if r['fits'] else 'none of the cards',
-             f'{_gib(r["checkpointed"])} (chunks of {r["chunk"]})',
-             ' '.join(c.split()[0] for c in r['checkpointed_fits']) + ' GB' if r['checkpointed_fits'] else 'none of the cards')
-            for r in rows]
+    body = [
+        (
+            ' '.join(r['presets']),
+            r['backbone'],
+            r['precision'],
+            str(r['frames']),
+            _gib(r['peak']),
+            ' '.join(c.split()[0] for c in r['fits']) + ' GB' if r['fits'] else 'none of the cards',
+            f'{_gib(r["checkpointed"])} (chunks of {r["chunk"]})',
+            ' '.join(c.split()[0] for c in r['checkpointed_fits']) + ' GB'
+            if r['checkpointed_fits']
+            else 'none of the cards',
+        )
+        for r in rows
+    ]
     widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
     line = lambda x: '  '.join(c.ljust(w) for c, w in zip(x, widths)).rstrip()
-    return '\n'.join(['predicted peak GPU memory of one training step (mdmf.memory; cards: ' +
-                      ', '.join(f'{c} = {_gib(b)} usable' for c, b in CARDS.items()) + ')', line(head),
-                      line(['-' * w for w in widths])] + [line(x) for x in body])
+    return '\n'.join(
+        [
+            'predicted peak GPU memory of one training step (mdmf.memory; cards: '
+            + ', '.join(f'{c} = {_gib(b)} usable' for c, b in CARDS.items())
+            + ')',
+            line(head),
+            line(['-' * w for w in widths]),
+        ]
+        + [line(x) for x in body]
+    )
+
 
 # %% ../nbs/17_memory.ipynb #ecb32a2c
 BANK_SHARE = 0.5  # a feature bank stays on the GPU when it takes at most this share of the usable memory
+
 
 def bank_bytes(videos: int, draws: int = 8, frames: int = 8, dim: int = 1024, dtype=torch.float16) -> int:
     "Bytes of a feature bank `[videos, draws, frames, dim]`."
     return videos * draws * frames * dim * torch.empty((), dtype=dtype).element_size()
 
-def bank_place(nbytes: int,  # the bank's bytes in float16
-               device, budget: Optional[int] = None,  # bytes usable on `device` (default: `usable_memory`)
-              ) -> tuple:  # (device, dtype, pinned)
+
+def bank_place(
+    nbytes: int,  # the bank's bytes in float16
+    device,
+    budget: Optional[int] = None,  # bytes usable on `device` (default: `usable_memory`)
+) -> tuple:  # (device, dtype, pinned)
     "Where a feature bank lives: float32 on a CPU; float16 on the GPU, or in pinned host memory when it would take too much of it."
     device = torch.device(device)
-    if device.type != 'cuda': return device, torch.float32, False
+    if device.type != 'cuda':
+        return device, torch.float32, False
     budget = usable_memory(device) if budget is None else budget
-    if nbytes <= BANK_SHARE * budget: return device, torch.float16, False
+    if nbytes <= BANK_SHARE * budget:
+        return device, torch.float16, False
     return torch.device('cpu'), torch.float16, True
+
 
 BANK_DIMS = {'RN50': 1024, 'ViT-B/16': 512}
 
-def bank_table(datasets: Sequence[str] = ('hmdb51', 'ucf101', 'kinetics100', 'ssv2_small', 'ssv2_full'),
-               draws: int = 8, frames: int = 8) -> str:
+
+def bank_table(
+    datasets: Sequence[str] = ('hmdb51', 'ucf101', 'kinetics100', 'ssv2_small', 'ssv2_full'),
+    draws: int = 8,
+    frames: int = 8,
+) -> str:
     "Size of each benchmark's feature bank in float16, and where it lives on each card (`CARDS`)."
-    lines = [f'feature bank of a frozen encoder ({draws} draws x {frames} frames, float16 on a GPU; '
-             f'on the GPU when at most {BANK_SHARE:.0%} of the usable memory, else pinned host memory)']
+    lines = [
+        f'feature bank of a frozen encoder ({draws} draws x {frames} frames, float16 on a GPU; '
+        f'on the GPU when at most {BANK_SHARE:.0%} of the usable memory, else pinned host memory)'
+    ]
     for d in datasets:
         V = len(read_split(splits_dir(d) / 'train.txt'))
         for key, D in BANK_DIMS.items():
             b = bank_bytes(V, draws, frames, D)
-            where = ', '.join(f'{c.split()[0]} GB: {"GPU" if bank_place(b, "cuda", m)[0].type == "cuda" else "host"}'
-                              for c, m in CARDS.items())
-            lines.append(f'{d:<12} {key:<9} {V:>6,} videos x {draws} x {frames} x {D} x 2 B = {_gib(b):>9}  ({where})')
+            where = ', '.join(
+                f'{c.split()[0]} GB: {"GPU" if bank_place(b, "cuda", m)[0].type == "cuda" else "host"}'
+                for c, m in CARDS.items()
+            )
+            lines.append(
+                f'{d:<12} {key:<9} {V:>6,} videos x {draws} x {frames} x {D} x 2 B = {_gib(b):>9}  ({where})'
+            )
     return '\n'.join(lines)
 
+
 # %% ../nbs/17_memory.ipynb #ad9364a3
-def unused_parameters(net: torch.nn.Module,  # what the trainer calls: the model, or its `FeatureForward`
-                      model: torch.nn.Module,  # the model of mdmf.model inside `net`
-                      cfg: Config, rt: Runtime,
-                      features: bool = False,  # `net` takes frame features (frozen encoder) instead of frames
-                     ) -> list:  # names of trainable parameters that get no gradient
+def unused_parameters(
+    net: torch.nn.Module,  # what the trainer calls: the model, or its `FeatureForward`
+    model: torch.nn.Module,  # the model of mdmf.model inside `net`
+    cfg: Config,
+    rt: Runtime,
+    features: bool = False,  # `net` takes frame features (frozen encoder) instead of frames
+) -> list:  # names of trainable parameters that get no gradient
     "Trainable parameters one training step of a random episode leaves without a gradient; nothing else changes."
     d = cfg.data
-    b = {k: v.to(rt.device) if torch.is_tensor(v) else v for k, v in
-         random_episode(d.way, d.shot, d.train_query, cfg.model.frames, model.backbone.image_size).items()}
-    buffers = [x.clone() for x in model.buffers()]  # BatchNorm statistics, if they train, are put back after the trial
+    b = {
+        k: v.to(rt.device) if torch.is_tensor(v) else v
+        for k, v in random_episode(
+            d.way, d.shot, d.train_query, cfg.model.frames, model.backbone.image_size
+        ).items()
+    }
+    # BatchNorm statistics, if they train, are put back after the trial
+    buffers = [x.clone() for x in model.buffers()]
     with preserved_rng(), autocast(rt):
         x = (b['support'], b['query'])
         if features:
-            with torch.no_grad(): x = tuple(model.encode_frames(v) for v in x)
+            with torch.no_grad():
+                x = tuple(model.encode_frames(v) for v in x)
         net(x[0], b['support_labels'], x[1], b['class_names'], b['query_labels']).loss.float().backward()
     names = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
-        for x, saved in zip(model.buffers(), buffers): x.copy_(saved)
+        for x, saved in zip(model.buffers(), buffers):
+            x.copy_(saved)
     return names
 
+
 # %% ../nbs/17_memory.ipynb #95bc7c2b
-def measure_all(keys: Sequence[str] = tuple(MEASURED),  # stored keys to measure ('RN50', 'ViT-B/16', 'tiny-vit', 'tiny-rn')
-                frames: Sequence[int] = (8, 16), chunk: int = 2,
-                base: Optional[dict] = None,  # figures to keep for keys not measured (default: the stored ones)
-                log=print) -> dict:
+def measure_all(
+    keys: Sequence[str] = tuple(
+        MEASURED
+    ),  # stored keys to measure ('RN50', 'ViT-B/16', 'tiny-vit', 'tiny-rn')
+    frames: Sequence[int] = (8, 16),
+    chunk: int = 2,
+    base: Optional[dict] = None,  # figures to keep for keys not measured (default: the stored ones)
+    log=print,
+) -> dict:
     "Measure `keys` in both precisions; the table `frame_memory` reads, with the conditions of the measurement."
     out = dict(base if base is not None else frame_memory())
     out['backbones'] = dict(out.get('backbones', {}))
     for key in keys:
-        if key not in MEASURED: raise BadInput(f'unknown backbone {key!r}: measure one of {list(MEASURED)}')
-        entry = dict(signature=signature(load_clip(MEASURED[key])), image_size=_SHAPES[key]['image_resolution'])
+        if key not in MEASURED:
+            raise BadInput(f'unknown backbone {key!r}: measure one of {list(MEASURED)}')
+        entry = dict(
+            signature=signature(load_clip(MEASURED[key])), image_size=_SHAPES[key]['image_resolution']
+        )
         for precision in PRECISIONS:
             entry[precision] = measure_frame_memory(MEASURED[key], precision, frames, chunk)
-            log(f'{key} {precision}: {entry[precision]["per_frame"] / 2**20:.1f} MiB a frame, '
-                f'{entry[precision]["seconds"]:.0f} s')
+            log(
+                f'{key} {precision}: {entry[precision]["per_frame"] / 2**20:.1f} MiB a frame, '
+                f'{entry[precision]["seconds"]:.0f} s'
+            )
         out['backbones'][key] = entry
-    out['measured'] = dict(command='python -m mdmf.memory --measure', device=device_name(), torch=torch.__version__,
-                           threads=torch.get_num_threads(), date=time.strftime('%Y-%m-%d'), frames=list(frames), chunk=chunk,
-                           what='bytes of live tensors (LiveBytes) in Backbone.encode_frames forward + backward, train mode, '
-                                'uint8 frames; bfloat16 = CPU autocast, taken for float16 too')
+    out['measured'] = dict(
+        command='python -m mdmf.memory --measure',
+        device=device_name(),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        date=time.strftime('%Y-%m-%d'),
+        frames=list(frames),
+        chunk=chunk,
+        what='bytes of live tensors (LiveBytes) in Backbone.encode_frames forward + backward, train mode, '
+        'uint8 frames; bfloat16 = CPU autocast, taken for float16 too',
+    )
     return out
+
 
 @dataclass
 class MemoryOptions:
     "What `python -m mdmf.memory` does."
-    measure: bool = False  # measure the figures on this CPU (minutes) and write them, instead of printing the table
+
+    # measure the figures on this CPU (minutes) and write them, instead of printing the table
+    measure: bool = False
     backbones: str = 'tiny-vit,tiny-rn,RN50,ViT-B/16'  # comma-separated backbones that --measure measures
     out: str = ''  # the file --measure writes (default: the package's mdmf/assets/frame_memory.json)
     chunk: int = 64  # frames per checkpointed chunk in the table
 
+
 def main(argv: Optional[Sequence[str]] = None):
     "`python -m mdmf.memory [--measure]`: see `--help`."
-    p = command_parser('python -m mdmf.memory', 'Print the predicted peak GPU memory of a training step for every preset, '
-                       'backbone and precision, and the cards it fits; --measure measures the per-frame figures it '
-                       'is computed from on this CPU and stores them.', MemoryOptions(), dict(run=('threads',)))
+    p = command_parser(
+        'python -m mdmf.memory',
+        'Print the predicted peak GPU memory of a training step for every preset, '
+        'backbone and precision, and the cards it fits; --measure measures the per-frame figures it '
+        'is computed from on this CPU and stores them.',
+        MemoryOptions(),
+        dict(run=('threads',)),
+    )
     o, given = parse_command(p, argv, MemoryOptions)
     set_threads(given.get('threads', RunConfig.threads))
     if not o.measure:
         print(format_memory_table(memory_table(chunk=o.chunk)) + '\n\n' + bank_table())
         return
-    figures = measure_all([k.strip() for k in o.backbones.split(',') if k.strip()], log=lambda m: print(m, flush=True))
+    figures = measure_all(
+        [k.strip() for k in o.backbones.split(',') if k.strip()], log=lambda m: print(m, flush=True)
+    )
     out = Path(o.out or memory_file())
     atomic_write_text(out, json.dumps(figures, indent=1))
     print(f'written to {out}')
     return figures
 
+
 # %% ../nbs/17_memory.ipynb #b7a9bfef
 #| eval: false
-if __name__ == '__main__' and not in_notebook(): cli(main)  # a notebook kernel's __name__ is '__main__' too
+if __name__ == '__main__' and not in_notebook():
+    cli(main)  # a notebook kernel's __name__ is '__main__' too

@@ -10,26 +10,31 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+
 # %% ../nbs/08_mmfe.ipynb #e30f2cd5
-def fuse_token(token: torch.Tensor,  # [B, D] one prompt token per video
-               feats: torch.Tensor,  # [B, T, D] frame (or context) features
-              ) -> torch.Tensor:  # [B, T+1, D], the token at position 0
+def fuse_token(
+    token: torch.Tensor,  # [B, D] one prompt token per video
+    feats: torch.Tensor,  # [B, T, D] frame (or context) features
+) -> torch.Tensor:  # [B, T+1, D], the token at position 0
     "Put each video's prompt token in front of its frame features (Eq. 5)."
     return torch.cat([token.unsqueeze(1).to(feats.dtype), feats], dim=1)  # [B, T+1, D]
+
 
 # %% ../nbs/08_mmfe.ipynb #e4c8f6fd
 class MMFE(nn.Module):
     "Multi-modal fusion encoder (Eq. 6-7): one pre-LN cross-transformer layer, query = context view, key/value = visual."
-    def __init__(self,
-                 dim: int,  # D, the feature width; must be divisible by `heads`
-                 heads: int = 8,  # attention heads
-                 seq_len: int = 9,  # T+1, the longest sequence the position embeddings cover
-                 pos_emb: bool = True,  # paper: learnable f_pos; released code: none
-                 ffn_dim: int = 2048,  # hidden width of the feed-forward block
-                 proj_dropout: float = 0.2,  # dropout after the attention output projection
-                 ffn_dropout: float = 0.05,  # dropout after the feed-forward block
-                 ffn_act_dropout: float = 0.0,  # dropout after the GELU inside the feed-forward block (released: 0.05)
-                ):
+
+    def __init__(
+        self,
+        dim: int,  # D, the feature width; must be divisible by `heads`
+        heads: int = 8,  # attention heads
+        seq_len: int = 9,  # T+1, the longest sequence the position embeddings cover
+        pos_emb: bool = True,  # paper: learnable f_pos; released code: none
+        ffn_dim: int = 2048,  # hidden width of the feed-forward block
+        proj_dropout: float = 0.2,  # dropout after the attention output projection
+        ffn_dropout: float = 0.05,  # dropout after the feed-forward block
+        ffn_act_dropout: float = 0.0,  # dropout after the GELU inside the feed-forward block (released: 0.05)
+    ):
         super().__init__()
         if dim % heads != 0:
             raise ValueError(f"MMFE: dim ({dim}) must be divisible by heads ({heads})")
@@ -41,18 +46,22 @@ class MMFE(nn.Module):
         self.to_k = nn.Linear(dim, dim, bias=False)
         self.to_v = nn.Linear(dim, dim, bias=False)
         self.proj = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(proj_dropout))
-        act = nn.Sequential(nn.GELU(), nn.Dropout(ffn_act_dropout)) if ffn_act_dropout else nn.GELU()  # no parameters: same keys
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), act, nn.Linear(ffn_dim, dim), nn.Dropout(ffn_dropout))
+        # no parameters: same keys
+        act = nn.Sequential(nn.GELU(), nn.Dropout(ffn_act_dropout)) if ffn_act_dropout else nn.GELU()
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, ffn_dim), act, nn.Linear(ffn_dim, dim), nn.Dropout(ffn_dropout)
+        )
 
     def _split(self, x):  # x: [B, L, D]
         b, l, _ = x.shape
         return x.view(b, l, self.heads, -1).transpose(1, 2)  # [B, heads, L, D/heads]
 
-    def forward(self,
-                context: torch.Tensor,  # [B, T+1, D] F_hat^b (paper), the context view: the query stream
-                visual: torch.Tensor,  # [B, T+1, D] F_hat (paper): the key/value stream (`context` again: self-attention)
-                return_attn: bool = True,  # False: fused attention, no weights (returns None for them)
-               ) -> tuple:  # (out [B, T+1, D], attn [B, T+1, T+1] averaged over heads, or None)
+    def forward(
+        self,
+        context: torch.Tensor,  # [B, T+1, D] F_hat^b (paper), the context view: the query stream
+        visual: torch.Tensor,  # [B, T+1, D] F_hat (paper): the key/value stream (`context` again: self-attention)
+        return_attn: bool = True,  # False: fused attention, no weights (returns None for them)
+    ) -> tuple:  # (out [B, T+1, D], attn [B, T+1, T+1] averaged over heads, or None)
         "Eq. 6-7: cross-attention of the context view to the visual features, then the residual feed-forward."
         if self.pos is not None:
             L, Lv = context.shape[1], visual.shape[1]

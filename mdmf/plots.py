@@ -16,15 +16,43 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import PercentFormatter
 from torch import Tensor
 
-from .core import (DPI, LABEL, MAX_WIDTH, MIN_SIDE, TICK, TITLE, BadInput, colorbar, figure_class, figure_png, new_figure,
-                       png_size, short_name, short_names, wrapped)
+from mdmf.core import (
+    DPI,
+    LABEL,
+    MAX_WIDTH,
+    MIN_SIDE,
+    TICK,
+    TITLE,
+    BadInput,
+    colorbar,
+    figure_class,
+    new_figure,
+    short_name,
+    short_names,
+    wrapped,
+)
+
 from .inspection import Inspection, distill_decision, embed_2d
 from .otam import otam_path
 from .video import CLIP_MEAN, CLIP_STD
 
 # %% auto #0
-__all__ = ['Picture', 'GAP', 'strip', 'frames_image', 'plot_episode', 'plot_pps', 'plot_prediction', 'plot_posteriors',
-           'plot_attention', 'plot_otam', 'overlay', 'plot_gradcam', 'plot_tsne', 'plot_per_class']
+__all__ = [
+    'Picture',
+    'GAP',
+    'strip',
+    'frames_image',
+    'plot_episode',
+    'plot_pps',
+    'plot_prediction',
+    'plot_posteriors',
+    'plot_attention',
+    'plot_otam',
+    'overlay',
+    'plot_gradcam',
+    'plot_tsne',
+    'plot_per_class',
+]
 
 # %% ../nbs/22_plots.ipynb #a67618a4
 Picture = figure_class()  # the figure class of every picture (mdmf.core.new_figure makes them)
@@ -32,47 +60,63 @@ Picture = figure_class()  # the figure class of every picture (mdmf.core.new_fig
 # %% ../nbs/22_plots.ipynb #d6c9b09b
 GAP = 2  # white pixels between the frames of a strip
 
-def strip(frames: np.ndarray,  # [T, H, W] or [T, H, W, C]
-          gap: int = GAP,  # pixels between frames
-          fill: float = 1.0,  # value of the gap
-         ) -> np.ndarray:  # [H, T*W + (T-1)*gap] or [H, T*W + (T-1)*gap, C]
+
+def strip(
+    frames: np.ndarray,  # [T, H, W] or [T, H, W, C]
+    gap: int = GAP,  # pixels between frames
+    fill: float = 1.0,  # value of the gap
+) -> np.ndarray:  # [H, T*W + (T-1)*gap] or [H, T*W + (T-1)*gap, C]
     "The frames of a clip side by side."
     T = len(frames)
     pad = [(0, 0), (0, 0), (0, gap)] + [(0, 0)] * (frames.ndim - 3)
     x = np.pad(frames, pad, constant_values=fill)  # [T, H, W+gap, (C)]
-    return np.concatenate(list(x), axis=1)[:, :x.shape[2] * T - gap]
+    return np.concatenate(list(x), axis=1)[:, : x.shape[2] * T - gap]
 
-def frames_image(clip: Tensor,  # [T, 3, S, S] uint8 pixels, or floats CLIP-normalised
-                ) -> np.ndarray:  # [S, T*S + (T-1)*GAP, 3] in [0, 1]
+
+def frames_image(
+    clip: Tensor,  # [T, 3, S, S] uint8 pixels, or floats CLIP-normalised
+) -> np.ndarray:  # [S, T*S + (T-1)*GAP, 3] in [0, 1]
     "A clip as one image: its frames side by side."
     x = clip.detach().cpu()
-    if x.dtype == torch.uint8: x = x.float() / 255
-    else: x = x.float() * torch.tensor(CLIP_STD).view(3, 1, 1) + torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    if x.dtype == torch.uint8:
+        x = x.float() / 255
+    else:
+        x = x.float() * torch.tensor(CLIP_STD).view(3, 1, 1) + torch.tensor(CLIP_MEAN).view(3, 1, 1)
     return strip(x.clamp(0, 1).permute(0, 2, 3, 1).numpy())  # [S, T*S + gaps, 3]
+
 
 def _verdict(names: list, truth: int, pred: int) -> str:
     return f'truth: {names[truth]}\npredicted: {names[pred]} ' + ('(right)' if truth == pred else '(wrong)')
 
-def _strip_figure(rows: list,  # (title, image [H, W, 3], title colour)
-                  extra: float = 0.0,  # inches of height for something below the strips (a colour bar)
-                 ) -> Picture:
+
+def _strip_figure(
+    rows: list,  # (title, image [H, W, 3], title colour)
+    extra: float = 0.0,  # inches of height for something below the strips (a colour bar)
+) -> Picture:
     "One image per row, at its own pixel size (shrunk to MAX_WIDTH), titled."
     h, w = rows[0][1].shape[:2]
     scale = min(1.0, (MAX_WIDTH - 0.2) * DPI / w)
     lines = [len(r[0].split('\n')) for r in rows]
-    text = max(len(l) for r in rows for l in r[0].split('\n')) * 0.6 * LABEL / 72  # inches the longest title line needs
-    fig = new_figure(max(w * scale / DPI, text) + 0.2, sum(h * scale / DPI + 0.08 + 0.19 * k for k in lines) + 0.1 + extra,
-                     strip=True)  # frames side by side: a thumbnail strip
+    # inches the longest title line needs
+    text = max(len(l) for r in rows for l in r[0].split('\n')) * 0.6 * LABEL / 72
+    fig = new_figure(
+        max(w * scale / DPI, text) + 0.2,
+        sum(h * scale / DPI + 0.08 + 0.19 * k for k in lines) + 0.1 + extra,
+        strip=True,
+    )  # frames side by side: a thumbnail strip
     for ax, (title, img, colour) in zip(fig.subplots(len(rows), 1, squeeze=False)[:, 0], rows):
         ax.imshow(img, interpolation='nearest' if scale == 1 else 'antialiased')
-        ax.set_title(title, fontsize=LABEL, loc='left', color=colour); ax.axis('off')
+        ax.set_title(title, fontsize=LABEL, loc='left', color=colour)
+        ax.axis('off')
     return fig
 
-def plot_episode(batch: dict,  # an episode dict
-                 query: Optional[int] = 0,  # which query to show (None: none)
-                 shots: int = 1,  # support videos shown per class (0: none)
-                 inspection: Optional[Inspection] = None,  # adds the prediction to the query's title
-                ) -> Picture:
+
+def plot_episode(
+    batch: dict,  # an episode dict
+    query: Optional[int] = 0,  # which query to show (None: none)
+    shots: int = 1,  # support videos shown per class (0: none)
+    inspection: Optional[Inspection] = None,  # adds the prediction to the query's title
+) -> Picture:
     "Frame strips: the query, then the first `shots` support videos of each class, titled with class names."
     names, rows, seen = list(batch['class_names']), [], {}
     if query is not None:
@@ -80,123 +124,197 @@ def plot_episode(batch: dict,  # an episode dict
         title, colour = f'query {query} (truth: {names[truth]})', 'black'
         if inspection is not None:
             pred = int(inspection.pred[query])
-            title, colour = f'query {query}: {_verdict(names, truth, pred)}', 'tab:green' if pred == truth else 'tab:red'
+            title, colour = (
+                f'query {query}: {_verdict(names, truth, pred)}',
+                'tab:green' if pred == truth else 'tab:red',
+            )
         rows.append((title, frames_image(batch['query'][query]), colour))
     for i, y in enumerate(batch['support_labels'].tolist()):
         seen[y] = seen.get(y, 0) + 1
-        if seen[y] <= shots: rows.append((f'support {i}, class {y}: {names[y]}', frames_image(batch['support'][i]), 'black'))
+        if seen[y] <= shots:
+            rows.append((f'support {i}, class {y}: {names[y]}', frames_image(batch['support'][i]), 'black'))
     return _strip_figure(rows)
 
+
 # %% ../nbs/22_plots.ipynb #45621fdf
-def _class_bars(ax, values: Sequence[np.ndarray], names: list, truth: Optional[int] = None,
-                colours: Sequence = ('tab:blue',), labels: Sequence = (None,), show_names: bool = True) -> list:
+def _class_bars(
+    ax,
+    values: Sequence[np.ndarray],
+    names: list,
+    truth: Optional[int] = None,
+    colours: Sequence = ('tab:blue',),
+    labels: Sequence = (None,),
+    show_names: bool = True,
+) -> list:
     "Horizontal bars per class (first class on top), one bar per series; returns the bar containers."
     k, y = len(values), np.arange(len(names))
     h = 0.8 / k
-    bars = [ax.barh(y - 0.4 + h * (i + 0.5), v, height=h, color=c, label=l)
-            for i, (v, c, l) in enumerate(zip(values, colours, labels))]
+    bars = [
+        ax.barh(y - 0.4 + h * (i + 0.5), v, height=h, color=c, label=l)
+        for i, (v, c, l) in enumerate(zip(values, colours, labels))
+    ]
     ax.set_yticks(y, short_names(names) if show_names else [''] * len(names), fontsize=TICK)
-    if truth is not None and show_names: ax.get_yticklabels()[truth].set(color='tab:green', fontweight='bold')
-    ax.invert_yaxis(); ax.set_xlim(0, 1); ax.tick_params(axis='x', labelsize=TICK)
+    if truth is not None and show_names:
+        ax.get_yticklabels()[truth].set(color='tab:green', fontweight='bold')
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.tick_params(axis='x', labelsize=TICK)
     return bars
 
-def plot_pps(ins: Inspection,  # an inspected episode of a model with PPS
-             query: int = 0,  # which query
-            ) -> Picture:
+
+def plot_pps(
+    ins: Inspection,  # an inspected episode of a model with PPS
+    query: int = 0,  # which query
+) -> Picture:
     "PPS probabilities over the support classes for one query, the drawn prompt hatched (Eq. 2)."
     names, truth = ins.class_names, int(ins.query_labels[query])
     fig = new_figure(4.6, 0.3 * len(names) + 1.0)
     ax = fig.subplots()
     probs, drawn = ins.out.extras.get('pps_probs'), ins.out.extras.get('pps_drawn')
     if probs is None:
-        ax.text(0.5, 0.5, f'{ins.model}: no PPS\n(queries get a zero token or none)', ha='center', va='center',
-                fontsize=LABEL); ax.axis('off'); return fig
+        ax.text(
+            0.5,
+            0.5,
+            f'{ins.model}: no PPS\n(queries get a zero token or none)',
+            ha='center',
+            va='center',
+            fontsize=LABEL,
+        )
+        ax.axis('off')
+        return fig
     d = int(drawn[query])
-    bars, = _class_bars(ax, [probs[query].numpy()], names, truth)
+    (bars,) = _class_bars(ax, [probs[query].numpy()], names, truth)
     bars[d].set(hatch='//', edgecolor='black')
     ax.set_xlabel('PPS probability $p_c$', fontsize=LABEL)
-    ax.set_title(f'PPS: query {query} drew a {"right" if d == truth else "wrong"} prompt\n(hatched; truth in green)',
-                 fontsize=TITLE)
+    ax.set_title(
+        f'PPS: query {query} drew a {"right" if d == truth else "wrong"} prompt\n(hatched; truth in green)',
+        fontsize=TITLE,
+    )
     return fig
 
+
 def _view_logits(ins: Inspection, view: str) -> Tensor:
-    if view in (None, 'fused'): return ins.out.logits
-    if view in ins.out.view_logits: return ins.out.view_logits[view]
-    if view in ins.views: return ins.out.logits  # a single-view model: its view is the fused one
+    if view in (None, 'fused'):
+        return ins.out.logits
+    if view in ins.out.view_logits:
+        return ins.out.view_logits[view]
+    if view in ins.views:
+        return ins.out.logits  # a single-view model: its view is the fused one
     raise BadInput(f'view {view!r} is not one of {tuple(ins.out.view_logits)} (or "fused")')
 
-def plot_prediction(ins: Inspection,  # an inspected episode
-                    query: int = 0,  # which query
-                    view: str = 'fused',  # 'fused' or one view
-                   ) -> Picture:
+
+def plot_prediction(
+    ins: Inspection,  # an inspected episode
+    query: int = 0,  # which query
+    view: str = 'fused',  # 'fused' or one view
+) -> Picture:
     "Class probabilities of one query (softmax of the view's logits) against the truth."
     names, truth = ins.class_names, int(ins.query_labels[query])
     p = _view_logits(ins, view)[query].float().softmax(-1)  # [N]
     pred = int(p.argmax())
     fig = new_figure(4.6, 0.3 * len(names) + 1.0)
     ax = fig.subplots()
-    bars, = _class_bars(ax, [p.numpy()], names, truth, colours=['lightgray'])
+    (bars,) = _class_bars(ax, [p.numpy()], names, truth, colours=['lightgray'])
     bars[pred].set_facecolor('tab:green' if pred == truth else 'tab:red')
     ax.set_xlabel('probability', fontsize=LABEL)
     name = 'fused' if view in (None, 'fused') else view.upper()
-    ax.set_title(f'{name} prediction for query {query}: ' + ('right' if pred == truth else 'wrong')
-                 + '\n(truth in green)', fontsize=TITLE, color='tab:green' if pred == truth else 'tab:red')
+    ax.set_title(
+        f'{name} prediction for query {query}: '
+        + ('right' if pred == truth else 'wrong')
+        + '\n(truth in green)',
+        fontsize=TITLE,
+        color='tab:green' if pred == truth else 'tab:red',
+    )
     return fig
 
+
 # %% ../nbs/22_plots.ipynb #140c8f52
-def plot_posteriors(ins: Inspection,  # an inspected episode of the two-view model
-                    query: int = 0,  # which query
-                   ) -> Picture:
+def plot_posteriors(
+    ins: Inspection,  # an inspected episode of the two-view model
+    query: int = 0,  # which query
+) -> Picture:
     "Both views' visual and text posteriors for one query, their scores v and t, and the reliable view."
     names, truth = ins.class_names, int(ins.query_labels[query])
     post = ins.out.extras.get('posteriors')
     fig = new_figure(6.6, 0.3 * len(names) + 1.3)
     if not post:
-        ax = fig.subplots(); ax.axis('off')
-        ax.text(0.5, 0.5, f'{ins.model} ({", ".join(ins.views)}): one view, no distillation', ha='center',
-                va='center', fontsize=LABEL)
+        ax = fig.subplots()
+        ax.axis('off')
+        ax.text(
+            0.5,
+            0.5,
+            f'{ins.model} ({", ".join(ins.views)}): one view, no distillation',
+            ha='center',
+            va='center',
+            fontsize=LABEL,
+        )
         return fig
     decision = distill_decision(ins, query)
     teacher = {'GTC teaches LTC': 'gtc', 'LTC teaches GTC': 'ltc'}.get(decision)
     for i, (ax, b) in enumerate(zip(fig.subplots(1, 2), ('gtc', 'ltc'))):
         p = post[b]
-        _class_bars(ax, [p.visual[query].numpy(), p.text[query].numpy()], names, truth, ('tab:blue', 'tab:orange'),
-                    ('visual', 'text'), show_names=i == 0)
+        _class_bars(
+            ax,
+            [p.visual[query].numpy(), p.text[query].numpy()],
+            names,
+            truth,
+            ('tab:blue', 'tab:orange'),
+            ('visual', 'text'),
+            show_names=i == 0,
+        )
         role = ' (teacher)' if teacher == b else ' (student)' if teacher else ''
-        ax.set_title(f'{b.upper()}{role}\nv = {float(p.v[query]):.2f}, t = {float(p.t[query]):.2f}', fontsize=TITLE,
-                     color='tab:green' if teacher == b else 'black')
+        ax.set_title(
+            f'{b.upper()}{role}\nv = {float(p.v[query]):.2f}, t = {float(p.t[query]):.2f}',
+            fontsize=TITLE,
+            color='tab:green' if teacher == b else 'black',
+        )
         ax.set_xlabel('posterior', fontsize=LABEL)
     fig.legend(*fig.axes[1].get_legend_handles_labels(), fontsize=TICK, loc='outside lower center', ncol=2)
     fig.suptitle(f'query {query}: {decision}', fontsize=TITLE)
     return fig
 
+
 # %% ../nbs/22_plots.ipynb #b53cceff
 def _pick_views(ins: Inspection, view: Optional[str]) -> list:
-    if view in (None, 'fused'): return list(ins.views)
-    if view not in ins.views: raise BadInput(f"view {view!r} is not one of this model's views {ins.views} (or 'fused')")
+    if view in (None, 'fused'):
+        return list(ins.views)
+    if view not in ins.views:
+        raise BadInput(f"view {view!r} is not one of this model's views {ins.views} (or 'fused')")
     return [view]
+
 
 def _positions(n: int, T: int) -> list:
     "Tick labels of a sequence of `n` positions: 'tok' first when there are T+1, then frames 1..T."
     return (['tok'] if n == T + 1 else []) + [str(i) for i in range(1, T + 1)]
 
-def plot_attention(ins: Inspection,  # an inspected episode
-                   query: int = 0,  # which query
-                   view: str = 'fused',  # a view ('gtc', 'ltc', 'ntc', 'fsar') or 'fused' for all
-                   support: Optional[int] = None,  # show support row `support` instead of the query
-                  ) -> Picture:
+
+def plot_attention(
+    ins: Inspection,  # an inspected episode
+    query: int = 0,  # which query
+    view: str = 'fused',  # a view ('gtc', 'ltc', 'ntc', 'fsar') or 'fused' for all
+    support: Optional[int] = None,  # show support row `support` instead of the query
+) -> Picture:
     "MMFE cross-attention, context positions (rows) over visual positions (columns), token first, per view."
     att = ins.out.extras.get('attention', {})
     views = [b for b in _pick_views(ins, view) if b in att]
     fig = new_figure(3.3 * max(len(views), 1) + 0.8, 3.4)
     if not views:
-        ax = fig.subplots(); ax.axis('off')
-        ax.text(0.5, 0.5, 'no attention maps kept\n(load the run with load_run)', ha='center', va='center', fontsize=LABEL)
+        ax = fig.subplots()
+        ax.axis('off')
+        ax.text(
+            0.5,
+            0.5,
+            'no attention maps kept\n(load the run with load_run)',
+            ha='center',
+            va='center',
+            fontsize=LABEL,
+        )
         return fig
     row = 'class' if ins.support_rows == 'class' else 'support'
     who = f'{row} {support}' if support is not None else f'query {query}'
     T = ins.query_feats.shape[1]
-    maps = {b: att[b]['support'][support] if support is not None else att[b]['query'][query] for b in views}  # [L, L']
+    # [L, L']
+    maps = {b: att[b]['support'][support] if support is not None else att[b]['query'][query] for b in views}
     top = max(float(a.max()) for a in maps.values())  # one absolute scale for every panel, from 0
     axs = fig.subplots(1, len(views), squeeze=False)[0]
     for ax, b in zip(axs, views):
@@ -204,33 +322,51 @@ def plot_attention(ins: Inspection,  # an inspected episode
         im = ax.imshow(a.numpy(), cmap='viridis', vmin=0, vmax=top)
         ax.set_xticks(range(a.shape[1]), _positions(a.shape[1], T), fontsize=TICK)
         ax.set_yticks(range(a.shape[0]), _positions(a.shape[0], T), fontsize=TICK)
-        ax.set_xlabel('visual position (key)', fontsize=LABEL); ax.set_ylabel('context position', fontsize=LABEL)
+        ax.set_xlabel('visual position (key)', fontsize=LABEL)
+        ax.set_ylabel('context position', fontsize=LABEL)
         ax.set_title(f'{b.upper()} · {who}', fontsize=TITLE)
     L = next(iter(maps.values())).shape[1]
     colorbar(fig, im, list(axs), f'attention weight (uniform: 1/{L} = {1 / L:.2f})', shrink=0.85)
     return fig
 
+
 # %% ../nbs/22_plots.ipynb #8fecafb7
-def plot_otam(ins: Inspection,  # an inspected episode
-              query: int = 0,  # which query
-              view: str = 'fused',  # a view or 'fused' (one row per view)
-              classes: Optional[Sequence[int]] = None,  # which prototypes (default: all classes of the episode)
-             ) -> Picture:
+def plot_otam(
+    ins: Inspection,  # an inspected episode
+    query: int = 0,  # which query
+    view: str = 'fused',  # a view or 'fused' (one row per view)
+    classes: Optional[Sequence[int]] = None,  # which prototypes (default: all classes of the episode)
+) -> Picture:
     "OTAM frame cost of one query against each prototype, with the alignment path; one row per view."
     views, names = _pick_views(ins, view), ins.class_names
     classes = list(range(len(names))) if classes is None else list(classes)
     truth, R, C = int(ins.query_labels[query]), len(views), len(classes)
-    left, right, top, bottom, title, gap = 0.6, 0.95, 0.35, 0.5, 0.5, 0.2  # inches: a fixed layout, drawn in one pass
+    # inches: a fixed layout, drawn in one pass
+    left, right, top, bottom, title, gap = 0.6, 0.95, 0.35, 0.5, 0.5, 0.2
     panel = min(1.25, (MAX_WIDTH - left - right - (C - 1) * gap) / C)
     W, H = left + C * panel + (C - 1) * gap + right, top + R * (title + panel) + (R - 1) * 0.15 + bottom
-    bottom += max(0.0, MIN_SIDE - H); H = max(H, MIN_SIDE)  # at least 400 px high: the room goes below the panels
+    # at least 400 px high: the room goes below the panels
+    bottom += max(0.0, MIN_SIDE - H)
+    H = max(H, MIN_SIDE)
     fig = new_figure(W, H, layout=None)
     costs = {b: ins.out.extras['cost'][b][query][classes] for b in views}  # [C, T, T] per view
     lo = min(float(c.min()) for c in costs.values())  # one colour scale for every view and prototype
     hi = max(max(float(c.max()) for c in costs.values()), lo + 1e-6)
-    axs = fig.subplots(R, C, squeeze=False, sharex=True, sharey=True, gridspec_kw=dict(
-        left=left / W, right=1 - right / W, bottom=bottom / H, top=1 - (top + title) / H, wspace=gap / panel,
-        hspace=(title + 0.15) / panel))
+    axs = fig.subplots(
+        R,
+        C,
+        squeeze=False,
+        sharex=True,
+        sharey=True,
+        gridspec_kw=dict(
+            left=left / W,
+            right=1 - right / W,
+            bottom=bottom / H,
+            top=1 - (top + title) / H,
+            wspace=gap / panel,
+            hspace=(title + 0.15) / panel,
+        ),
+    )
     for r, b in enumerate(views):
         cost = ins.out.extras['cost'][b][query]  # [N, T, T]
         logits = ins.out.view_logits.get(b, ins.out.logits)[query]  # [N]
@@ -239,62 +375,104 @@ def plot_otam(ins: Inspection,  # an inspected episode
             im = ax.imshow(cost[c].numpy(), cmap='magma', vmin=lo, vmax=hi)
             path = otam_path(cost[c], ins.lam)
             ax.plot([j for _, j in path], [i for i, _ in path], color='white', lw=1.5, marker='.', ms=4)
-            ax.set_title(f'{wrapped(names[c])}\n{b.upper()} d = {-float(logits[c]):.2f}', fontsize=TICK,
-                         color='tab:green' if c == truth else 'black', fontweight='bold' if c == truth else 'normal')
+            ax.set_title(
+                f'{wrapped(names[c])}\n{b.upper()} d = {-float(logits[c]):.2f}',
+                fontsize=TICK,
+                color='tab:green' if c == truth else 'black',
+                fontweight='bold' if c == truth else 'normal',
+            )
             if c == near:
-                for s in ax.spines.values(): s.set_edgecolor('tab:orange'); s.set_linewidth(3)
+                for s in ax.spines.values():
+                    s.set_edgecolor('tab:orange')
+                    s.set_linewidth(3)
         axs[r][0].set_ylabel('query frame', fontsize=LABEL)
-    box, low = axs[0][-1].get_position(), axs[-1][-1].get_position()  # one colour bar right of the last column
-    colorbar(fig, im, None, '1 − cos (one scale)', cax=fig.add_axes([box.x1 + 0.15 / W, low.y0, 0.12 / W, box.y1 - low.y0]))
+    # one colour bar right of the last column
+    box, low = axs[0][-1].get_position(), axs[-1][-1].get_position()
+    colorbar(
+        fig,
+        im,
+        None,
+        '1 − cos (one scale)',
+        cax=fig.add_axes([box.x1 + 0.15 / W, low.y0, 0.12 / W, box.y1 - low.y0]),
+    )
     ticks = range(0, T, max(1, T // 4))  # frame numbers from 1; the axes are shared, inner labels hidden
-    axs[0][0].set_xticks(ticks, [str(t + 1) for t in ticks]); axs[0][0].set_yticks(ticks, [str(t + 1) for t in ticks])
-    for ax in axs.flat: ax.tick_params(labelsize=TICK)
-    for ax in axs[-1]: ax.set_xlabel('prototype frame', fontsize=LABEL)
-    fig.suptitle(f'query {query}: truth in green, nearest prototype framed', fontsize=TITLE, y=1 - 0.08 / H, va='top')
+    axs[0][0].set_xticks(ticks, [str(t + 1) for t in ticks])
+    axs[0][0].set_yticks(ticks, [str(t + 1) for t in ticks])
+    for ax in axs.flat:
+        ax.tick_params(labelsize=TICK)
+    for ax in axs[-1]:
+        ax.set_xlabel('prototype frame', fontsize=LABEL)
+    fig.suptitle(
+        f'query {query}: truth in green, nearest prototype framed', fontsize=TITLE, y=1 - 0.08 / H, va='top'
+    )
     return fig
 
+
 # %% ../nbs/22_plots.ipynb #c7f79cc2
-def overlay(frames: np.ndarray,  # [H, W', 3] in [0, 1] (e.g. `frames_image`)
-            cam: np.ndarray,  # [H, W'] in [0, 1]
-            alpha: float = 0.5,  # weight of the heat map
-            cmap: str = 'jet',  # matplotlib colour map of the heat map
-           ) -> np.ndarray:  # [H, W', 3]
+def overlay(
+    frames: np.ndarray,  # [H, W', 3] in [0, 1] (e.g. `frames_image`)
+    cam: np.ndarray,  # [H, W'] in [0, 1]
+    alpha: float = 0.5,  # weight of the heat map
+    cmap: str = 'jet',  # matplotlib colour map of the heat map
+) -> np.ndarray:  # [H, W', 3]
     "A heat map blended over an image."
     heat = matplotlib.colormaps[cmap](np.clip(cam, 0, 1))[..., :3]
     return (1 - alpha) * frames + alpha * heat
 
-def plot_gradcam(cams: dict,  # model name -> GradCAM on the same episode (or one GradCAM)
-                 batch: dict,  # the episode
-                 shots: int = 1,  # support videos shown per model
-                 alpha: float = 0.5,  # weight of the heat map
-                ) -> Picture:
+
+def plot_gradcam(
+    cams: dict,  # model name -> GradCAM on the same episode (or one GradCAM)
+    batch: dict,  # the episode
+    shots: int = 1,  # support videos shown per model
+    alpha: float = 0.5,  # weight of the heat map
+) -> Picture:
     "Grad-CAM overlays of the query and its nearest prototype's support videos, one block of rows per model."
     cams = cams if isinstance(cams, dict) else {'model': cams}
     names, rows = list(batch['class_names']), []
     for model_name, c in cams.items():
         truth, q = int(batch['query_labels'][c.query_index]), c.query_index
-        rows.append((f'{model_name} · query {q} ({short_name(names[truth])}) → nearest: {short_name(names[c.target])}',
-                     overlay(frames_image(batch['query'][q]), strip(c.query.numpy(), fill=0), alpha),
-                     'tab:green' if c.target == truth else 'tab:red'))
+        rows.append(
+            (
+                f'{model_name} · query {q} ({short_name(names[truth])}) → nearest: {short_name(names[c.target])}',
+                overlay(frames_image(batch['query'][q]), strip(c.query.numpy(), fill=0), alpha),
+                'tab:green' if c.target == truth else 'tab:red',
+            )
+        )
         for k, i in enumerate(c.support_index[:shots]):
-            rows.append((f'{model_name} · support {i} ({short_name(names[c.target])})',
-                         overlay(frames_image(batch['support'][i]), strip(c.support[k].numpy(), fill=0), alpha), 'black'))
+            rows.append(
+                (
+                    f'{model_name} · support {i} ({short_name(names[c.target])})',
+                    overlay(frames_image(batch['support'][i]), strip(c.support[k].numpy(), fill=0), alpha),
+                    'black',
+                )
+            )
     fig = _strip_figure(rows, extra=0.6)
-    cb = fig.colorbar(ScalarMappable(Normalize(0, 1), matplotlib.colormaps['jet']), ax=fig.axes, orientation='horizontal',
-                      fraction=0.04, aspect=40, pad=0.02)
-    cb.set_label("Grad-CAM weight (1: the video's largest)", fontsize=LABEL); cb.ax.tick_params(labelsize=TICK)
+    cb = fig.colorbar(
+        ScalarMappable(Normalize(0, 1), matplotlib.colormaps['jet']),
+        ax=fig.axes,
+        orientation='horizontal',
+        fraction=0.04,
+        aspect=40,
+        pad=0.02,
+    )
+    cb.set_label("Grad-CAM weight (1: the video's largest)", fontsize=LABEL)
+    cb.ax.tick_params(labelsize=TICK)
     return fig
 
+
 # %% ../nbs/22_plots.ipynb #de9463dd
-def plot_tsne(emb: dict,  # from `episode_embeddings`
-              views: Optional[Sequence[str]] = None,  # default: every view
-              method: str = 'tsne',  # 'tsne' or 'pca'
-              title: str = '',  # e.g. the model's name
-             ) -> Picture:
+def plot_tsne(
+    emb: dict,  # from `episode_embeddings`
+    views: Optional[Sequence[str]] = None,  # default: every view
+    method: str = 'tsne',  # 'tsne' or 'pca'
+    title: str = '',  # e.g. the model's name
+) -> Picture:
     "Queries (dots) and prototypes (stars) per view in 2-D, coloured by class."
     views = list(views or [v for v in emb if v != 'names'])
     names = emb['names']
-    classes = sorted({int(c) for v in views for c in emb[v]['query_class'].tolist() + emb[v]['proto_class'].tolist()})
+    classes = sorted(
+        {int(c) for v in views for c in emb[v]['query_class'].tolist() + emb[v]['proto_class'].tolist()}
+    )
     cmap = matplotlib.colormaps['tab10' if len(classes) <= 10 else 'tab20']
     colour = {c: cmap(i % cmap.N) for i, c in enumerate(classes)}
     fig = new_figure(2.4 * len(views) + 2.6, 2.9)
@@ -305,20 +483,33 @@ def plot_tsne(emb: dict,  # from `episode_embeddings`
         used.add(how)
         nq = len(e['query'])
         ax.scatter(y[:nq, 0], y[:nq, 1], c=[colour[c] for c in e['query_class'].tolist()], s=14, alpha=0.8)
-        ax.scatter(y[nq:, 0], y[nq:, 1], c=[colour[c] for c in e['proto_class'].tolist()], s=110, marker='*',
-                   edgecolors='black', linewidths=0.6)
-        ax.set_title(v.upper() if v != 'clip' else 'CLIP features', fontsize=TITLE); ax.set_xticks([]); ax.set_yticks([])
+        ax.scatter(
+            y[nq:, 0],
+            y[nq:, 1],
+            c=[colour[c] for c in e['proto_class'].tolist()],
+            s=110,
+            marker='*',
+            edgecolors='black',
+            linewidths=0.6,
+        )
+        ax.set_title(v.upper() if v != 'clip' else 'CLIP features', fontsize=TITLE)
+        ax.set_xticks([])
+        ax.set_yticks([])
     labels = short_names([names[c] for c in classes], 30)
     handles = [Line2D([], [], ls='', marker='o', color=colour[c], label=l) for c, l in zip(classes, labels)]
     handles += [Line2D([], [], ls='', marker='*', ms=10, color='gray', mec='black', label='prototype')]
     fig.legend(handles=handles, fontsize=TICK, loc='outside right center')
-    fig.suptitle(f'{title + ": " if title else ""}{" / ".join(sorted(used))} of queries (dots) and prototypes (stars)',
-                 fontsize=TITLE)
+    fig.suptitle(
+        f'{title + ": " if title else ""}{" / ".join(sorted(used))} of queries (dots) and prototypes (stars)',
+        fontsize=TITLE,
+    )
     return fig
 
+
 # %% ../nbs/22_plots.ipynb #fc3c0b3d
-def plot_per_class(accs: dict,  # model name -> {class name: accuracy %}
-                  ) -> Picture:
+def plot_per_class(
+    accs: dict,  # model name -> {class name: accuracy %}
+) -> Picture:
     "Per-class accuracy bars, one colour per model, classes sorted by the first model's accuracy."
     models = list(accs)
     first = accs[models[0]]
@@ -328,7 +519,9 @@ def plot_per_class(accs: dict,  # model name -> {class name: accuracy %}
     values = [np.array([accs[m].get(n, np.nan) for n in names]) / 100 for m in models]
     labels = [f'{m} (mean over classes {100 * np.nanmean(v):.1f} %)' for m, v in zip(models, values)]
     _class_bars(ax, values, names, colours=[f'C{i}' for i in range(len(models))], labels=labels)
-    ax.set_xlim(0, 1); ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_xlim(0, 1)
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_xlabel('accuracy on the queries of the class', fontsize=LABEL)
-    fig.legend(*ax.get_legend_handles_labels(), fontsize=TICK, loc='outside lower center')  # below: covers no bar
+    # below: covers no bar
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=TICK, loc='outside lower center')
     return fig

@@ -10,13 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
 # %% ../nbs/06_pps.ipynb #573cb2ab
-def pps_similarity(query_feats: torch.Tensor,  # [Q, T, D] query frame features
-                   class_tokens: torch.Tensor,  # [N, D] prompt tokens of the support classes
-                   mode: str = 'video',  # 'video' (paper) or 'top4' (released code)
-                  ) -> torch.Tensor:  # [Q, N] cosine similarities
+def pps_similarity(
+    query_feats: torch.Tensor,  # [Q, T, D] query frame features
+    class_tokens: torch.Tensor,  # [N, D] prompt tokens of the support classes
+    mode: str = 'video',  # 'video' (paper) or 'top4' (released code)
+) -> torch.Tensor:  # [Q, N] cosine similarities
     "Cosine similarity of each query with each class token (Eq. 1), in float32 even under autocast."
-    if mode not in ('video', 'top4'): raise ValueError(f"mode must be 'video' or 'top4', not {mode!r}")
+    if mode not in ('video', 'top4'):
+        raise ValueError(f"mode must be 'video' or 'top4', not {mode!r}")
     with torch.autocast(query_feats.device.type, enabled=False):  # t=0.005 magnifies half-precision error
         tok = F.normalize(class_tokens.float(), dim=-1)  # [N, D]
         if mode == 'video':
@@ -27,39 +30,48 @@ def pps_similarity(query_feats: torch.Tensor,  # [Q, T, D] query frame features
         k = min(4, frame_sim.shape[1])
         return frame_sim.topk(k, dim=1).values.mean(1)  # [Q, N]
 
+
 # %% ../nbs/06_pps.ipynb #2c563462
-def pps_probs(sim: torch.Tensor,  # [Q, N] similarities
-              temperature: float = 0.005,  # t; 0.005 = logit scale 200 (released code)
-             ) -> torch.Tensor:  # [Q, N]
+def pps_probs(
+    sim: torch.Tensor,  # [Q, N] similarities
+    temperature: float = 0.005,  # t; 0.005 = logit scale 200 (released code)
+) -> torch.Tensor:  # [Q, N]
     "Softmax of the similarities at temperature `t` (Eq. 2)."
     return torch.softmax(sim / temperature, dim=-1)
 
 
-def pps_draw(probs: torch.Tensor,  # [Q, N] class probabilities per query
-             generator: torch.Generator | None = None,  # seeded generator for a reproducible draw
-            ) -> torch.Tensor:  # long [Q]
+def pps_draw(
+    probs: torch.Tensor,  # [Q, N] class probabilities per query
+    generator: torch.Generator | None = None,  # seeded generator for a reproducible draw
+) -> torch.Tensor:  # long [Q]
     "One categorical draw per query (no gradient); uses the generator's device if it has one."
     p = probs.detach().float()
     if generator is not None and generator.device != p.device:
         return torch.multinomial(p.to(generator.device), 1, generator=generator).squeeze(1).to(probs.device)
     return torch.multinomial(p, 1, generator=generator).squeeze(1)  # [Q]
 
+
 # %% ../nbs/06_pps.ipynb #470073b8
 class PPS(nn.Module):
     "Probability Prompt Selector: a prompt token per query, drawn from the support classes' tokens."
-    def __init__(self,
-                 temperature: float = 0.005,  # t of Eq. 2
-                 similarity: str = 'video',  # 'video' (paper) or 'top4' (released code)
-                 enabled: bool = True):  # False: the "without PPS" ablation, zero tokens
+
+    def __init__(
+        self,
+        temperature: float = 0.005,  # t of Eq. 2
+        similarity: str = 'video',  # 'video' (paper) or 'top4' (released code)
+        enabled: bool = True,
+    ):  # False: the "without PPS" ablation, zero tokens
         super().__init__()
-        if similarity not in ('video', 'top4'): raise ValueError(f'unknown similarity {similarity!r}')
+        if similarity not in ('video', 'top4'):
+            raise ValueError(f'unknown similarity {similarity!r}')
         self.temperature, self.similarity, self.enabled = temperature, similarity, enabled
 
-    def forward(self,
-                query_feats: torch.Tensor,  # [Q, T, D] query frame features
-                class_tokens: torch.Tensor,  # [N, D] prompt tokens of the episode's classes
-                generator: torch.Generator | None = None,  # seeded generator for a reproducible draw
-               ) -> tuple:  # (query_tokens [Q, D], probs [Q, N] or None, drawn long [Q] or None)
+    def forward(
+        self,
+        query_feats: torch.Tensor,  # [Q, T, D] query frame features
+        class_tokens: torch.Tensor,  # [N, D] prompt tokens of the episode's classes
+        generator: torch.Generator | None = None,  # seeded generator for a reproducible draw
+    ) -> tuple:  # (query_tokens [Q, D], probs [Q, N] or None, drawn long [Q] or None)
         "Draw a token per query. `probs` keeps a gradient to `query_feats`; tokens and draws have none."
         Q, D = query_feats.shape[0], class_tokens.shape[-1]
         if not self.enabled:
@@ -69,4 +81,5 @@ class PPS(nn.Module):
         drawn = pps_draw(probs, generator)  # [Q]
         return class_tokens.detach()[drawn], probs, drawn  # [Q, D], [Q, N], [Q]
 
-    def extra_repr(self): return f'temperature={self.temperature}, similarity={self.similarity!r}, enabled={self.enabled}'
+    def extra_repr(self):
+        return f'temperature={self.temperature}, similarity={self.similarity!r}, enabled={self.enabled}'

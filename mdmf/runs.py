@@ -5,7 +5,6 @@
 # %% ../nbs/15_runs.ipynb #5d9c1167
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
@@ -22,27 +21,63 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import Config, config_from_dict, config_to_dict
-from .core import BadInput, MissingInput, atomic_write, atomic_write_text
+from .config import Config, config_from_dict
+from .core import BadInput, MissingInput, atomic_write
 from .runtime import Runtime, broadcast_object, main_first
 
 # %% auto #0
-__all__ = ['CONFIG', 'TEXT_LOG', 'LOG', 'LAST', 'BEST', 'METRICS', 'LOCK', 'SPLITS', 'RUN_FILES', 'HEARTBEAT', 'STALE_AFTER',
-           'RunLock', 'open_run', 'prepare_data', 'run_metrics', 'RunLog', 'read_log', 'rng_state', 'set_rng_state',
-           'preserved_rng', 'seed_everything', 'save_checkpoint', 'load_checkpoint', 'checkpoint_path', 'load_model',
-           'resume_config']
+__all__ = [
+    'CONFIG',
+    'TEXT_LOG',
+    'LOG',
+    'LAST',
+    'BEST',
+    'METRICS',
+    'LOCK',
+    'SPLITS',
+    'RUN_FILES',
+    'HEARTBEAT',
+    'STALE_AFTER',
+    'RunLock',
+    'open_run',
+    'prepare_data',
+    'run_metrics',
+    'RunLog',
+    'read_log',
+    'rng_state',
+    'set_rng_state',
+    'preserved_rng',
+    'seed_everything',
+    'save_checkpoint',
+    'load_checkpoint',
+    'checkpoint_path',
+    'load_model',
+    'resume_config',
+]
 
 # %% ../nbs/15_runs.ipynb #a4bd87fa
 CONFIG, TEXT_LOG, LOG, LAST, BEST, METRICS, LOCK, SPLITS = (
-    'config.json', 'train.log', 'log.jsonl', 'last.pt', 'best.pt', 'metrics.json', '.lock', 'splits')
+    'config.json',
+    'train.log',
+    'log.jsonl',
+    'last.pt',
+    'best.pt',
+    'metrics.json',
+    '.lock',
+    'splits',
+)
 RUN_FILES = (CONFIG, TEXT_LOG, LOG, LAST, BEST, METRICS)
+
 
 # %% ../nbs/15_runs.ipynb #aff442ff
 def _describe(folder: Path) -> str:
     "What an existing run folder holds, for messages."
-    if (folder / METRICS).exists(): return 'a finished run'
-    if (folder / LAST).exists(): return 'an unfinished run (continue it with --resume)'
+    if (folder / METRICS).exists():
+        return 'a finished run'
+    if (folder / LAST).exists():
+        return 'an unfinished run (continue it with --resume)'
     return 'files of a run'
+
 
 def _claim(base: Path) -> Path:
     "The first of `base`, `base-2`, `base-3`, ... that this process could create, or that exists and is empty."
@@ -52,38 +87,55 @@ def _claim(base: Path) -> Path:
             folder.mkdir(parents=True)
             return folder
         except FileExistsError:
-            if folder.is_dir() and not any(folder.iterdir()): return folder
+            if folder.is_dir() and not any(folder.iterdir()):
+                return folder
     raise BadInput(f'{base} and 9,999 numbered folders beside it exist: choose another --name')
 
+
 # %% ../nbs/15_runs.ipynb #227b4dba
-HEARTBEAT, STALE_AFTER = 60, 15 * 60  # seconds: the holder touches its lock this often; untouched this long, it is stale
+# seconds: the holder touches its lock this often; untouched this long, it is stale
+HEARTBEAT, STALE_AFTER = 60, 15 * 60
+
 
 class RunLock:
     "A lock file in a run folder, held while this process writes there (and touched every `HEARTBEAT` seconds)."
+
     def __init__(self, folder: Path):
         self.path = Path(folder) / LOCK
         self.held, self._stop = False, threading.Event()
 
     def owner(self) -> Optional[dict]:
-        try: return json.loads(self.path.read_text(encoding='utf-8'))
-        except (OSError, ValueError): return None
+        try:
+            return json.loads(self.path.read_text(encoding='utf-8'))
+        except (OSError, ValueError):
+            return None
 
     def age(self) -> float:
         "Seconds since the holder last touched the lock."
-        try: return time.time() - self.path.stat().st_mtime
-        except OSError: return 0.0
+        try:
+            return time.time() - self.path.stat().st_mtime
+        except OSError:
+            return 0.0
 
     def _beat(self):
         while not self._stop.wait(HEARTBEAT):
-            try: os.utime(self.path)
-            except OSError: pass
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
 
     def _stale(self, o: Optional[dict]) -> bool:
-        if self.age() > STALE_AFTER: return True  # no heartbeat for that long: its process is gone, on any host
-        if not o or o.get('host') != socket.gethostname(): return False
-        try: os.kill(int(o['pid']), 0)
-        except ProcessLookupError: return True
-        except (PermissionError, ValueError, KeyError): return False
+        # no heartbeat for that long: its process is gone, on any host
+        if self.age() > STALE_AFTER:
+            return True
+        if not o or o.get('host') != socket.gethostname():
+            return False
+        try:
+            os.kill(int(o['pid']), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError, KeyError):
+            return False
         return False
 
     def acquire(self) -> RunLock:
@@ -95,13 +147,28 @@ class RunLock:
                 if self._stale(o):
                     self.path.unlink(missing_ok=True)
                     continue
-                who = f"process {o.get('pid')} on {o.get('host')} since {o.get('since')}" if o else 'another process'
-                beat = f' (its last heartbeat {self.age():.0f} s ago)' if o and o.get('host') != socket.gethostname() else ''
-                raise BadInput(f'run folder {self.path.parent} is in use by {who}{beat}; wait for it to end, or choose '
-                               f'another --name. If no run is alive there (a disconnected Colab VM, say), delete '
-                               f'{self.path}, or wait: a lock untouched for {STALE_AFTER // 60} minutes is taken over') from None
+                who = (
+                    f"process {o.get('pid')} on {o.get('host')} since {o.get('since')}"
+                    if o
+                    else 'another process'
+                )
+                beat = (
+                    f' (its last heartbeat {self.age():.0f} s ago)'
+                    if o and o.get('host') != socket.gethostname()
+                    else ''
+                )
+                raise BadInput(
+                    f'run folder {self.path.parent} is in use by {who}{beat}; wait for it to end, or choose '
+                    f'another --name. If no run is alive there (a disconnected Colab VM, say), delete '
+                    f'{self.path}, or wait: a lock untouched for {STALE_AFTER // 60} minutes is taken over'
+                ) from None
             with os.fdopen(fd, 'w') as f:
-                json.dump(dict(pid=os.getpid(), host=socket.gethostname(), since=time.strftime('%Y-%m-%d %H:%M:%S')), f)
+                json.dump(
+                    dict(
+                        pid=os.getpid(), host=socket.gethostname(), since=time.strftime('%Y-%m-%d %H:%M:%S')
+                    ),
+                    f,
+                )
             self.held = True
             self._stop.clear()
             threading.Thread(target=self._beat, daemon=True, name='mdmf-lock-heartbeat').start()
@@ -110,11 +177,16 @@ class RunLock:
 
     def release(self):
         self._stop.set()
-        if self.held: self.path.unlink(missing_ok=True)
+        if self.held:
+            self.path.unlink(missing_ok=True)
         self.held = False
 
-    def __enter__(self): return self.acquire()
-    def __exit__(self, *exc): self.release()
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
 
 # %% ../nbs/15_runs.ipynb #3ab5e262
 def open_run(cfg: Config, rt: Optional[Runtime] = None) -> tuple:  # (folder, lock or None, note or '')
@@ -125,9 +197,14 @@ def open_run(cfg: Config, rt: Optional[Runtime] = None) -> tuple:  # (folder, lo
         if cfg.run.resume:
             if not (base / LAST).exists():
                 have = sorted(p.name for p in base.parent.glob(f'{cfg.run_name}*') if (p / LAST).exists())
-                raise MissingInput(f'--resume: {base / LAST} does not exist'
-                                   + (f'; resumable runs of that name: {", ".join(have)}' if have else
-                                      ' (check --name and --runs)'))
+                raise MissingInput(
+                    f'--resume: {base / LAST} does not exist'
+                    + (
+                        f'; resumable runs of that name: {", ".join(have)}'
+                        if have
+                        else ' (check --name and --runs)'
+                    )
+                )
             folder = base
         elif cfg.run.overwrite:
             folder = base
@@ -138,10 +215,12 @@ def open_run(cfg: Config, rt: Optional[Runtime] = None) -> tuple:  # (folder, lo
                 note = f'{base} already holds {_describe(base)}; this run writes to {folder}'
         lock = RunLock(folder).acquire()
         if cfg.run.overwrite and not cfg.run.resume:
-            for name in RUN_FILES: (folder / name).unlink(missing_ok=True)
+            for name in RUN_FILES:
+                (folder / name).unlink(missing_ok=True)
             shutil.rmtree(folder / SPLITS, ignore_errors=True)
     folder = Path(broadcast_object(str(folder) if folder else None, rt))
     return folder, lock, note
+
 
 # %% ../nbs/15_runs.ipynb #d54ac905
 def prepare_data(cfg: Config, rt: Optional[Runtime] = None, log: Callable = print):
@@ -150,14 +229,20 @@ def prepare_data(cfg: Config, rt: Optional[Runtime] = None, log: Callable = prin
     with main_first(rt):
         if cfg.data.dataset == 'synthetic' and rt.is_main:
             from mdmf.synthetic import make_synthetic
+
             if not (Path(cfg.data.data_root) / '.complete').exists():
-                if cfg.preset == 'synthetic-mech':  # made by its own command, never the default world in its place
-                    raise BadInput(f'{cfg.data.data_root} holds no finished mechanism world: make it with '
-                                   f'`python -m mdmf.world --data-root {cfg.data.data_root}`')
+                if (
+                    cfg.preset == 'synthetic-mech'
+                ):  # made by its own command, never the default world in its place
+                    raise BadInput(
+                        f'{cfg.data.data_root} holds no finished mechanism world: make it with '
+                        f'`python -m mdmf.world --data-root {cfg.data.data_root}`'
+                    )
                 log(f'making the synthetic dataset under {cfg.data.data_root} ...')
                 t0 = time.perf_counter()
                 make_synthetic(cfg.data.data_root, workers=max(1, min(os.cpu_count() or 1, 8)))
                 log(f'made the synthetic dataset in {time.perf_counter() - t0:.1f} s')
+
 
 def run_metrics(cfg: Config, state: dict, test: dict, rt: Runtime, timings: dict) -> dict:
     "What metrics.json holds: test and best val accuracy, training sums and timings, from the trainer's `state`."
@@ -165,121 +250,199 @@ def run_metrics(cfg: Config, state: dict, test: dict, rt: Runtime, timings: dict
     last_train = next((h for h in reversed(st['history']) if h['kind'] == 'train'), {})
     secs = st['seconds']
     return dict(
-        test=dict({k: test[k] for k in ('accuracy', 'ci95', 'episodes', 'videos', 'draws_per_video')},
-                  way=cfg.data.way, shot=cfg.data.shot, query=cfg.data.test_query, split='test'),
-        val=dict(accuracy=st['best_accuracy'], ci95=st['best_ci95'], episodes=cfg.eval.val_episodes,
-                 best_episode=st['best_episode']),
-        train=dict(episodes=st['episode'], steps=st['step'], final_loss=last_train.get('loss'),
-                   final_accuracy=last_train.get('accuracy')),
-        timings=dict(timings, train_s=round(secs['train'], 2), val_s=round(secs['val'], 2),
-                     test_encode_s=round(test['seconds']['encode'], 2), test_episodes_s=round(test['seconds']['episodes'], 2)),
-        model=cfg.model.model, dataset=cfg.data.dataset, backbone=cfg.model.backbone, world=rt.world, device=str(rt.device))
+        test=dict(
+            {k: test[k] for k in ('accuracy', 'ci95', 'episodes', 'videos', 'draws_per_video')},
+            way=cfg.data.way,
+            shot=cfg.data.shot,
+            query=cfg.data.test_query,
+            split='test',
+        ),
+        val=dict(
+            accuracy=st['best_accuracy'],
+            ci95=st['best_ci95'],
+            episodes=cfg.eval.val_episodes,
+            best_episode=st['best_episode'],
+        ),
+        train=dict(
+            episodes=st['episode'],
+            steps=st['step'],
+            final_loss=last_train.get('loss'),
+            final_accuracy=last_train.get('accuracy'),
+        ),
+        timings=dict(
+            timings,
+            train_s=round(secs['train'], 2),
+            val_s=round(secs['val'], 2),
+            test_encode_s=round(test['seconds']['encode'], 2),
+            test_episodes_s=round(test['seconds']['episodes'], 2),
+        ),
+        model=cfg.model.model,
+        dataset=cfg.data.dataset,
+        backbone=cfg.model.backbone,
+        world=rt.world,
+        device=str(rt.device),
+    )
+
 
 # %% ../nbs/15_runs.ipynb #8e8ed305
 class RunLog:
     "Messages to the screen and `train.log`, records to `log.jsonl`; silent on ranks other than 0."
+
     def __init__(self, folder: Optional[Path], main: bool = True, quiet: bool = False):
         self.folder, self.main, self.quiet = folder, main, quiet
 
     def write(self, msg: str):
-        if not self.main: return
-        if not self.quiet: tqdm.write(msg, file=sys.stdout)
+        if not self.main:
+            return
+        if not self.quiet:
+            tqdm.write(msg, file=sys.stdout)
         if self.folder is not None:
-            with open(self.folder / TEXT_LOG, 'a', encoding='utf-8') as f: f.write(msg + '\n')
+            with open(self.folder / TEXT_LOG, 'a', encoding='utf-8') as f:
+                f.write(msg + '\n')
 
     def record(self, **entry):
-        if not self.main or self.folder is None: return
-        with open(self.folder / LOG, 'a', encoding='utf-8') as f: f.write(json.dumps(entry) + '\n')
+        if not self.main or self.folder is None:
+            return
+        with open(self.folder / LOG, 'a', encoding='utf-8') as f:
+            f.write(json.dumps(entry) + '\n')
+
 
 def read_log(folder) -> list:
     "The records of a run folder's `log.jsonl` (empty before the first)."
     p = Path(folder) / LOG
-    if not p.exists(): return []
+    if not p.exists():
+        return []
     return [json.loads(l) for l in p.read_text(encoding='utf-8').splitlines() if l.strip()]
+
 
 # %% ../nbs/15_runs.ipynb #977254c1
 def rng_state() -> dict:
     "The state of every random number generator of this process, in types a weights-only load accepts."
     version, words, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return dict(python=[version, torch.tensor(words, dtype=torch.int64), gauss],
-                numpy=[kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    return dict(
+        python=[version, torch.tensor(words, dtype=torch.int64), gauss],
+        numpy=[kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        torch=torch.get_rng_state(),
+        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    )
+
 
 def set_rng_state(state: dict):
     "Restore what `rng_state` returned."
     version, words, gauss = state['python']
     random.setstate((version, tuple(int(w) for w in words.tolist()), gauss))
     kind, keys, pos, has_gauss, cached = state['numpy']
-    np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))  # .cpu(): loaded onto a GPU
+    # .cpu(): loaded onto a GPU
+    np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state['torch'].cpu())
-    if state['cuda'] and torch.cuda.is_available(): torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
+    if state['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
+
 
 class preserved_rng:
     "Context manager: whatever runs inside leaves the random number generators as they were."
-    def __enter__(self): self.state = rng_state()
-    def __exit__(self, *exc): set_rng_state(self.state)
+
+    def __enter__(self):
+        self.state = rng_state()
+
+    def __exit__(self, *exc):
+        set_rng_state(self.state)
+
 
 def seed_everything(seed: int):
     "Seed Python's, NumPy's and torch's generators."
-    random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
 
 # %% ../nbs/15_runs.ipynb #f396d8e2
 def save_checkpoint(path, checkpoint: dict) -> Path:
     "Write `checkpoint` (tensors, numbers, strings, lists, dicts) to `path` atomically."
     return atomic_write(path, lambda f: torch.save(checkpoint, f))
 
+
 def load_checkpoint(path, device='cpu') -> dict:
     "Read a checkpoint without executing code: anything but tensors and plain values is refused."
     path = Path(path)
-    if not path.is_file(): raise MissingInput(f'checkpoint {path} does not exist')
-    try: return torch.load(path, map_location=device, weights_only=True)
+    if not path.is_file():
+        raise MissingInput(f'checkpoint {path} does not exist')
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise BadInput(f'{path} holds pickled Python objects besides tensors and plain values, which could run '
-                       'code when loaded, so it was not loaded. Checkpoints of this project hold only tensors and '
-                       'plain values; an older mdmf last.pt held NumPy random states: start that run again, or '
-                       f'resume from its best.pt weights. ({str(e).splitlines()[0][:160]})') from None
+        raise BadInput(
+            f'{path} holds pickled Python objects besides tensors and plain values, which could run '
+            'code when loaded, so it was not loaded. Checkpoints of this project hold only tensors and '
+            'plain values; an older mdmf last.pt held NumPy random states: start that run again, or '
+            f'resume from its best.pt weights. ({str(e).splitlines()[0][:160]})'
+        ) from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise BadInput(f'{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]}); '
-                       'was it copied completely?') from None
+        raise BadInput(
+            f'{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]}); '
+            'was it copied completely?'
+        ) from None
+
 
 # %% ../nbs/15_runs.ipynb #1df0fbba
 def checkpoint_path(run, which: str = 'best') -> Path:
     "A checkpoint file: `run` itself, or `<run>/best.pt` (`which`), else the other one."
     run = Path(run)
-    if not run.is_dir(): return run
+    if not run.is_dir():
+        return run
     for name in (f'{which}.pt', BEST, LAST):
-        if (run / name).exists(): return run / name
+        if (run / name).exists():
+            return run / name
     raise MissingInput(f'{run} holds no best.pt or last.pt: is it a run folder of mdmf.train?')
 
-def load_model(run,  # a checkpoint file or a run folder
-               device='cpu',  # where the model goes
-               which: str = 'best',  # in a run folder: 'best' (selected on val) or 'last'
-              ) -> tuple:  # (model in eval mode, Config)
+
+def load_model(
+    run,  # a checkpoint file or a run folder
+    device='cpu',  # where the model goes
+    which: str = 'best',  # in a run folder: 'best' (selected on val) or 'last'
+) -> tuple:  # (model in eval mode, Config)
     "The model and config saved in a checkpoint."
     from mdmf.model import build_model
+
     path = checkpoint_path(run, which)
     ck = load_checkpoint(path)
     cfg = config_from_dict(ck['config'])
-    try: model = build_model(cfg.model, weights=ck['model'])  # CLIP's sizes from the weights: nothing is downloaded
+    # CLIP's sizes from the weights: nothing is downloaded
+    try:
+        model = build_model(cfg.model, weights=ck['model'])
     except (KeyError, IndexError, RuntimeError) as e:
-        raise BadInput(f'the CLIP weights in {path} are incomplete ({type(e).__name__}: {str(e)[:160]}): '
-                       'was the file copied completely?') from None
-    try: model.load_state_dict(ck['model'])
+        raise BadInput(
+            f'the CLIP weights in {path} are incomplete ({type(e).__name__}: {str(e)[:160]}): '
+            'was the file copied completely?'
+        ) from None
+    try:
+        model.load_state_dict(ck['model'])
     except RuntimeError as e:
-        raise BadInput(f'the weights in {path} do not fit the model its config describes ({cfg.model.model}, '
-                       f'{cfg.model.backbone}): {str(e).splitlines()[0][:200]}') from None
+        raise BadInput(
+            f'the weights in {path} do not fit the model its config describes ({cfg.model.model}, '
+            f'{cfg.model.backbone}): {str(e).splitlines()[0][:200]}'
+        ) from None
     return model.to(device).eval(), cfg
+
 
 # %% ../nbs/15_runs.ipynb #f7e4330e
 _RUNTIME_FIELDS = ('device', 'workers', 'threads', 'progress', 'resume')
+
 
 def resume_config(cfg: Config, last: Path, log: Callable = print) -> Config:
     "The config of the run being resumed, with this command's runtime settings (device, workers, ...)."
     saved = config_from_dict(load_checkpoint(last)['config'])
     now = {**vars(cfg.data), **vars(cfg.model), **vars(cfg.optim), **vars(cfg.eval), **vars(cfg.run)}
-    then = {**vars(saved.data), **vars(saved.model), **vars(saved.optim), **vars(saved.eval), **vars(saved.run)}
-    differ = [k for k in now if k not in _RUNTIME_FIELDS + ('name', 'runs', 'overwrite') and now[k] != then[k]]
-    if differ: log(f'--resume: keeping the run\'s own {", ".join(differ)} (this command gave other values)')
+    then = {
+        **vars(saved.data),
+        **vars(saved.model),
+        **vars(saved.optim),
+        **vars(saved.eval),
+        **vars(saved.run),
+    }
+    differ = [
+        k for k in now if k not in _RUNTIME_FIELDS + ('name', 'runs', 'overwrite') and now[k] != then[k]
+    ]
+    if differ:
+        log(f'--resume: keeping the run\'s own {", ".join(differ)} (this command gave other values)')
     return saved.replace(**{k: now[k] for k in _RUNTIME_FIELDS})
-

@@ -26,22 +26,54 @@ from torch.utils.flop_counter import FlopCounterMode
 from .core import BadInput
 
 # %% auto #0
-__all__ = ['DIST_TIMEOUT', 'PEAK_TFLOPS', 'VECTOR_FLAGS', 'ISA_LIMITS', 'Runtime', 'pick_device', 'amp_dtype', 'tf32_enabled',
-           'set_tf32', 'set_backend_flags', 'backend_flags', 'init_runtime', 'ddp_device_ids', 'autocast',
-           'set_threads', 'device_name', 'synchronize', 'peak_flops', 'load_average', 'cpu_facts', 'median',
-           'time_interleaved', 'count_flops', 'host_syncs', 'run_timed', 'all_sum', 'all_max', 'barrier',
-           'broadcast_object', 'main_first', 'to_device', 'unwrap']
+__all__ = [
+    'DIST_TIMEOUT',
+    'PEAK_TFLOPS',
+    'VECTOR_FLAGS',
+    'ISA_LIMITS',
+    'Runtime',
+    'pick_device',
+    'amp_dtype',
+    'tf32_enabled',
+    'set_tf32',
+    'set_backend_flags',
+    'backend_flags',
+    'init_runtime',
+    'ddp_device_ids',
+    'autocast',
+    'set_threads',
+    'device_name',
+    'synchronize',
+    'peak_flops',
+    'load_average',
+    'cpu_facts',
+    'median',
+    'time_interleaved',
+    'count_flops',
+    'host_syncs',
+    'run_timed',
+    'all_sum',
+    'all_max',
+    'barrier',
+    'broadcast_object',
+    'main_first',
+    'to_device',
+    'unwrap',
+]
+
 
 # %% ../nbs/13_runtime.ipynb #a3f69422
 @dataclass
 class Runtime:
     "Device, process rank and world size, and the autocast dtype of one process."
+
     device: torch.device = field(default_factory=lambda: torch.device('cpu'))
     rank: int = 0  # this process among all (0 when not distributed)
     world: int = 1  # number of processes
     local_rank: int = 0  # this process on its machine (its GPU index under torchrun)
     amp_dtype: Optional[torch.dtype] = None  # autocast dtype; None: float32
-    fast: bool = True  # CUDA's fast path (see `backend_flags`); False: the plain float32 baseline of the benchmark
+    # CUDA's fast path (see `backend_flags`); False: the plain float32 baseline of the benchmark
+    fast: bool = True
 
     @property
     def is_main(self) -> bool:
@@ -49,48 +81,69 @@ class Runtime:
         return self.rank == 0
 
     @property
-    def distributed(self) -> bool: return self.world > 1
+    def distributed(self) -> bool:
+        return self.world > 1
+
 
 # %% ../nbs/13_runtime.ipynb #97b78d96
-def pick_device(name: str = 'auto',  # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
-                local_rank: int = 0,  # this process on its machine (torchrun's LOCAL_RANK)
-               ) -> torch.device:
+def pick_device(
+    name: str = 'auto',  # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
+    local_rank: int = 0,  # this process on its machine (torchrun's LOCAL_RANK)
+) -> torch.device:
     "The device of this process, always with an index on CUDA."
-    if name == 'auto': name = 'cuda' if torch.cuda.is_available() else 'cpu'
-    try: dev = torch.device(name)
+    if name == 'auto':
+        name = 'cuda' if torch.cuda.is_available() else 'cpu'
+    try:
+        dev = torch.device(name)
     except RuntimeError:
         raise BadInput(f"--device {name!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == 'cuda':
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0: raise BadInput(f'--device {name}: this machine has no CUDA device visible to torch; use --device cpu')
-        if dev.index is None: dev = torch.device('cuda', local_rank % n)
-        if dev.index >= n: raise BadInput(f'--device {name}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}')
+        if n == 0:
+            raise BadInput(
+                f'--device {name}: this machine has no CUDA device visible to torch; use --device cpu'
+            )
+        if dev.index is None:
+            dev = torch.device('cuda', local_rank % n)
+        if dev.index >= n:
+            raise BadInput(f'--device {name}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}')
     if dev.type == 'mps' and not torch.backends.mps.is_available():
         raise BadInput('--device mps: this machine has no Apple GPU available to torch; use --device cpu')
     return dev
 
+
 # %% ../nbs/13_runtime.ipynb #dec43bf1
-def amp_dtype(device: torch.device,  # the process's device
-              enabled: bool = True,  # False: float32 everywhere
-              capability: Optional[tuple] = None,  # (major, minor) of the GPU; default: asked from the device
-             ) -> Optional[torch.dtype]:
+def amp_dtype(
+    device: torch.device,  # the process's device
+    enabled: bool = True,  # False: float32 everywhere
+    capability: Optional[tuple] = None,  # (major, minor) of the GPU; default: asked from the device
+) -> Optional[torch.dtype]:
     "bfloat16 on CUDA cards of compute capability 8.0 or newer, float16 on older ones, None (float32) elsewhere."
-    if not enabled or torch.device(device).type != 'cuda': return None
+    if not enabled or torch.device(device).type != 'cuda':
+        return None
     major, _ = capability or torch.cuda.get_device_capability(device)
     return torch.bfloat16 if major >= 8 else torch.float16
+
 
 # %% ../nbs/13_runtime.ipynb #40cfa074
 def _tf32_targets() -> tuple:
     "The TF32 switches: (object, attribute, value when on, value when off) for matmul and cuDNN (the older flags, readable both ways)."
-    return ((torch.backends.cuda.matmul, 'allow_tf32', True, False), (torch.backends.cudnn, 'allow_tf32', True, False))
+    return (
+        (torch.backends.cuda.matmul, 'allow_tf32', True, False),
+        (torch.backends.cudnn, 'allow_tf32', True, False),
+    )
+
 
 def tf32_enabled() -> bool:
     "Whether float32 matrix products and convolutions may use TF32 tensor cores (Ampere and newer)."
     return all(getattr(obj, attr) == on for obj, attr, on, _ in _tf32_targets())
 
+
 def set_tf32(enabled: bool) -> None:
     "Allow (or forbid) TF32 for float32 matrix products and cuDNN convolutions."
-    for obj, attr, on, off in _tf32_targets(): setattr(obj, attr, on if enabled else off)
+    for obj, attr, on, off in _tf32_targets():
+        setattr(obj, attr, on if enabled else off)
+
 
 def set_backend_flags(rt: Runtime) -> None:
     "cudnn.benchmark and TF32 as `rt` wants them: the fast path on CUDA turns on both (TF32 only with autocast)."
@@ -98,95 +151,147 @@ def set_backend_flags(rt: Runtime) -> None:
     torch.backends.cudnn.benchmark = fast
     set_tf32(fast and rt.amp_dtype is not None)
 
+
 @contextmanager
 def backend_flags(rt: Runtime):
     "`set_backend_flags(rt)` inside the block; the flags are restored after it."
-    saved = ([(obj, attr, getattr(obj, attr)) for obj, attr, _, _ in _tf32_targets()]
-             + [(torch.backends.cudnn, 'benchmark', torch.backends.cudnn.benchmark)])
+    saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _, _ in _tf32_targets()] + [
+        (torch.backends.cudnn, 'benchmark', torch.backends.cudnn.benchmark)
+    ]
     set_backend_flags(rt)
-    try: yield rt
+    try:
+        yield rt
     finally:
-        for obj, attr, value in saved: setattr(obj, attr, value)
+        for obj, attr, value in saved:
+            setattr(obj, attr, value)
+
 
 # %% ../nbs/13_runtime.ipynb #52a97f1e
-DIST_TIMEOUT = timedelta(minutes=int(os.environ.get('MDMF_DIST_TIMEOUT_MIN', '60')))  # a collective waits this long (a first CLIP download)
+# a collective waits this long (a first CLIP download)
+DIST_TIMEOUT = timedelta(minutes=int(os.environ.get('MDMF_DIST_TIMEOUT_MIN', '60')))
 
-def init_runtime(device: str = 'auto',  # see `pick_device`
-                 amp: bool = True,  # autocast on CUDA
-                 fast: bool = True,  # CUDA's fast path: cudnn.benchmark, TF32 with autocast, fused Adam, channels-last
-                ) -> Runtime:
+
+def init_runtime(
+    device: str = 'auto',  # see `pick_device`
+    amp: bool = True,  # autocast on CUDA
+    fast: bool = True,  # CUDA's fast path: cudnn.benchmark, TF32 with autocast, fused Adam, channels-last
+) -> Runtime:
     "The `Runtime` of this process; joins the process group when started by `torchrun`."
     world = int(os.environ.get('WORLD_SIZE', '1'))
     rank, local_rank = int(os.environ.get('RANK', '0')), int(os.environ.get('LOCAL_RANK', '0'))
     dev = pick_device(device, local_rank)
-    if dev.type == 'cuda': torch.cuda.set_device(dev)
+    if dev.type == 'cuda':
+        torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo', timeout=DIST_TIMEOUT)
     rt = Runtime(dev, rank, world, local_rank, amp_dtype(dev, amp), fast)
-    if dev.type == 'cuda': set_backend_flags(rt)  # for the whole process
+    if dev.type == 'cuda':
+        set_backend_flags(rt)  # for the whole process
     return rt
+
 
 def ddp_device_ids(rt: Runtime) -> Optional[list]:
     "DistributedDataParallel's `device_ids`: `[index]` of this process's GPU, None on a CPU."
     return [rt.device.index] if rt.device.type == 'cuda' else None
 
+
 def autocast(rt: Runtime):
     "Autocast context of the runtime (a no-op in float32)."
     return torch.autocast(rt.device.type, dtype=rt.amp_dtype) if rt.amp_dtype is not None else nullcontext()
 
+
 def set_threads(threads: int = 0):
     "Set torch's CPU threads (0: leave torch's default)."
-    if threads > 0: torch.set_num_threads(threads)
+    if threads > 0:
+        torch.set_num_threads(threads)
+
 
 # %% ../nbs/13_runtime.ipynb #af9241dd
 PEAK_TFLOPS = (  # dense data-sheet TFLOP/s: (bfloat16/float16 tensor cores, TF32 tensor cores, float32); first matching name wins
-    ('H100 PCIe', (756.0, 378.0, 51.2)), ('H100 NVL', (835.0, 418.0, 60.0)), ('H100', (989.0, 495.0, 67.0)),
-    ('H200', (989.0, 495.0, 67.0)), ('GH200', (989.0, 495.0, 67.0)), ('B200', (2250.0, 1100.0, 80.0)),
-    ('A100', (312.0, 156.0, 19.5)), ('L40S', (362.0, 183.0, 91.6)), ('L40', (181.0, 90.5, 90.5)), ('L4', (121.0, 60.0, 30.3)),
-    ('A10G', (70.0, 35.0, 31.2)), ('A10', (125.0, 62.5, 31.2)), ('A40', (150.0, 74.8, 37.4)), ('A6000', (155.0, 77.4, 38.7)),
-    ('RTX 4090', (165.0, 82.6, 82.6)), ('RTX 3090', (71.0, 35.6, 35.6)), ('V100', (125.0, None, 15.7)), ('T4', (65.0, None, 8.1)),
+    ('H100 PCIe', (756.0, 378.0, 51.2)),
+    ('H100 NVL', (835.0, 418.0, 60.0)),
+    ('H100', (989.0, 495.0, 67.0)),
+    ('H200', (989.0, 495.0, 67.0)),
+    ('GH200', (989.0, 495.0, 67.0)),
+    ('B200', (2250.0, 1100.0, 80.0)),
+    ('A100', (312.0, 156.0, 19.5)),
+    ('L40S', (362.0, 183.0, 91.6)),
+    ('L40', (181.0, 90.5, 90.5)),
+    ('L4', (121.0, 60.0, 30.3)),
+    ('A10G', (70.0, 35.0, 31.2)),
+    ('A10', (125.0, 62.5, 31.2)),
+    ('A40', (150.0, 74.8, 37.4)),
+    ('A6000', (155.0, 77.4, 38.7)),
+    ('RTX 4090', (165.0, 82.6, 82.6)),
+    ('RTX 3090', (71.0, 35.6, 35.6)),
+    ('V100', (125.0, None, 15.7)),
+    ('T4', (65.0, None, 8.1)),
 )
+
 
 def device_name(device='cpu') -> str:
     "A readable name of `device`: the GPU's name, or the CPU model with its cores and torch threads."
     device = torch.device(device)
-    if device.type == 'cuda': return torch.cuda.get_device_name(device)
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
     model = platform.processor() or platform.machine()
-    try: model = next(l.split(':', 1)[1].strip() for l in Path('/proc/cpuinfo').read_text().splitlines() if l.startswith('model name'))
-    except (OSError, StopIteration): pass
+    try:
+        model = next(
+            l.split(':', 1)[1].strip()
+            for l in Path('/proc/cpuinfo').read_text().splitlines()
+            if l.startswith('model name')
+        )
+    except (OSError, StopIteration):
+        pass
     return f'{device.type}: {model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)'
+
 
 def synchronize(device) -> None:
     "Wait for the device's queued work (CUDA); nothing to wait for elsewhere."
-    if torch.device(device).type == 'cuda': torch.cuda.synchronize(device)
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize(device)
 
-def peak_flops(device,
-               dtype: str = 'bfloat16',  # the precision that ran: 'bfloat16', 'float16' or 'float32'
-               tf32: bool = False,  # float32 with TF32 tensor cores allowed (`tf32_enabled()`)
-              ) -> tuple:  # (FLOP/s or None, where the figure comes from)
+
+def peak_flops(
+    device,
+    dtype: str = 'bfloat16',  # the precision that ran: 'bfloat16', 'float16' or 'float32'
+    tf32: bool = False,  # float32 with TF32 tensor cores allowed (`tf32_enabled()`)
+) -> tuple:  # (FLOP/s or None, where the figure comes from)
     "The device's peak in `dtype`: the table for known GPUs, None for unknown ones, a measured float32 matmul peak on a CPU."
     device = torch.device(device)
     if device.type == 'cuda':
         name, col = torch.cuda.get_device_name(device), 0 if dtype != 'float32' else 1 if tf32 else 2
         what = ('dense bf16/fp16', 'dense TF32', 'float32')[col]
         key, peaks = next(((k, p) for k, p in PEAK_TFLOPS if k in name), (None, None))
-        if key is None: return None, f'unknown GPU {name!r}'
-        if peaks[col] is None: return None, f'table: {key} has no {what}'
+        if key is None:
+            return None, f'unknown GPU {name!r}'
+        if peaks[col] is None:
+            return None, f'table: {key} has no {what}'
         return peaks[col] * 1e12, f'table: {key} {what}'
-    if device.type != 'cpu': return None, f'unknown device {device}'
+    if device.type != 'cpu':
+        return None, f'unknown device {device}'
     a, b, best = torch.randn(1024, 1024), torch.randn(1024, 1024), float('inf')
     for _ in range(12):
-        t0 = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - t0)
-    return 2 * 1024 ** 3 / best, 'measured float32 1024x1024 matmul (best of 12)'
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 1024**3 / best, 'measured float32 1024x1024 matmul (best of 12)'
+
 
 # %% ../nbs/13_runtime.ipynb #4270add7
-VECTOR_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'amx_tile')  # the CPU flags that decide how fast float32 math runs
-ISA_LIMITS = ('ONEDNN_MAX_CPU_ISA', 'MKL_ENABLE_INSTRUCTIONS', 'ATEN_CPU_CAPABILITY')  # environment variables that cap them
+# the CPU flags that decide how fast float32 math runs
+VECTOR_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'amx_tile')
+# environment variables that cap them
+ISA_LIMITS = ('ONEDNN_MAX_CPU_ISA', 'MKL_ENABLE_INSTRUCTIONS', 'ATEN_CPU_CAPABILITY')
+
 
 def load_average() -> Optional[float]:
     "The 1-minute load average (None where the system keeps none)."
-    try: return round(os.getloadavg()[0], 2)
-    except (OSError, AttributeError): return None
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
 
 def cpu_facts() -> dict:
     "The CPU a timing runs on: model, cores, torch threads, vector extensions and the limits set on them."
@@ -195,100 +300,142 @@ def cpu_facts() -> dict:
         for line in Path('/proc/cpuinfo').read_text().splitlines():
             k, _, v = line.partition(':')
             fields.setdefault(k.strip(), v.strip())
-    except OSError: pass
+    except OSError:
+        pass
     flags = fields.get('flags', '').split()
-    return dict(model=fields.get('model name') or platform.processor() or platform.machine(), cores=os.cpu_count(),
-                threads=torch.get_num_threads(), vector=[f for f in VECTOR_FLAGS if f in flags],
-                limits={k: os.environ[k] for k in ISA_LIMITS if k in os.environ},
-                torch_capability=torch.backends.cpu.get_cpu_capability())
+    return dict(
+        model=fields.get('model name') or platform.processor() or platform.machine(),
+        cores=os.cpu_count(),
+        threads=torch.get_num_threads(),
+        vector=[f for f in VECTOR_FLAGS if f in flags],
+        limits={k: os.environ[k] for k in ISA_LIMITS if k in os.environ},
+        torch_capability=torch.backends.cpu.get_cpu_capability(),
+    )
+
 
 # %% ../nbs/13_runtime.ipynb #859c3aed
 def median(xs: Sequence[float]) -> Optional[float]:
     "The median of some timings, the figure every benchmark reports (None when there are none)."
     return float(statistics.median(xs)) if len(xs) else None
 
+
 def time_interleaved(fns: dict, repeats: int = 5, warmup: int = 1, device='cpu') -> dict:
     "Seconds of each call of each function of `fns` (name -> no-argument callable), run in turns: name -> [repeats]."
     for _ in range(warmup):
-        for f in fns.values(): f()
+        for f in fns.values():
+            f()
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
-            synchronize(device); t0 = time.perf_counter()
+            synchronize(device)
+            t0 = time.perf_counter()
             f()
-            synchronize(device); times[k].append(time.perf_counter() - t0)
+            synchronize(device)
+            times[k].append(time.perf_counter() - t0)
     return times
+
 
 @torch.no_grad()
 def count_flops(module, image_size: int, device='cpu') -> float:
     "Forward FLOPs of `module` on one `[1, 3, S, S]` image, counted by `torch.utils.flop_counter`."
     x = torch.zeros(1, 3, image_size, image_size, device=device)
-    with FlopCounterMode(display=False) as fc: module(x)
+    with FlopCounterMode(display=False) as fc:
+        module(x)
     return float(fc.get_total_flops())
+
 
 def host_syncs(step: Callable, device) -> int:
     "Host synchronisations of one call of `step` on CUDA (`torch.cuda.set_sync_debug_mode`)."
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         torch.cuda.set_sync_debug_mode('warn')
-        try: step(); synchronize(device)
-        finally: torch.cuda.set_sync_debug_mode('default')
+        try:
+            step()
+            synchronize(device)
+        finally:
+            torch.cuda.set_sync_debug_mode('default')
     return sum('synchroniz' in str(w.message) for w in caught)
 
-def run_timed(cmd: Sequence[str],  # the command and its arguments
-              every: float = 5.0,  # seconds between samples of the load average
-             ) -> dict:
+
+def run_timed(
+    cmd: Sequence[str],  # the command and its arguments
+    every: float = 5.0,  # seconds between samples of the load average
+) -> dict:
     "Run `cmd` in a fresh process: exit code, output, wall seconds, load average (start / max / end)."
     loads = [load_average()]
     with tempfile.TemporaryFile('w+') as log:
         t0 = time.perf_counter()
         proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, text=True)
         while proc.poll() is None:
-            try: proc.wait(every)
-            except subprocess.TimeoutExpired: loads.append(load_average())
+            try:
+                proc.wait(every)
+            except subprocess.TimeoutExpired:
+                loads.append(load_average())
         wall = time.perf_counter() - t0
-        log.seek(0); out = log.read()
+        log.seek(0)
+        out = log.read()
     loads = [x for x in loads + [load_average()] if x is not None]
-    return dict(returncode=proc.returncode, output=out, wall_s=wall,
-                load=dict(start=loads[0], max=max(loads), end=loads[-1]) if loads else dict(start=None, max=None, end=None))
+    return dict(
+        returncode=proc.returncode,
+        output=out,
+        wall_s=wall,
+        load=dict(start=loads[0], max=max(loads), end=loads[-1])
+        if loads
+        else dict(start=None, max=None, end=None),
+    )
+
 
 # %% ../nbs/13_runtime.ipynb #50a22820
 def all_sum(x: Tensor, rt: Runtime) -> Tensor:
     "Sum of `x` over all processes, in place (no-op when alone)."
-    if rt.distributed: dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    if rt.distributed:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
 
 def all_max(x: Tensor, rt: Runtime) -> Tensor:
     "Elementwise maximum of `x` over all processes, in place (no-op when alone)."
-    if rt.distributed: dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    if rt.distributed:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return x
+
 
 def barrier(rt: Runtime):
     "Wait until every process is here (no-op when alone)."
-    if rt.distributed: dist.barrier()
+    if rt.distributed:
+        dist.barrier()
+
 
 def broadcast_object(obj, rt: Runtime):
     "Rank 0's `obj`, on every process."
-    if not rt.distributed: return obj
+    if not rt.distributed:
+        return obj
     box = [obj if rt.is_main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
+
 @contextmanager
-def main_first(rt: Runtime,
-               local: bool = False,  # True: local rank 0 of every machine goes first (downloads to a machine's cache)
-              ):
+def main_first(
+    rt: Runtime,
+    local: bool = False,  # True: local rank 0 of every machine goes first (downloads to a machine's cache)
+):
     "Rank 0 (or local rank 0 of each machine) runs the body first while the others wait; then the others run it."
     first = rt.local_rank == 0 if local else rt.is_main
-    if not first: barrier(rt)
-    try: yield
+    if not first:
+        barrier(rt)
+    try:
+        yield
     finally:
-        if first: barrier(rt)
+        if first:
+            barrier(rt)
+
 
 # %% ../nbs/13_runtime.ipynb #3087f2d2
 def to_device(batch: dict, device) -> dict:
     "An episode with its tensors on `device` (asynchronous copies from pinned memory)."
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     "The model itself, whether or not DistributedDataParallel wraps it."

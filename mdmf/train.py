@@ -15,14 +15,43 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from fastcore.basics import patch
+from fastcore.imports import in_notebook
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from fastcore.imports import in_notebook
+from mdmf.runs import (
+    BEST,
+    CONFIG,
+    LAST,
+    LOCK,
+    METRICS,
+    SPLITS,
+    RunLog,
+    load_checkpoint,
+    open_run,
+    prepare_data,
+    preserved_rng,
+    resume_config,
+    rng_state,
+    run_metrics,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
+from mdmf.runtime import (
+    Runtime,
+    all_sum,
+    autocast,
+    ddp_device_ids,
+    init_runtime,
+    main_first,
+    set_threads,
+    to_device,
+)
 
-from .config import Config, adam_groups, cli, config_parser, config_to_dict, config_from_args, lr_at
+from .config import Config, adam_groups, cli, config_from_args, config_parser, config_to_dict, lr_at
 from .core import BadInput, atomic_write_text, parse_command
 from .data import dataset_label, episode_data, freeze_split, load_data
 from .episodes import episode_generator
@@ -30,57 +59,101 @@ from .evaluate import crop_size, evaluate
 from .features import FeatureForward, feature_loader, frozen_split_features, uses_features
 from .memory import GiB, plan_training, unused_parameters
 from .model import build_model
-from .runs import (BEST, CONFIG, LAST, LOCK, METRICS, SPLITS, RunLog, load_checkpoint, open_run, prepare_data, preserved_rng,
-                       resume_config, rng_state, run_metrics, save_checkpoint, seed_everything, set_rng_state)
-from .runtime import Runtime, all_sum, autocast, ddp_device_ids, init_runtime, main_first, set_threads, to_device
 
 # %% auto #0
-__all__ = ['episode_indices', 'NonFiniteLoss', 'Trainer', 'Tick', 'train_schedule', 'train', 'TrainOptions', 'main']
+__all__ = [
+    'episode_indices',
+    'NonFiniteLoss',
+    'Trainer',
+    'Tick',
+    'train_schedule',
+    'train',
+    'TrainOptions',
+    'main',
+]
+
 
 # %% ../nbs/19_train.ipynb #3c74862c
 def episode_indices(start: int, total: int, accum: int, rank: int = 0, world: int = 1) -> list:
     "Training episodes of process `rank` from `start` on: in each window of `accum` episodes, every `world`-th."
     return [i for i in range(start, total) if (i % accum) % world == rank]
 
+
 # %% ../nbs/19_train.ipynb #08d12a69
 class NonFiniteLoss(RuntimeError):
     "The loss became NaN or infinite; the run stopped before stepping with it."
+
 
 def _crossed(before: int, after: int, every: int) -> bool:
     "Whether a multiple of `every` lies in (before, after]."
     return every > 0 and after // every > before // every
 
+
 class Trainer:
     "Trains a model with the episodic protocol, selects it on val, tests it; writes the run folder."
-    def __init__(self, cfg: Config, rt: Optional[Runtime] = None, folder: Optional[Path] = None,
-                 quiet: bool = False, on_log: Optional[Callable] = None):  # on_log(entry): called with each log record
+
+    def __init__(
+        self,
+        cfg: Config,
+        rt: Optional[Runtime] = None,
+        folder: Optional[Path] = None,
+        quiet: bool = False,
+        on_log: Optional[Callable] = None,
+    ):  # on_log(entry): called with each log record
         self.cfg, self.rt, self.on_log = cfg, rt or Runtime(), on_log
         self.folder = Path(folder) if folder is not None else cfg.run_dir
-        if self.rt.is_main: self.folder.mkdir(parents=True, exist_ok=True)
+        if self.rt.is_main:
+            self.folder.mkdir(parents=True, exist_ok=True)
         self.log = RunLog(self.folder, self.rt.is_main, quiet)
         seed_everything(cfg.run.seed + self.rt.rank)
-        with main_first(self.rt, local=True): self.model = build_model(cfg.model)  # local rank 0 of each machine downloads CLIP first
+        # local rank 0 of each machine downloads CLIP first
+        with main_first(self.rt, local=True):
+            self.model = build_model(cfg.model)
         self.model.to(self.rt.device)
         fast_path = self.rt.fast and self.rt.device.type == 'cuda'
-        if fast_path: self.model.backbone.use_channels_last()  # ResNet convolutions in cuDNN's NHWC layout
-        self.memory = plan_training(self.model, cfg, self.rt)  # activation checkpointing if an episode would not fit
+        if fast_path:
+            self.model.backbone.use_channels_last()  # ResNet convolutions in cuDNN's NHWC layout
+        # activation checkpointing if an episode would not fit
+        self.memory = plan_training(self.model, cfg, self.rt)
         self.memory.apply(self.model.backbone)
-        if self.memory.message: self.log.write(self.memory.message)
+        if self.memory.message:
+            self.log.write(self.memory.message)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         o = cfg.optim
-        self.opt = (torch.optim.Adam(adam_groups(self.model, o), lr=o.lr, weight_decay=o.weight_decay, fused=True if fast_path else None)
-                    if self.params else None)  # fused: one kernel for every parameter's update on CUDA
+        self.opt = (
+            torch.optim.Adam(
+                adam_groups(self.model, o),
+                lr=o.lr,
+                weight_decay=o.weight_decay,
+                fused=True if fast_path else None,
+            )
+            if self.params
+            else None
+        )  # fused: one kernel for every parameter's update on CUDA
         self.scaler = torch.amp.GradScaler(self.rt.device.type, enabled=self.rt.amp_dtype == torch.float16)
-        self.state = dict(episode=0, step=0, best_accuracy=-1.0, best_ci95=float('nan'), best_episode=-1,
-                          seconds=dict(train=0.0, val=0.0), history=[])
+        self.state = dict(
+            episode=0,
+            step=0,
+            best_accuracy=-1.0,
+            best_ci95=float('nan'),
+            best_episode=-1,
+            seconds=dict(train=0.0, val=0.0),
+            history=[],
+        )
         self.best_weights = None  # CPU copy of the best weights so far
         self._sums = self._zero_sums()
-        self.cached = uses_features(cfg)  # trains on cached features: the visual encoder frozen (features notebook)
+        # trains on cached features: the visual encoder frozen (features notebook)
+        self.cached = uses_features(cfg)
         self.net = FeatureForward(self.model) if self.cached else self.model
         self.ddp = None
         if self.rt.distributed and self.params:
-            self.ddp = DistributedDataParallel(self.net, device_ids=ddp_device_ids(self.rt),  # searching costs a pass per step
-                                               find_unused_parameters=bool(unused_parameters(self.net, self.model, cfg, self.rt, self.cached)))
+            self.ddp = DistributedDataParallel(
+                self.net,
+                device_ids=ddp_device_ids(self.rt),  # searching costs a pass per step
+                find_unused_parameters=bool(
+                    unused_parameters(self.net, self.model, cfg, self.rt, self.cached)
+                ),
+            )
         self.train_split = self.val_split = None
 
     def _zero_sums(self) -> dict:
@@ -90,9 +163,11 @@ class Trainer:
     def _record(self, entry: dict):
         self.state['history'].append(entry)
         self.log.record(**entry)
-        if self.on_log is not None and self.rt.is_main: self.on_log(entry)
+        if self.on_log is not None and self.rt.is_main:
+            self.on_log(entry)
 
-    def _weights(self) -> dict: return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+    def _weights(self) -> dict:
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
 
 # %% ../nbs/19_train.ipynb #7529703e
@@ -100,15 +175,21 @@ class Trainer:
 def memory_metrics(self: Trainer) -> dict:
     "The memory plan and, on CUDA, the measured peak beside the predicted one (for metrics.json)."
     p, cuda = self.memory, self.rt.device.type == 'cuda'
-    return dict(activation_checkpoint=p.activation_checkpoint, chunk=p.chunk,
-                predicted_peak_gib=p.peak and round(p.peak / GiB, 2),
-                peak_gib=round(torch.cuda.max_memory_allocated(self.rt.device) / GiB, 2) if cuda else None)
+    return dict(
+        activation_checkpoint=p.activation_checkpoint,
+        chunk=p.chunk,
+        predicted_peak_gib=p.peak and round(p.peak / GiB, 2),
+        peak_gib=round(torch.cuda.max_memory_allocated(self.rt.device) / GiB, 2) if cuda else None,
+    )
+
 
 @patch
 def sync_buffers(self: Trainer):
     "Give every process rank 0's buffers (BatchNorm statistics drift apart between processes)."
     if self.rt.distributed:
-        for b in self.model.buffers(): dist.broadcast(b, 0)
+        for b in self.model.buffers():
+            dist.broadcast(b, 0)
+
 
 @patch
 def set_bn_mode(self: Trainer):
@@ -123,55 +204,86 @@ def set_bn_mode(self: Trainer):
 def checkpoint(self: Trainer, grads: bool = False) -> dict:
     "Everything needed to continue the run (gradients too when stopped inside an accumulation window)."
     rngs = [rng_state()]
-    sums = {k: v.clone() if k != 'parts' else {n: x.clone() for n, x in v.items()} for k, v in self._sums.items()}
+    sums = {
+        k: v.clone() if k != 'parts' else {n: x.clone() for n, x in v.items()} for k, v in self._sums.items()
+    }
     for v in [v for k, v in sums.items() if k != 'parts'] + [sums['parts'][n] for n in sorted(sums['parts'])]:
-        all_sum(v, self.rt)  # the loss sums of all processes: a resumed run gives them to rank 0, the others start from 0
+        # the loss sums of all processes: a resumed run gives them to rank 0, the others start from 0
+        all_sum(v, self.rt)
     if self.rt.distributed:
         rngs = [None] * self.rt.world
         dist.all_gather_object(rngs, rng_state())
-    return dict(config=config_to_dict(self.cfg), model=self.model.state_dict(),
-                optimizer=self.opt.state_dict() if self.opt else None,
-                scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None, state=self.state, rng=rngs,
-                grads=[None if p.grad is None else p.grad.detach().cpu() for p in self.params] if grads else None,
-                sums=sums)
+    return dict(
+        config=config_to_dict(self.cfg),
+        model=self.model.state_dict(),
+        optimizer=self.opt.state_dict() if self.opt else None,
+        scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
+        state=self.state,
+        rng=rngs,
+        grads=[None if p.grad is None else p.grad.detach().cpu() for p in self.params] if grads else None,
+        sums=sums,
+    )
+
 
 @patch
 def save_last(self: Trainer, grads: bool = False):
     self.state['saved_episode'] = self.state['episode']
     ck = self.checkpoint(grads)
-    if self.rt.is_main: save_checkpoint(self.folder / LAST, ck)
+    if self.rt.is_main:
+        save_checkpoint(self.folder / LAST, ck)
+
 
 @patch
 def save_best(self: Trainer, accuracy: float):
     self.best_weights = self._weights()
     if self.rt.is_main:
-        save_checkpoint(self.folder / BEST, dict(config=config_to_dict(self.cfg), model=self.best_weights,
-                                                 episode=self.state['episode'], val_accuracy=accuracy))
+        save_checkpoint(
+            self.folder / BEST,
+            dict(
+                config=config_to_dict(self.cfg),
+                model=self.best_weights,
+                episode=self.state['episode'],
+                val_accuracy=accuracy,
+            ),
+        )
+
 
 @patch
 def load(self: Trainer, path: Path):
     "Continue from a checkpoint written by `save_last`."
     ck = load_checkpoint(path)  # on the CPU: random states stay CPU tensors, and each tensor is placed below
-    like = lambda p, v: torch.empty_like(p).copy_(v)  # `v` on p's device, in p's dtype and memory format (channels-last)
+    # `v` on p's device, in p's dtype and memory format (channels-last)
+    like = lambda p, v: torch.empty_like(p).copy_(v)
     self.model.load_state_dict(ck['model'])
-    if self.opt and ck['optimizer']:  # the saved run's `fused` is replaced by this device's choice before loading
+    if (
+        self.opt and ck['optimizer']
+    ):  # the saved run's `fused` is replaced by this device's choice before loading
         sd, groups = ck['optimizer'], self.opt.param_groups
-        self.opt.load_state_dict(dict(sd, param_groups=[dict(s, fused=g.get('fused')) for s, g in zip(sd['param_groups'], groups)]))
+        self.opt.load_state_dict(
+            dict(sd, param_groups=[dict(s, fused=g.get('fused')) for s, g in zip(sd['param_groups'], groups)])
+        )
         for p in self.params:  # Adam's moments laid out as their parameter, e.g. a CPU run resumed on a GPU
             st = self.opt.state.get(p, {})
             for k, v in st.items():
-                if torch.is_tensor(v) and v.shape == p.shape: st[k] = like(p, v)
-    if self.scaler.is_enabled() and ck.get('scaler'): self.scaler.load_state_dict(ck['scaler'])
+                if torch.is_tensor(v) and v.shape == p.shape:
+                    st[k] = like(p, v)
+    if self.scaler.is_enabled() and ck.get('scaler'):
+        self.scaler.load_state_dict(ck['scaler'])
     self.state = ck['state']
     self.set_bn_mode()
     if ck['grads'] is not None:  # stopped inside an accumulation window
-        for p, g in zip(self.params, ck['grads']): p.grad = None if g is None else like(p, g)
+        for p, g in zip(self.params, ck['grads']):
+            p.grad = None if g is None else like(p, g)
     put = lambda v: v.to(self.rt.device) if self.rt.rank == 0 else torch.zeros_like(v, device=self.rt.device)
-    self._sums = {k: put(v) if k != 'parts' else {n: put(x) for n, x in v.items()} for k, v in ck['sums'].items()}
+    self._sums = {
+        k: put(v) if k != 'parts' else {n: put(x) for n, x in v.items()} for k, v in ck['sums'].items()
+    }
     rngs = ck['rng']
     set_rng_state(rngs[self.rt.rank] if len(rngs) == self.rt.world else rngs[0])
-    if (self.folder / BEST).exists(): self.best_weights = load_checkpoint(self.folder / BEST)['model']
+    if (self.folder / BEST).exists():
+        self.best_weights = load_checkpoint(self.folder / BEST)['model']
     self.log.write(f'resumed from {path} at episode {self.state["episode"]} (step {self.state["step"]})')
+
 
 # %% ../nbs/19_train.ipynb #80753382
 @patch
@@ -181,34 +293,53 @@ def episode_loss(self: Trainer, i: int, batch: dict, scale: float = 1.0):
     b = to_device(batch, rt.device)
     x = (b['support_feats'], b['query_feats']) if self.cached else (b['support'], b['query'])
     with autocast(rt):
-        out = net(x[0], b['support_labels'], x[1], b['class_names'], b['query_labels'],
-                  generator=episode_generator(self.cfg.run.seed, 'train', i, rt.device))
+        out = net(
+            x[0],
+            b['support_labels'],
+            x[1],
+            b['class_names'],
+            b['query_labels'],
+            generator=episode_generator(self.cfg.run.seed, 'train', i, rt.device),
+        )
     loss = out.loss.float()
     self.scaler.scale(loss * scale).backward()
     s, loss = self._sums, loss.detach()
-    s['window'] += loss; s['loss'] += loss; s['episodes'] += 1
+    s['window'] += loss
+    s['loss'] += loss
+    s['episodes'] += 1
     s['correct'] += (out.logits.detach().argmax(-1) == b['query_labels']).sum()
     s['queries'] += b['query_labels'].numel()
-    for k, v in out.losses.items(): s['parts'][k] = s['parts'].get(k, 0) + v.detach().float()
+    for k, v in out.losses.items():
+        s['parts'][k] = s['parts'].get(k, 0) + v.detach().float()
     return out
+
 
 @patch
 def _check_finite(self: Trainer, i: int):
     bad = (~torch.isfinite(self._sums['window'])).float()
-    if self.rt.distributed: dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if self.rt.distributed:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if bad.item():
         last = self.folder / LAST
-        kept = (f'the last good checkpoint {last} (episode {self.state.get("saved_episode", "?")}) is kept'
-                if last.exists() else 'no checkpoint had been written yet')
-        raise NonFiniteLoss(f'the training loss became {self._sums["window"].item()} by episode {i} '
-                            f'(optimiser step {self.state["step"]}): stopped before stepping with it; {kept}. '
-                            'Try a lower --lr, --grad-clip or --no-amp, then --resume.')
+        kept = (
+            f'the last good checkpoint {last} (episode {self.state.get("saved_episode", "?")}) is kept'
+            if last.exists()
+            else 'no checkpoint had been written yet'
+        )
+        raise NonFiniteLoss(
+            f'the training loss became {self._sums["window"].item()} by episode {i} '
+            f'(optimiser step {self.state["step"]}): stopped before stepping with it; {kept}. '
+            'Try a lower --lr, --grad-clip or --no-amp, then --resume.'
+        )
+
 
 @patch
 def step(self: Trainer, lr: Optional[float] = None):
     "Adam step on the accumulated gradients (at rate `lr`, default: as it is), then clear them."
-    if self.opt is None: return
-    for g in self.opt.param_groups if lr is not None else (): g['lr'] = lr
+    if self.opt is None:
+        return
+    for g in self.opt.param_groups if lr is not None else ():
+        g['lr'] = lr
     if self.cfg.optim.grad_clip > 0:
         self.scaler.unscale_(self.opt)
         torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
@@ -218,22 +349,34 @@ def step(self: Trainer, lr: Optional[float] = None):
     self.state['step'] += 1
     self._sums['window'].zero_()
 
+
 @patch
 def _log_train(self: Trainer, bar=None) -> dict:
     s = self._sums
     keys = sorted(s['parts'])
     vals = torch.stack([s['loss'], s['correct'], s['queries'], s['episodes']] + [s['parts'][k] for k in keys])
-    if self.rt.distributed: dist.all_reduce(vals)
+    if self.rt.distributed:
+        dist.all_reduce(vals)
     vals = vals.tolist()
     n = max(vals[3], 1)
-    entry = dict(kind='train', episode=self.state['episode'], step=self.state['step'], loss=vals[0] / n,
-                 accuracy=100 * vals[1] / max(vals[2], 1), **{f'loss_{k}': v / n for k, v in zip(keys, vals[4:])},
-                 lr=self.opt.param_groups[0]['lr'] if self.opt else self.cfg.optim.lr, seconds=round(self.state['seconds']['train'], 2))
+    entry = dict(
+        kind='train',
+        episode=self.state['episode'],
+        step=self.state['step'],
+        loss=vals[0] / n,
+        accuracy=100 * vals[1] / max(vals[2], 1),
+        **{f'loss_{k}': v / n for k, v in zip(keys, vals[4:])},
+        lr=self.opt.param_groups[0]['lr'] if self.opt else self.cfg.optim.lr,
+        seconds=round(self.state['seconds']['train'], 2),
+    )
     self._record(entry)
-    if bar is not None: bar.set_postfix(loss=f'{entry["loss"]:.3f}', acc=f'{entry["accuracy"]:.1f}')
-    for k in ('loss', 'correct', 'queries', 'episodes'): s[k].zero_()
+    if bar is not None:
+        bar.set_postfix(loss=f'{entry["loss"]:.3f}', acc=f'{entry["accuracy"]:.1f}')
+    for k in ('loss', 'correct', 'queries', 'episodes'):
+        s[k].zero_()
     s['parts'] = {}
     return entry
+
 
 # %% ../nbs/19_train.ipynb #a8b6a614
 @patch
@@ -242,24 +385,43 @@ def validate(self: Trainer) -> dict:
     self.sync_buffers()
     with preserved_rng():
         feats = frozen_split_features(self.model, self.val_split, self.cfg, self.rt) if self.cached else None
-        r = evaluate(self.model, self.cfg, 'val', self.cfg.eval.val_episodes, rt=self.rt, data=self.val_split,
-                     features=feats, progress=self.cfg.run.progress)
+        r = evaluate(
+            self.model,
+            self.cfg,
+            'val',
+            self.cfg.eval.val_episodes,
+            rt=self.rt,
+            data=self.val_split,
+            features=feats,
+            progress=self.cfg.run.progress,
+        )
     self.state['seconds']['val'] += time.perf_counter() - t0
     better = r.accuracy > self.state['best_accuracy']
     if better:
         self.state.update(best_accuracy=r.accuracy, best_ci95=r.ci95, best_episode=self.state['episode'])
         self.save_best(r.accuracy)
-    entry = dict(kind='val', episode=self.state['episode'], step=self.state['step'], accuracy=r.accuracy,
-                 ci95=r.ci95, episodes=r.episodes, best=better)
+    entry = dict(
+        kind='val',
+        episode=self.state['episode'],
+        step=self.state['step'],
+        accuracy=r.accuracy,
+        ci95=r.ci95,
+        episodes=r.episodes,
+        best=better,
+    )
     self._record(entry)
     self.set_bn_mode()
-    self.log.write(f'val @ episode {self.state["episode"]}: {r.accuracy:.2f} ± {r.ci95:.2f} %'
-                   + (' (best so far)' if better else ''))
+    self.log.write(
+        f'val @ episode {self.state["episode"]}: {r.accuracy:.2f} ± {r.ci95:.2f} %'
+        + (' (best so far)' if better else '')
+    )
     return entry
+
 
 # %% ../nbs/19_train.ipynb #29dd6132
 class Tick(NamedTuple):
     "What one training episode of one process does, and what follows its backward."
+
     episode: int  # i: the episode this process trains
     window: tuple  # (first, end): its accumulation window; the loss is scaled by world / (end - first)
     step: bool  # the process's last episode of the window: gradients summed over processes, Adam steps
@@ -268,14 +430,21 @@ class Tick(NamedTuple):
     validate: bool  # a val round
     checkpoint: bool  # save last.pt (inside a window: with the partial gradients)
 
-def train_schedule(start: int,  # episodes already done (a resumed run's `state['episode']`)
-                   total: int,  # train_episodes (with several processes: a whole number of episodes per window each)
-                   accum: int,  # A, episodes per optimiser step
-                   rank: int = 0, world: int = 1,  # this process, and how many share each window
-                   log_every: int = 0, val_every: int = 0, val_start: int = 0, checkpoint_every: int = 0,  # 0: never
-                  ) -> list:  # [Tick] in training order
+
+def train_schedule(
+    start: int,  # episodes already done (a resumed run's `state['episode']`)
+    total: int,  # train_episodes (with several processes: a whole number of episodes per window each)
+    accum: int,  # A, episodes per optimiser step
+    rank: int = 0,
+    world: int = 1,  # this process, and how many share each window
+    log_every: int = 0,
+    val_every: int = 0,
+    val_start: int = 0,
+    checkpoint_every: int = 0,  # 0: never
+) -> list:  # [Tick] in training order
     "Per training episode of process `rank`: its window, and when it steps, logs, validates and saves."
-    ticks, done, boundary = [], start, (start // accum) * accum  # boundary: episodes done at the last window end
+    # boundary: episodes done at the last window end
+    ticks, done, boundary = [], start, (start // accum) * accum
     mine = episode_indices(start, total, accum, rank, world)
     last = {i // accum: i for i in mine}  # this process's last episode of each window
     for i in mine:
@@ -283,24 +452,41 @@ def train_schedule(start: int,  # episodes already done (a resumed run's `state[
         end = min(first + accum, total)
         step = last[i // accum] == i
         before, now = done, end if step else i + 1
-        if step or world == 1: done = now  # with several processes, episodes count whole windows
+        if step or world == 1:
+            done = now  # with several processes, episodes count whole windows
         log = step and (_crossed(boundary, now, log_every) or now == total)
         val = step and ((_crossed(boundary, now, val_every) and now >= val_start) or now == total)
-        if step: boundary = now
+        if step:
+            boundary = now
         save = (step or world == 1) and _crossed(before, now, checkpoint_every)
         ticks.append(Tick(i, (first, end), step, done, log, val, save))
     return ticks
+
 
 # %% ../nbs/19_train.ipynb #895094e9
 @patch
 def _loader(self: Trainer, episodes: list):
     "A loader of the training episodes `episodes`, one per batch: decoded clips, or cached features (frozen encoder)."
     cfg, rt = self.cfg, self.rt
-    if self.cached: return feature_loader(self.model, self.train_split, cfg, rt, episodes, self.log.write)
-    data = episode_data(cfg.data, self.train_split, cfg.model.frames, crop_size(self.model), cfg.optim.train_episodes,
-                        cfg.run.seed)
-    return DataLoader(data, batch_size=None, sampler=episodes, num_workers=cfg.data.workers,
-                      pin_memory=rt.device.type == 'cuda', generator=torch.Generator().manual_seed(cfg.run.seed))
+    if self.cached:
+        return feature_loader(self.model, self.train_split, cfg, rt, episodes, self.log.write)
+    data = episode_data(
+        cfg.data,
+        self.train_split,
+        cfg.model.frames,
+        crop_size(self.model),
+        cfg.optim.train_episodes,
+        cfg.run.seed,
+    )
+    return DataLoader(
+        data,
+        batch_size=None,
+        sampler=episodes,
+        num_workers=cfg.data.workers,
+        pin_memory=rt.device.type == 'cuda',
+        generator=torch.Generator().manual_seed(cfg.run.seed),
+    )
+
 
 # %% ../nbs/19_train.ipynb #0db95dd7
 @patch
@@ -309,18 +495,39 @@ def fit(self: Trainer) -> Trainer:
     cfg, rt = self.cfg, self.rt
     total, A, W = cfg.optim.train_episodes, max(cfg.optim.accum, 1), rt.world
     if W > 1:
-        if A < W: raise BadInput(f'--accum {A} must be at least the number of processes {W}')
-        if 0 < total % A < W: total -= total % A  # every process needs an episode in the last window
+        if A < W:
+            raise BadInput(f'--accum {A} must be at least the number of processes {W}')
+        if 0 < total % A < W:
+            total -= total % A  # every process needs an episode in the last window
     self.train_split = self.train_split or load_data(cfg.data, 'train')
     self.val_split = self.val_split or load_data(cfg.data, 'val')
     start = self.state['episode']
-    if self.opt is None: total = start  # nothing to train (e.g. frozen zero-shot CLIP)
-    with torch.no_grad(): self.model.class_tokens(self.train_split.class_names)  # frozen prompts, one batch (as on resume)
-    self.model.set_text_classes(self.train_split.class_names)  # CLIP-FSAR's video-text loss covers every training class
-    ticks = train_schedule(start, total, A, rt.rank, W, cfg.run.log_every, cfg.eval.val_every, cfg.eval.val_start,
-                           cfg.run.checkpoint_every)
-    bar = tqdm(total=total, initial=start, desc='train', disable=not (cfg.run.progress and rt.is_main),
-               dynamic_ncols=True, unit='ep')
+    if self.opt is None:
+        total = start  # nothing to train (e.g. frozen zero-shot CLIP)
+    # frozen prompts, one batch (as on resume)
+    with torch.no_grad():
+        self.model.class_tokens(self.train_split.class_names)
+    # CLIP-FSAR's video-text loss covers every training class
+    self.model.set_text_classes(self.train_split.class_names)
+    ticks = train_schedule(
+        start,
+        total,
+        A,
+        rt.rank,
+        W,
+        cfg.run.log_every,
+        cfg.eval.val_every,
+        cfg.eval.val_start,
+        cfg.run.checkpoint_every,
+    )
+    bar = tqdm(
+        total=total,
+        initial=start,
+        desc='train',
+        disable=not (cfg.run.progress and rt.is_main),
+        dynamic_ncols=True,
+        unit='ep',
+    )
     self.model.train()
     t_last, pos = time.perf_counter(), 0
     while pos < len(ticks):  # one loader per stretch between val rounds (see `_loader`)
@@ -328,7 +535,7 @@ def fit(self: Trainer) -> Trainer:
         for t in ticks[pos:]:
             batch, pos = next(batches), pos + 1
             first, end = t.window
-            with (self.ddp.no_sync() if self.ddp is not None and not t.step else nullcontext()):
+            with self.ddp.no_sync() if self.ddp is not None and not t.step else nullcontext():
                 self.episode_loss(t.episode, batch, scale=W / (end - first))
             if t.step:
                 self._check_finite(t.episode)
@@ -336,42 +543,60 @@ def fit(self: Trainer) -> Trainer:
             self.state['episode'] = t.done
             bar.update(t.done - bar.n)  # episodes done by all processes (whole windows when several)
             self.state['seconds']['train'] += time.perf_counter() - t_last
-            if t.log: self._log_train(bar)
+            if t.log:
+                self._log_train(bar)
             if t.validate:
                 batches = None  # end the training workers and their prefetched episodes first
                 self.validate()
             if t.checkpoint:
-                if not t.step: self._check_finite(t.episode)
+                if not t.step:
+                    self._check_finite(t.episode)
                 self.save_last(grads=not t.step)
             t_last = time.perf_counter()
-            if t.validate: break
+            if t.validate:
+                break
     bar.close()
-    if self.state.get('saved_episode') != total: self.save_last()
-    if self.state['best_episode'] < 0: self.validate()  # nothing trained: select the weights as they are
+    if self.state.get('saved_episode') != total:
+        self.save_last()
+    if self.state['best_episode'] < 0:
+        self.validate()  # nothing trained: select the weights as they are
     return self
+
 
 # %% ../nbs/19_train.ipynb #6ce8e2f4
 @patch
 def test(self: Trainer, episodes: Optional[int] = None, shot: Optional[int] = None) -> dict:
     "Test the best weights (by val accuracy) on the test split."
-    if self.best_weights is not None: self.model.load_state_dict(self.best_weights)
+    if self.best_weights is not None:
+        self.model.load_state_dict(self.best_weights)
     self.sync_buffers()
     split = load_data(self.cfg.data, 'test')
     feats = frozen_split_features(self.model, split, self.cfg, self.rt) if self.cached else None
-    r = evaluate(self.model, self.cfg, 'test', episodes or self.cfg.eval.test_episodes, shot=shot, rt=self.rt,
-                 data=split, features=feats, progress=self.cfg.run.progress)
+    r = evaluate(
+        self.model,
+        self.cfg,
+        'test',
+        episodes or self.cfg.eval.test_episodes,
+        shot=shot,
+        rt=self.rt,
+        data=split,
+        features=feats,
+        progress=self.cfg.run.progress,
+    )
     self.test_result = r
     entry = dict(kind='test', **r.metrics(), seconds=r.seconds)
     self.log.record(**entry)
     return entry
 
+
 # %% ../nbs/19_train.ipynb #fa8ad694
-def train(cfg: Config,  # the run's settings
-          rt: Optional[Runtime] = None,  # default: from the config's device and torchrun's environment
-          quiet: bool = False,  # print nothing (the run folder still gets everything)
-          return_trainer: bool = False,  # return (metrics, trainer)
-          on_log: Optional[Callable] = None,  # on_log(entry): called with each log record (live curves)
-         ):
+def train(
+    cfg: Config,  # the run's settings
+    rt: Optional[Runtime] = None,  # default: from the config's device and torchrun's environment
+    quiet: bool = False,  # print nothing (the run folder still gets everything)
+    return_trainer: bool = False,  # return (metrics, trainer)
+    on_log: Optional[Callable] = None,  # on_log(entry): called with each log record (live curves)
+):
     "Run `cfg` end to end (data, training, val selection, test); returns the metrics written to metrics.json."
     t0 = time.perf_counter()
     set_threads(cfg.run.threads)
@@ -379,72 +604,103 @@ def train(cfg: Config,  # the run's settings
     say = RunLog(None, rt.is_main, quiet).write
     folder, lock, note = open_run(cfg, rt)
     try:
-        if note: say(note)
-        if cfg.run.resume: cfg = resume_config(cfg, folder / LAST, say)
+        if note:
+            say(note)
+        if cfg.run.resume:
+            cfg = resume_config(cfg, folder / LAST, say)
         t_data = time.perf_counter()
         prepare_data(cfg, rt, say)
-        with main_first(rt): cfg = cfg.replace(data=freeze_split(cfg.data, folder / SPLITS))  # a class split made now
-        splits = {s: load_data(cfg.data, s) for s in ('train', 'val')}  # a data problem stops the run here, early
+        # a class split made now
+        with main_first(rt):
+            cfg = cfg.replace(data=freeze_split(cfg.data, folder / SPLITS))
+        # a data problem stops the run here, early
+        splits = {s: load_data(cfg.data, s) for s in ('train', 'val')}
         t_data = time.perf_counter() - t_data
         trainer = Trainer(cfg, rt, folder, quiet, on_log)
         trainer.train_split, trainer.val_split = splits['train'], splits['val']
-        if cfg.run.resume: trainer.load(folder / LAST)
-        if rt.is_main: atomic_write_text(folder / CONFIG, json.dumps(config_to_dict(cfg), indent=1))
+        if cfg.run.resume:
+            trainer.load(folder / LAST)
+        if rt.is_main:
+            atomic_write_text(folder / CONFIG, json.dumps(config_to_dict(cfg), indent=1))
         if not cfg.run.resume:
             n = sum(p.numel() for p in trainer.params)
-            trainer.log.write(f'{cfg.model.model} ({cfg.model.backbone}, {n / 1e6:.2f}M trainable parameters) on '
-                              f'{dataset_label(cfg.data)}: {cfg.data.way}-way {cfg.data.shot}-shot, {cfg.optim.train_episodes} '
-                              f'training episodes, {rt.device}{f" x{rt.world}" if rt.distributed else ""}, '
-                              f'{rt.amp_dtype or torch.float32}; run folder {folder}')
+            trainer.log.write(
+                f'{cfg.model.model} ({cfg.model.backbone}, {n / 1e6:.2f}M trainable parameters) on '
+                f'{dataset_label(cfg.data)}: {cfg.data.way}-way {cfg.data.shot}-shot, {cfg.optim.train_episodes} '
+                f'training episodes, {rt.device}{f" x{rt.world}" if rt.distributed else ""}, '
+                f'{rt.amp_dtype or torch.float32}; run folder {folder}'
+            )
         trainer.fit()
         t_test = time.perf_counter()
         test = trainer.test()
-        timings = dict(data_s=round(t_data, 2), test_s=round(time.perf_counter() - t_test, 2),
-                       total_s=round(time.perf_counter() - t0, 2))
+        timings = dict(
+            data_s=round(t_data, 2),
+            test_s=round(time.perf_counter() - t_test, 2),
+            total_s=round(time.perf_counter() - t0, 2),
+        )
         metrics = run_metrics(cfg, trainer.state, test, rt, timings)
         metrics['memory'] = trainer.memory_metrics()
-        if rt.is_main: atomic_write_text(folder / METRICS, json.dumps(metrics, indent=1))
+        if rt.is_main:
+            atomic_write_text(folder / METRICS, json.dumps(metrics, indent=1))
         st = trainer.state
-        trainer.log.write(f'{cfg.model.model} on {dataset_label(cfg.data)} test classes, {cfg.data.way}-way {cfg.data.shot}-shot: '
-                          f'{trainer.test_result.summary()}; val {st["best_accuracy"]:.2f} % at episode '
-                          f'{st["best_episode"]}; {timings["total_s"]:.0f} s; {folder}')
+        trainer.log.write(
+            f'{cfg.model.model} on {dataset_label(cfg.data)} test classes, {cfg.data.way}-way {cfg.data.shot}-shot: '
+            f'{trainer.test_result.summary()}; val {st["best_accuracy"]:.2f} % at episode '
+            f'{st["best_episode"]}; {timings["total_s"]:.0f} s; {folder}'
+        )
     except BaseException:
         if rt.is_main and lock is not None and not [p for p in folder.iterdir() if p.name != LOCK]:
-            lock.release(); folder.rmdir()  # nothing was written: leave no empty run folder behind
+            lock.release()
+            folder.rmdir()  # nothing was written: leave no empty run folder behind
         raise
     finally:
-        if lock is not None: lock.release()
+        if lock is not None:
+            lock.release()
     return (metrics, trainer) if return_trainer else metrics
+
 
 # %% ../nbs/19_train.ipynb #6d97d847
 @dataclass
 class TrainOptions:
     "What `python -m mdmf.train` does besides the run its settings describe."
+
     print_config: bool = False  # print the settings the flags resolve to (JSON) and exit
+
 
 def main(argv: Optional[Sequence[str]] = None):
     "`python -m mdmf.train [flags]`: see `--help`."
-    o, args = parse_command(config_parser(description=_DESCRIPTION, epilog=_EXAMPLES, options=TrainOptions()), argv, TrainOptions)
+    o, args = parse_command(
+        config_parser(description=_DESCRIPTION, epilog=_EXAMPLES, options=TrainOptions()), argv, TrainOptions
+    )
     cfg = config_from_args(args)
-    if o.print_config: return print(json.dumps(config_to_dict(cfg), indent=1))
-    try: return train(cfg)
+    if o.print_config:
+        return print(json.dumps(config_to_dict(cfg), indent=1))
+    try:
+        return train(cfg)
     except NonFiniteLoss as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(3)
     finally:
-        if dist.is_initialized(): dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
-_DESCRIPTION = ('Train CLIP-MDMF (or a baseline) on few-shot episodes, select the best checkpoint on the val classes, '
-                'test on the test classes, and write a run folder runs/<name>/ with config.json, metrics.json, log.jsonl, '
-                'train.log, best.pt and last.pt. An existing run folder is never overwritten: a new run of the same name '
-                'goes to <name>-2, ... (--resume continues a run, --overwrite replaces it). With no arguments: the '
-                'synthetic preset (made under data/synthetic if absent), the tiny pretrained CLIP, minutes on a CPU.')
-_EXAMPLES = ('examples:\n  python -m mdmf.train\n  python -m mdmf.train --model frame-mean\n'
-             '  python -m mdmf.train --preset hmdb51 --data-root /data/hmdb51 --shot 1 --backbone ViT-B/16\n'
-             '  torchrun --nproc_per_node=4 -m mdmf.train --preset ssv2_small --data-root /data/ssv2\n'
-             '  python -m mdmf.train --config run.toml --lr 2e-5\n'
-             '  python -m mdmf.train --resume --name synthetic-mdmf-5shot\n')
+
+_DESCRIPTION = (
+    'Train CLIP-MDMF (or a baseline) on few-shot episodes, select the best checkpoint on the val classes, '
+    'test on the test classes, and write a run folder runs/<name>/ with config.json, metrics.json, log.jsonl, '
+    'train.log, best.pt and last.pt. An existing run folder is never overwritten: a new run of the same name '
+    'goes to <name>-2, ... (--resume continues a run, --overwrite replaces it). With no arguments: the '
+    'synthetic preset (made under data/synthetic if absent), the tiny pretrained CLIP, minutes on a CPU.'
+)
+_EXAMPLES = (
+    'examples:\n  python -m mdmf.train\n  python -m mdmf.train --model frame-mean\n'
+    '  python -m mdmf.train --preset hmdb51 --data-root /data/hmdb51 --shot 1 --backbone ViT-B/16\n'
+    '  torchrun --nproc_per_node=4 -m mdmf.train --preset ssv2_small --data-root /data/ssv2\n'
+    '  python -m mdmf.train --config run.toml --lr 2e-5\n'
+    '  python -m mdmf.train --resume --name synthetic-mdmf-5shot\n'
+)
 
 # %% ../nbs/19_train.ipynb #10820835
 #| eval: false
-if __name__ == '__main__' and not in_notebook(): cli(main)  # a notebook kernel's __name__ is '__main__' too
+if __name__ == '__main__' and not in_notebook():
+    cli(main)  # a notebook kernel's __name__ is '__main__' too

@@ -20,37 +20,66 @@ from .core import BadInput, MissingInput, PathLike, atomic_write
 from .datasets import IMAGE_EXTS, natural_key
 
 # %% auto #0
-__all__ = ['CLIP_MEAN', 'CLIP_STD', 'FRAME_MODES', 'RANDOM_FRAME_MODES', 'write_mp4', 'write_frames', 'frame_files', 'num_frames',
-           'read_frames', 'frame_indices', 'resize_short', 'normalize', 'to_clip_input', 'to_uint8', 'crop_clip',
-           'transform_clip', 'read_clip']
+__all__ = [
+    'CLIP_MEAN',
+    'CLIP_STD',
+    'FRAME_MODES',
+    'RANDOM_FRAME_MODES',
+    'write_mp4',
+    'write_frames',
+    'frame_files',
+    'num_frames',
+    'read_frames',
+    'frame_indices',
+    'resize_short',
+    'normalize',
+    'to_clip_input',
+    'to_uint8',
+    'crop_clip',
+    'transform_clip',
+    'read_clip',
+]
+
 
 # %% ../nbs/02_video.ipynb #b5597755
-def write_mp4(path: PathLike,  # the .mp4 file to write
-              frames: np.ndarray,  # uint8 [T, H, W, 3], H and W even
-              fps: int = 8,  # frames per second
-              codec: str = 'libx264',  # 'mpeg4' writes the same bytes on every run and machine
-             ) -> Path:
+def write_mp4(
+    path: PathLike,  # the .mp4 file to write
+    frames: np.ndarray,  # uint8 [T, H, W, 3], H and W even
+    fps: int = 8,  # frames per second
+    codec: str = 'libx264',  # 'mpeg4' writes the same bytes on every run and machine
+) -> Path:
     "Write uint8 frames `[T, H, W, 3]` (H and W even) as an `.mp4`, whole or not at all."
     T, H, W, _ = frames.shape
-    if H % 2 or W % 2: raise ValueError(f'yuv420p needs even frame sizes, got {H}x{W}')
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    if H % 2 or W % 2:
+        raise ValueError(f'yuv420p needs even frame sizes, got {H}x{W}')
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
     def write(f):
         with av.open(f, 'w', format='mp4') as out:
             stream = out.add_stream(codec, rate=fps)
             stream.height, stream.width, stream.pix_fmt, stream.thread_count = H, W, 'yuv420p', 1
-            if codec == 'mpeg4': stream.bit_rate = 2_000_000
-            for x in frames: out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(x), format='rgb24')))
+            if codec == 'mpeg4':
+                stream.bit_rate = 2_000_000
+            for x in frames:
+                out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(x), format='rgb24')))
             out.mux(stream.encode())
+
     return atomic_write(path, write)
 
-def write_frames(folder: PathLike,  # the frame folder to write
-                 frames: np.ndarray,  # uint8 [T, H, W, 3]
-                 quality: int = 90,  # JPEG quality
-                ) -> Path:
+
+def write_frames(
+    folder: PathLike,  # the frame folder to write
+    frames: np.ndarray,  # uint8 [T, H, W, 3]
+    quality: int = 90,  # JPEG quality
+) -> Path:
     "Write uint8 frames `[T, H, W, 3]` as `folder/1.jpg ... folder/T.jpg`."
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-    for i, f in enumerate(frames, 1): Image.fromarray(f).save(folder / f'{i}.jpg', quality=quality)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(frames, 1):
+        Image.fromarray(f).save(folder / f'{i}.jpg', quality=quality)
     return folder
+
 
 # %% ../nbs/02_video.ipynb #38f82583
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -58,46 +87,72 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _DROP = 'or delete it and pass --drop-missing to run without it'
 _DROP_FOLDER = 'or delete that folder and pass --drop-missing to run without it'
 
+
 def frame_files(folder: PathLike) -> list[Path]:
     "Image files of a frame folder, in numeric order (`1.jpg, 2.jpg, 10.jpg`)."
     folder = Path(folder)
-    try: entries = list(os.scandir(folder))
-    except FileNotFoundError: raise MissingInput(f'frame folder {folder} does not exist (any more)') from None
-    files = sorted((e.name for e in entries if os.path.splitext(e.name)[1].lower() in IMAGE_EXTS), key=natural_key)
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        raise MissingInput(f'frame folder {folder} does not exist (any more)') from None
+    files = sorted(
+        (e.name for e in entries if os.path.splitext(e.name)[1].lower() in IMAGE_EXTS), key=natural_key
+    )
     if not files:
-        deeper = ' It holds folders: does the data root point one level too high?' if any(e.is_dir() for e in entries) else ''
-        raise BadInput(f'frame folder {folder} has no images ({", ".join(IMAGE_EXTS)}): extract its frames again, {_DROP}.{deeper}')
+        deeper = (
+            ' It holds folders: does the data root point one level too high?'
+            if any(e.is_dir() for e in entries)
+            else ''
+        )
+        raise BadInput(
+            f'frame folder {folder} has no images ({", ".join(IMAGE_EXTS)}): extract its frames again, {_DROP}.{deeper}'
+        )
     return [folder / f for f in files]
+
 
 def _read_image(path: Path) -> np.ndarray:
     "One frame, uint8 `[H, W, 3]`; a damaged file is named."
     try:
-        with Image.open(path) as im: return np.asarray(im.convert('RGB'))
+        with Image.open(path) as im:
+            return np.asarray(im.convert('RGB'))
     except Exception as e:
-        raise BadInput(f'frame {path} cannot be decoded ({e}): the image is damaged or truncated; extract the frames of '
-                       f'{path.parent} again, {_DROP_FOLDER}') from None
+        raise BadInput(
+            f'frame {path} cannot be decoded ({e}): the image is damaged or truncated; extract the frames of '
+            f'{path.parent} again, {_DROP_FOLDER}'
+        ) from None
+
 
 def _stack_frames(folder: Path, files: list[Path], idx) -> np.ndarray:
     "The images `idx` of a frame folder, uint8 `[T, H, W, 3]`."
     frames = [_read_image(files[i]) for i in idx]
     if len({f.shape for f in frames}) > 1:
-        raise BadInput(f'frames of {folder} differ in size ({sorted({f.shape[:2] for f in frames})}): extract them again, {_DROP_FOLDER}')
+        raise BadInput(
+            f'frames of {folder} differ in size ({sorted({f.shape[:2] for f in frames})}): extract them again, {_DROP_FOLDER}'
+        )
     return np.stack(frames)
+
 
 # %% ../nbs/02_video.ipynb #bcf70f9a
 def _video_reader(path: Path):
-    if not path.exists(): raise MissingInput(f'video {path} does not exist (any more)')
-    try: vr = decord.VideoReader(str(path), num_threads=1)
+    if not path.exists():
+        raise MissingInput(f'video {path} does not exist (any more)')
+    try:
+        vr = decord.VideoReader(str(path), num_threads=1)
     except Exception as e:
-        raise BadInput(f'video {path} cannot be decoded ({str(e).splitlines()[0][:200]}): the file is damaged, truncated or '
-                       f'not a video; download it again, {_DROP}') from None
-    if len(vr) == 0: raise BadInput(f'video {path} has no frames: download it again, {_DROP}')
+        raise BadInput(
+            f'video {path} cannot be decoded ({str(e).splitlines()[0][:200]}): the file is damaged, truncated or '
+            f'not a video; download it again, {_DROP}'
+        ) from None
+    if len(vr) == 0:
+        raise BadInput(f'video {path} has no frames: download it again, {_DROP}')
     return vr
+
 
 def num_frames(path: PathLike) -> int:
     "Number of frames of a video file or frame folder."
     path = Path(path)
     return len(frame_files(path)) if path.is_dir() else len(_video_reader(path))
+
 
 def _read(path: Path, indices_of) -> np.ndarray:
     "Open `path` once, choose indices from its length with `indices_of(n)`, return uint8 `[T, H, W, 3]`."
@@ -106,8 +161,11 @@ def _read(path: Path, indices_of) -> np.ndarray:
         return _stack_frames(path, files, indices_of(len(files)))
     vr = _video_reader(path)
     idx = [int(i) for i in indices_of(len(vr))]
-    try: return vr.get_batch(idx).asnumpy()
-    except Exception: return _read_av(path, idx)  # decord fails on some frame widths (16, 24, 48, 72, ...)
+    try:
+        return vr.get_batch(idx).asnumpy()
+    except Exception:
+        return _read_av(path, idx)  # decord fails on some frame widths (16, 24, 48, 72, ...)
+
 
 def _read_av(path: Path, idx: list[int]) -> np.ndarray:
     "Frames `idx` of a video file decoded in order with PyAV (the fallback when decord cannot copy a frame out)."
@@ -115,63 +173,92 @@ def _read_av(path: Path, idx: list[int]) -> np.ndarray:
     try:
         with av.open(str(path)) as container:
             for i, frame in enumerate(container.decode(video=0)):
-                if i in want: got[i] = frame.to_ndarray(format='rgb24')
-                if i >= max(idx): break
+                if i in want:
+                    got[i] = frame.to_ndarray(format='rgb24')
+                if i >= max(idx):
+                    break
     except Exception as e:
-        raise BadInput(f'video {path} cannot be decoded at frames {idx} ({e}): download it again, {_DROP}') from None
+        raise BadInput(
+            f'video {path} cannot be decoded at frames {idx} ({e}): download it again, {_DROP}'
+        ) from None
     if len(got) < len(want):
-        raise BadInput(f'video {path} is truncated: it decodes to {i + 1} frames, frames {sorted(want - set(got))} are '
-                       f'missing; download it again, {_DROP}')
+        raise BadInput(
+            f'video {path} is truncated: it decodes to {i + 1} frames, frames {sorted(want - set(got))} are '
+            f'missing; download it again, {_DROP}'
+        )
     return np.stack([got[i] for i in idx])
 
-def read_frames(path: PathLike,  # a video file or frame folder
-                indices: Sequence[int],  # which frames, 0-based
-               ) -> np.ndarray:
+
+def read_frames(
+    path: PathLike,  # a video file or frame folder
+    indices: Sequence[int],  # which frames, 0-based
+) -> np.ndarray:
     "Frames `indices` of a video file or frame folder, uint8 `[T, H, W, 3]`."
     indices = np.asarray(indices)
+
     def check(n):
         if len(indices) and (indices.min() < 0 or indices.max() >= n):
             raise IndexError(f'frame indices {indices.tolist()} out of range for {path} ({n} frames)')
         return indices
+
     return _read(Path(path), check)
+
 
 # %% ../nbs/02_video.ipynb #500e112a
 FRAME_MODES = ('test', 'train', 'trx', 'trx-released', 'test-released', 'segments')
-RANDOM_FRAME_MODES = ('train', 'trx', 'trx-released', 'segments')  # the modes that draw from the episode's generator
+# the modes that draw from the episode's generator
+RANDOM_FRAME_MODES = ('train', 'trx', 'trx-released', 'segments')
+
 
 def _keep_distinct(start: int, end: int, n: int, T: int) -> tuple[int, int]:
     "Widen a window `[start, end]` holding fewer than `min(n, T)` frames back to that many, inside `[0, n-1]`."
     need = min(n, T) - 1 - (end - start)
-    if need <= 0: return start, end
+    if need <= 0:
+        return start, end
     start, end = start - (need + 1) // 2, end + need // 2
-    if start < 0: start, end = 0, end - start
-    if end > n - 1: start, end = start - (end - n + 1), n - 1
+    if start < 0:
+        start, end = 0, end - start
+    if end > n - 1:
+        start, end = start - (end - n + 1), n - 1
     return start, end
+
 
 def _released_indices(n: int, T: int, mode: str, rng) -> np.ndarray:
     "The released loaders' indices: CLIP-MDMF's `trx-released` / `test-released`, CLIP-FSAR's `segments`."
     if mode == 'segments':  # CLIP-FSAR: one random frame in each of T segments of n // T frames
         w = n // T
-        if w == 0: return np.round(np.linspace(0, n - 1, T))               # shorter than T: no segments to draw in
-        return np.arange(T) * w + rng.integers(0, w, T)                    # [T]
-    if n == T: return np.arange(T)
-    pad = int(min(5, (n - T) / 2))                                         # CLIP-MDMF (TRX lineage)
-    if mode == 'test-released': start, end = 1, n - 2
-    elif pad < 1: start, end = 0, n - 1
-    else: start, end = int(rng.integers(0, pad + 1)), int(rng.integers(n - 1 - pad, n))
-    if end - start < T: start, end = 0, n - 1
-    return np.floor(np.linspace(start, end, T))                            # [T] int() of each value
+        # shorter than T: no segments to draw in
+        if w == 0:
+            return np.round(np.linspace(0, n - 1, T))
+        return np.arange(T) * w + rng.integers(0, w, T)  # [T]
+    if n == T:
+        return np.arange(T)
+    pad = int(min(5, (n - T) / 2))  # CLIP-MDMF (TRX lineage)
+    if mode == 'test-released':
+        start, end = 1, n - 2
+    elif pad < 1:
+        start, end = 0, n - 1
+    else:
+        start, end = int(rng.integers(0, pad + 1)), int(rng.integers(n - 1 - pad, n))
+    if end - start < T:
+        start, end = 0, n - 1
+    return np.floor(np.linspace(start, end, T))  # [T] int() of each value
 
-def frame_indices(n: int,  # frames of the video
-                  num_frames: int = 8,  # frames wanted, T
-                  mode: str = 'test',  # one of FRAME_MODES
-                  rng: Optional[np.random.Generator] = None,  # the episode's generator (random modes)
-                  jitter: int = 5,  # trx: most frames each end of the window moves
-                 ) -> np.ndarray:
+
+def frame_indices(
+    n: int,  # frames of the video
+    num_frames: int = 8,  # frames wanted, T
+    mode: str = 'test',  # one of FRAME_MODES
+    rng: Optional[np.random.Generator] = None,  # the episode's generator (random modes)
+    jitter: int = 5,  # trx: most frames each end of the window moves
+) -> np.ndarray:
     "`num_frames` frame indices (in order, repeated only for videos shorter than `num_frames`) of a video of `n` frames."
-    if n < 1: raise ValueError(f'a video needs at least one frame, got n={n}')
-    if mode not in FRAME_MODES: raise ValueError(f'mode must be one of {FRAME_MODES}, got {mode!r}')
-    if mode in RANDOM_FRAME_MODES and rng is None: raise ValueError(f'frame mode {mode!r} is random: pass rng')
+    if n < 1:
+        raise ValueError(f'a video needs at least one frame, got n={n}')
+    if mode not in FRAME_MODES:
+        raise ValueError(f'mode must be one of {FRAME_MODES}, got {mode!r}')
+    if mode in RANDOM_FRAME_MODES and rng is None:
+        raise ValueError(f'frame mode {mode!r} is random: pass rng')
     T = num_frames
     if mode in ('trx-released', 'test-released', 'segments'):
         return np.clip(_released_indices(n, T, mode, rng), 0, n - 1).astype(np.int64)
@@ -181,86 +268,121 @@ def frame_indices(n: int,  # frames of the video
         end = int(np.clip(end + rng.integers(-jitter, jitter + 1), 0, n - 1))
         start, end = _keep_distinct(min(start, end), max(start, end), n, T)
     if mode == 'train':
-        edges = np.linspace(0, n, T + 1)                                    # [T+1] segment edges
-        idx = np.floor(edges[:-1] + rng.random(T) * np.diff(edges))        # [T] one frame per segment
-    else: idx = np.round(np.linspace(start, end, T))                       # [T]
+        edges = np.linspace(0, n, T + 1)  # [T+1] segment edges
+        idx = np.floor(edges[:-1] + rng.random(T) * np.diff(edges))  # [T] one frame per segment
+    else:
+        idx = np.round(np.linspace(start, end, T))  # [T]
     return np.clip(idx, 0, n - 1).astype(np.int64)
 
+
 # %% ../nbs/02_video.ipynb #d9fdd95a
-def resize_short(x: torch.Tensor,  # float [T, 3, H, W]
-                 short_side: int,  # the short side after resizing
-                ) -> torch.Tensor:
+def resize_short(
+    x: torch.Tensor,  # float [T, 3, H, W]
+    short_side: int,  # the short side after resizing
+) -> torch.Tensor:
     "Resize float `[T, 3, H, W]` so that its short side is `short_side` (bilinear, antialiased)."
     h, w = x.shape[-2:]
-    if min(h, w) == short_side: return x
+    if min(h, w) == short_side:
+        return x
     s = short_side / min(h, w)
-    return F.interpolate(x, size=(max(short_side, round(h * s)), max(short_side, round(w * s))),
-                         mode='bilinear', antialias=True, align_corners=False)
+    return F.interpolate(
+        x,
+        size=(max(short_side, round(h * s)), max(short_side, round(w * s))),
+        mode='bilinear',
+        antialias=True,
+        align_corners=False,
+    )
+
 
 _NORM = {}  # (device, dtype) -> CLIP's mean and std [3, 1, 1]: made once, not copied to a GPU at every call
+
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
     "CLIP normalisation of float `[..., 3, H, W]` in [0, 1] (on `x`'s device)."
     key = (x.device, x.dtype)
-    if key not in _NORM: _NORM[key] = tuple(torch.tensor(v, dtype=x.dtype).view(3, 1, 1).to(x.device) for v in (CLIP_MEAN, CLIP_STD))
+    if key not in _NORM:
+        _NORM[key] = tuple(
+            torch.tensor(v, dtype=x.dtype).view(3, 1, 1).to(x.device) for v in (CLIP_MEAN, CLIP_STD)
+        )
     mean, std = _NORM[key]
     return (x - mean) / std
 
-def to_clip_input(frames: torch.Tensor,  # uint8 [..., 3, H, W]
-                  norm: str = 'clip',  # 'clip': CLIP's mean/std; 'none': [0, 1] pixels (the released CLIP-MDMF loader)
-                 ) -> torch.Tensor:
+
+def to_clip_input(
+    frames: torch.Tensor,  # uint8 [..., 3, H, W]
+    norm: str = 'clip',  # 'clip': CLIP's mean/std; 'none': [0, 1] pixels (the released CLIP-MDMF loader)
+) -> torch.Tensor:
     "uint8 frames `[..., 3, H, W]` -> CLIP-normalised float32 (or [0, 1] with `norm='none'`), computed where `frames` are."
-    if norm not in ('clip', 'none'): raise ValueError(f"norm must be 'clip' or 'none', not {norm!r}")
+    if norm not in ('clip', 'none'):
+        raise ValueError(f"norm must be 'clip' or 'none', not {norm!r}")
     return normalize(frames.float() / 255) if norm == 'clip' else frames.float() / 255
+
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     "Float pixels in [0, 1] -> uint8 (rounded)."
     return (x * 255).round_().clamp_(0, 255).to(torch.uint8)
 
+
 # %% ../nbs/02_video.ipynb #a05beaf9
-def _crop(frames: np.ndarray, size: int, short_side: int, train: bool, flip: bool,
-          rng: Optional[np.random.Generator]) -> torch.Tensor:
+def _crop(
+    frames: np.ndarray,
+    size: int,
+    short_side: int,
+    train: bool,
+    flip: bool,
+    rng: Optional[np.random.Generator],
+) -> torch.Tensor:
     "uint8 `[T, H, W, 3]` -> resized, cropped (and flipped) float `[T, 3, size, size]` in [0, 1]."
-    if train and rng is None: raise ValueError('training transforms are random: pass rng')
+    if train and rng is None:
+        raise ValueError('training transforms are random: pass rng')
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255  # [T, 3, H, W]
     x = resize_short(x, max(short_side, size))
     h, w = x.shape[-2:]
-    if train: top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
-    else: top, left = (h - size) // 2, (w - size) // 2
-    x = x[..., top:top + size, left:left + size]                                           # [T, 3, S, S]
-    if train and flip and rng.random() < 0.5: x = x.flip(-1)
+    if train:
+        top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+    else:
+        top, left = (h - size) // 2, (w - size) // 2
+    x = x[..., top : top + size, left : left + size]  # [T, 3, S, S]
+    if train and flip and rng.random() < 0.5:
+        x = x.flip(-1)
     return x
 
-def crop_clip(frames: np.ndarray,  # uint8 [T, H, W, 3]
-              size: int = 224,  # crop size S
-              short_side: int = 256,  # short side after resizing, before the crop
-              train: bool = False,  # random crop (else the centre crop)
-              flip: bool = False,  # random horizontal flip (training only)
-              rng: Optional[np.random.Generator] = None,  # the episode's generator (training)
-             ) -> torch.Tensor:
+
+def crop_clip(
+    frames: np.ndarray,  # uint8 [T, H, W, 3]
+    size: int = 224,  # crop size S
+    short_side: int = 256,  # short side after resizing, before the crop
+    train: bool = False,  # random crop (else the centre crop)
+    flip: bool = False,  # random horizontal flip (training only)
+    rng: Optional[np.random.Generator] = None,  # the episode's generator (training)
+) -> torch.Tensor:
     "uint8 `[T, H, W, 3]` -> uint8 `[T, 3, size, size]`; train: random crop (+ flip), test: centre crop."
     return to_uint8(_crop(frames, size, short_side, train, flip, rng)).contiguous()
 
-def transform_clip(frames: np.ndarray,  # uint8 [T, H, W, 3]
-                   size: int = 224,  # crop size S
-                   short_side: int = 256,  # short side after resizing, before the crop
-                   train: bool = False,  # random crop (else the centre crop)
-                   flip: bool = False,  # random horizontal flip (training only)
-                   rng: Optional[np.random.Generator] = None,  # the episode's generator (training)
-                  ) -> torch.Tensor:
+
+def transform_clip(
+    frames: np.ndarray,  # uint8 [T, H, W, 3]
+    size: int = 224,  # crop size S
+    short_side: int = 256,  # short side after resizing, before the crop
+    train: bool = False,  # random crop (else the centre crop)
+    flip: bool = False,  # random horizontal flip (training only)
+    rng: Optional[np.random.Generator] = None,  # the episode's generator (training)
+) -> torch.Tensor:
     "uint8 `[T, H, W, 3]` -> CLIP-normalised float `[T, 3, size, size]` (the same crop as `crop_clip`, not rounded)."
     return normalize(_crop(frames, size, short_side, train, flip, rng)).contiguous()
 
+
 # %% ../nbs/02_video.ipynb #7442aa01
-def read_clip(path: PathLike,  # a video file or frame folder
-              num_frames: int = 8,  # frames per clip T
-              mode: str = 'test',  # frame mode, one of FRAME_MODES
-              size: int = 224,  # crop size S
-              short_side: int = 256,  # short side after resizing, before the crop
-              train: bool = False,  # random crop (else the centre crop)
-              flip: bool = False,  # random horizontal flip (training only)
-              rng: Optional[np.random.Generator] = None,  # the episode's generator (random modes, training)
-             ) -> torch.Tensor:
+def read_clip(
+    path: PathLike,  # a video file or frame folder
+    num_frames: int = 8,  # frames per clip T
+    mode: str = 'test',  # frame mode, one of FRAME_MODES
+    size: int = 224,  # crop size S
+    short_side: int = 256,  # short side after resizing, before the crop
+    train: bool = False,  # random crop (else the centre crop)
+    flip: bool = False,  # random horizontal flip (training only)
+    rng: Optional[np.random.Generator] = None,  # the episode's generator (random modes, training)
+) -> torch.Tensor:
     "Decode `num_frames` frames of `path` picked by `mode` and crop them: uint8 `[T, 3, size, size]`."
     frames = _read(Path(path), lambda n: frame_indices(n, num_frames, mode, rng))
     return crop_clip(frames, size, short_side, train, flip, rng)

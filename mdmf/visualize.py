@@ -15,76 +15,156 @@ import numpy as np
 from fastcore.imports import in_notebook
 from matplotlib.ticker import MaxNLocator
 
+from mdmf.core import (
+    BadInput,
+    MissingInput,
+    add_flags,
+    atomic_write,
+    atomic_write_text,
+    cli,
+    figure_png,
+    parse_command,
+)
+from mdmf.inspection import (
+    episode_embeddings,
+    grad_cam,
+    inspect_episode,
+    load_episode,
+    load_run,
+    per_class_accuracy,
+)
+from mdmf.plots import (
+    DPI,
+    LABEL,
+    TICK,
+    TITLE,
+    Picture,
+    new_figure,
+    plot_attention,
+    plot_episode,
+    plot_gradcam,
+    plot_otam,
+    plot_per_class,
+    plot_posteriors,
+    plot_pps,
+    plot_prediction,
+    plot_tsne,
+)
+
 from .config import Config, RunConfig, command_parser, config_from_dict
-from .core import add_flags, cli, parse_command
-from .core import BadInput, MissingInput, atomic_write, atomic_write_text
 from .data import dataset_label, load_data
 from .evaluate import crop_size
 from .examples import example_run, save_example
-from .inspection import episode_embeddings, grad_cam, inspect_episode, load_episode, load_run, per_class_accuracy
 from .model import ABLATIONS, ModelConfig
-from .plots import (DPI, LABEL, TICK, TITLE, Picture, figure_png, new_figure, plot_attention, plot_episode,
-                        plot_gradcam, plot_otam, plot_per_class, plot_posteriors, plot_pps, plot_prediction, plot_tsne)
 from .runs import CONFIG, METRICS, read_log
 from .runtime import pick_device
 
 # %% auto #0
-__all__ = ['TABLE_COLUMNS', 'read_run', 'run_label', 'run_table', 'table_markdown', 'plot_curves', 'plot_table',
-           'plot_lambda_sweep', 'FigureOptions', 'write_figures', 'visualize_parser', 'main']
+__all__ = [
+    'TABLE_COLUMNS',
+    'read_run',
+    'run_label',
+    'run_table',
+    'table_markdown',
+    'plot_curves',
+    'plot_table',
+    'plot_lambda_sweep',
+    'FigureOptions',
+    'write_figures',
+    'visualize_parser',
+    'main',
+]
+
 
 # %% ../nbs/24_visualize.ipynb #9bf639d8
-def read_run(run,  # a run folder of `mdmf.train`
-            ) -> dict:  # name, path, config (the nested dict of config.json), metrics (None before the end), log
+def read_run(
+    run,  # a run folder of `mdmf.train`
+) -> dict:  # name, path, config (the nested dict of config.json), metrics (None before the end), log
     "A run folder's name, config, metrics and log records."
     run = Path(run)
     if not (run / CONFIG).is_file():
         raise MissingInput(f'{run} has no {CONFIG}: is it a run folder of mdmf.train?')
     metrics = json.loads((run / METRICS).read_text(encoding='utf-8')) if (run / METRICS).is_file() else None
-    return dict(name=run.name, path=str(run), config=json.loads((run / CONFIG).read_text(encoding='utf-8')),
-                metrics=metrics, log=read_log(run))
+    return dict(
+        name=run.name,
+        path=str(run),
+        config=json.loads((run / CONFIG).read_text(encoding='utf-8')),
+        metrics=metrics,
+        log=read_log(run),
+    )
+
 
 _ABLATION_KEYS = sorted({k for o in ABLATIONS.values() for k in o})
 TABLE_COLUMNS = ('run', 'label', 'backbone', 'dataset', 'shot', 'test', 'ci95', 'val')  # what the table shows
 
-def run_label(config,  # a run's config: a `Config`, or the dict of its config.json
-             ) -> str:
+
+def run_label(
+    config,  # a run's config: a `Config`, or the dict of its config.json
+) -> str:
     "What a run is: an ablation name of `mdmf.model.ABLATIONS` or a baseline's name, with lambda when not 1."
     m = (config if isinstance(config, Config) else config_from_dict(config)).model
-    if m.model != 'mdmf': return m.model
+    if m.model != 'mdmf':
+        return m.model
     base, mine = ModelConfig(), {k: getattr(m, k) for k in _ABLATION_KEYS}
-    label = next((name for name, o in ABLATIONS.items()
-                  if mine == {k: o.get(k, getattr(base, k)) for k in _ABLATION_KEYS}), None)
-    if label is None: label = ', '.join(f'{k}={v}' for k, v in mine.items() if v != getattr(base, k))
-    if m.distill and m.views == 'both' and m.distill_lambda != 1.0: label += f' (λ={m.distill_lambda:g})'
+    label = next(
+        (
+            name
+            for name, o in ABLATIONS.items()
+            if mine == {k: o.get(k, getattr(base, k)) for k in _ABLATION_KEYS}
+        ),
+        None,
+    )
+    if label is None:
+        label = ', '.join(f'{k}={v}' for k, v in mine.items() if v != getattr(base, k))
+    if m.distill and m.views == 'both' and m.distill_lambda != 1.0:
+        label += f' (λ={m.distill_lambda:g})'
     return label
 
-def run_table(runs: Sequence,  # run folders (or `read_run` dicts)
-             ) -> list:  # one dict per run: run, label, model, backbone, dataset, shot, distill_lambda, test, ci95, val
+
+def run_table(
+    runs: Sequence,  # run folders (or `read_run` dicts)
+) -> list:  # one dict per run: run, label, model, backbone, dataset, shot, distill_lambda, test, ci95, val
     "One row per run: what it is and its test and val accuracy."
     rows = []
     for run in runs:
         r = run if isinstance(run, dict) else read_run(run)
         cfg, m = config_from_dict(r['config']), r['metrics'] or {}
-        rows.append(dict(run=r['name'], label=run_label(cfg), model=cfg.model.model, backbone=cfg.model.backbone,
-                         dataset=cfg.data.dataset, shot=cfg.data.shot, distill_lambda=cfg.model.distill_lambda,
-                         test=(m.get('test') or {}).get('accuracy'), ci95=(m.get('test') or {}).get('ci95'),
-                         val=(m.get('val') or {}).get('accuracy')))
+        rows.append(
+            dict(
+                run=r['name'],
+                label=run_label(cfg),
+                model=cfg.model.model,
+                backbone=cfg.model.backbone,
+                dataset=cfg.data.dataset,
+                shot=cfg.data.shot,
+                distill_lambda=cfg.model.distill_lambda,
+                test=(m.get('test') or {}).get('accuracy'),
+                ci95=(m.get('test') or {}).get('ci95'),
+                val=(m.get('val') or {}).get('accuracy'),
+            )
+        )
     return rows
 
-def table_markdown(rows: list,  # from `run_table`
-                   columns: Sequence[str] = TABLE_COLUMNS,  # the keys shown, in order
-                  ) -> str:
+
+def table_markdown(
+    rows: list,  # from `run_table`
+    columns: Sequence[str] = TABLE_COLUMNS,  # the keys shown, in order
+) -> str:
     "The rows of `run_table` as a Markdown table."
     head = '| ' + ' | '.join(columns) + ' |\n|' + '---|' * len(columns) + '\n'
     return head + ''.join('| ' + ' | '.join(_fmt(r.get(c)) for c in columns) + ' |\n' for r in rows)
 
-def _fmt(v) -> str: return '' if v is None else (f'{v:.2f}' if isinstance(v, float) else str(v))
+
+def _fmt(v) -> str:
+    return '' if v is None else (f'{v:.2f}' if isinstance(v, float) else str(v))
+
 
 # %% ../nbs/24_visualize.ipynb #aaeec9ae
-def plot_curves(log: list,  # log records of a run (`mdmf.runs.read_log`)
-                title: str = '',  # e.g. the run's name
-                test: Optional[float] = None,  # the run's test accuracy in percent, drawn as a line
-               ) -> Picture:
+def plot_curves(
+    log: list,  # log records of a run (`mdmf.runs.read_log`)
+    title: str = '',  # e.g. the run's name
+    test: Optional[float] = None,  # the run's test accuracy in percent, drawn as a line
+) -> Picture:
     "Training loss (and its parts) and accuracy, and val accuracy, against the training episode."
     tr = [e for e in log if e.get('kind') == 'train']
     va = [e for e in log if e.get('kind') == 'val']
@@ -97,41 +177,70 @@ def plot_curves(log: list,  # log records of a run (`mdmf.runs.read_log`)
             a1.plot(x, [e.get(k, np.nan) for e in tr], label=k[5:], lw=1)
         a2.plot(x, [e['accuracy'] for e in tr], label='train', color='tab:blue')
     if va:
-        a2.errorbar([e['episode'] for e in va], [e['accuracy'] for e in va], yerr=[e.get('ci95') or 0 for e in va],
-                    label='val', color='tab:orange', marker='o', ms=3, capsize=2)
-    if test is not None: a2.axhline(test, color='tab:green', ls='--', lw=1, label=f'test {test:.1f} %')
+        a2.errorbar(
+            [e['episode'] for e in va],
+            [e['accuracy'] for e in va],
+            yerr=[e.get('ci95') or 0 for e in va],
+            label='val',
+            color='tab:orange',
+            marker='o',
+            ms=3,
+            capsize=2,
+        )
+    if test is not None:
+        a2.axhline(test, color='tab:green', ls='--', lw=1, label=f'test {test:.1f} %')
     for ax, name in ((a1, 'loss'), (a2, 'accuracy %')):
-        ax.set_xlabel('training episode', fontsize=LABEL); ax.set_ylabel(name, fontsize=LABEL)
-        ax.tick_params(labelsize=TICK); ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if ax.lines: ax.legend(fontsize=TICK)
-    if title: fig.suptitle(title, fontsize=TITLE)
+        ax.set_xlabel('training episode', fontsize=LABEL)
+        ax.set_ylabel(name, fontsize=LABEL)
+        ax.tick_params(labelsize=TICK)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax.lines:
+            ax.legend(fontsize=TICK)
+    if title:
+        fig.suptitle(title, fontsize=TITLE)
     return fig
 
-def plot_table(rows: list,  # dicts, one per run (`run_table`)
-               columns: Sequence[str] = TABLE_COLUMNS,  # the keys shown, in order
-               title: str = 'runs',  # the table's title
-              ) -> Picture:
+
+def plot_table(
+    rows: list,  # dicts, one per run (`run_table`)
+    columns: Sequence[str] = TABLE_COLUMNS,  # the keys shown, in order
+    title: str = 'runs',  # the table's title
+) -> Picture:
     "Rows of run results drawn as a table."
     cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(columns)]
     fig = new_figure(sum(widths) * 0.085 + 0.4, 0.24 * (len(rows) + 1) + 0.45)
-    ax = fig.subplots(); ax.axis('off')
-    t = ax.table(cellText=cells, colLabels=list(columns), loc='upper center', cellLoc='left')  # under its title
-    t.auto_set_font_size(False); t.set_fontsize(LABEL); t.auto_set_column_width(list(range(len(columns))))
+    ax = fig.subplots()
+    ax.axis('off')
+    # under its title
+    t = ax.table(cellText=cells, colLabels=list(columns), loc='upper center', cellLoc='left')
+    t.auto_set_font_size(False)
+    t.set_fontsize(LABEL)
+    t.auto_set_column_width(list(range(len(columns))))
     ax.set_title(title, fontsize=TITLE)
     return fig
 
-def plot_lambda_sweep(rows: list,  # run rows with 'model', 'distill_lambda', 'test' and 'ci95'
-                     ) -> Optional[Picture]:
+
+def plot_lambda_sweep(
+    rows: list,  # run rows with 'model', 'distill_lambda', 'test' and 'ci95'
+) -> Optional[Picture]:
     "Test accuracy against the distillation weight lambda (Eq. 15) of the MDMF runs; None without two lambdas."
-    pts = sorted((r['distill_lambda'], r['test'], r['ci95'] or 0) for r in rows if r['model'] == 'mdmf' and r['test'] is not None)
-    if len({p[0] for p in pts}) < 2: return None
+    pts = sorted(
+        (r['distill_lambda'], r['test'], r['ci95'] or 0)
+        for r in rows
+        if r['model'] == 'mdmf' and r['test'] is not None
+    )
+    if len({p[0] for p in pts}) < 2:
+        return None
     fig = new_figure(4.0, 2.8)
     ax = fig.subplots()
     ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker='o', capsize=3)
-    ax.set_xlabel('λ (distillation weight)', fontsize=LABEL); ax.set_ylabel('test accuracy %', fontsize=LABEL)
-    ax.tick_params(labelsize=TICK); ax.set_title('lambda sweep', fontsize=TITLE)
+    ax.set_xlabel('λ (distillation weight)', fontsize=LABEL)
+    ax.set_ylabel('test accuracy %', fontsize=LABEL)
+    ax.tick_params(labelsize=TICK)
+    ax.set_title('lambda sweep', fontsize=TITLE)
     return fig
+
 
 # %% ../nbs/24_visualize.ipynb #41bab59f
 def _siblings(run: Path) -> list:
@@ -139,53 +248,76 @@ def _siblings(run: Path) -> list:
     mine = config_from_dict(read_run(run)['config']).data
     out = []
     for d in sorted(p for p in run.parent.iterdir() if p.is_dir() and p.resolve() != run.resolve()):
-        try: c = config_from_dict(json.loads((d / CONFIG).read_text(encoding='utf-8'))).data
-        except (OSError, ValueError, BadInput): continue
-        if (c.dataset, c.way, c.shot) == (mine.dataset, mine.way, mine.shot) and (d / METRICS).exists(): out.append(d)
+        try:
+            c = config_from_dict(json.loads((d / CONFIG).read_text(encoding='utf-8'))).data
+        except (OSError, ValueError, BadInput):
+            continue
+        if (c.dataset, c.way, c.shot) == (mine.dataset, mine.way, mine.shot) and (d / METRICS).exists():
+            out.append(d)
     return out
 
-def _display_name(model: str) -> str: return {'mdmf': 'CLIP-MDMF', 'clip-fsar': 'CLIP-FSAR'}.get(model, model)
+
+def _display_name(model: str) -> str:
+    return {'mdmf': 'CLIP-MDMF', 'clip-fsar': 'CLIP-FSAR'}.get(model, model)
+
 
 def _unique_folders(folders: list) -> list:
     seen, out = set(), []
     for f in map(Path, folders):
-        if f.resolve() not in seen and (f / CONFIG).exists(): seen.add(f.resolve()); out.append(f)
+        if f.resolve() not in seen and (f / CONFIG).exists():
+            seen.add(f.resolve())
+            out.append(f)
     return out
+
 
 # %% ../nbs/24_visualize.ipynb #f1a0e2b7
 @dataclass
 class FigureOptions:
     "What `write_figures` and `python -m mdmf.visualize` draw, and from which run folders."
+
     run: str = ''  # run folder to draw (default: the example CLIP-MDMF run, made under $MDMF_HOME)
     out: str = 'figures'  # folder for the PNG files (made if absent)
-    compare: str = ''  # a second run folder drawn beside the first, e.g. CLIP-FSAR (default with the example run: the example CLIP-FSAR run)
-    more_runs: list[str] = field(default_factory=list)  # more run folders for the table of runs and the lambda sweep
-    siblings: bool = True  # add the finished run folders next to --run (same dataset, way and shot) to the table
+    # a second run folder drawn beside the first, e.g. CLIP-FSAR (default with the example run: the example
+    # CLIP-FSAR run)
+    compare: str = ''
+    # more run folders for the table of runs and the lambda sweep
+    more_runs: list[str] = field(default_factory=list)
+    # add the finished run folders next to --run (same dataset, way and shot) to the table
+    siblings: bool = True
     episode: int = 0  # test episode drawn
     query: int = 0  # query of that episode
     view: str = 'fused'  # view of the attention and OTAM figures
     episodes: int = 100  # test episodes of the per-class accuracy
     tsne_episodes: int = 3  # test episodes of the t-SNE
     dpi: int = DPI  # resolution of the PNG files
-    save_examples: list[str] = field(default_factory=list)  # maintainers: write the shipped example files from these finished runs of the default schedule (one CLIP-MDMF, one CLIP-FSAR) instead of drawing
+    # maintainers: write the shipped example files from these finished runs of the default schedule (one
+    # CLIP-MDMF, one CLIP-FSAR) instead of drawing
+    save_examples: list[str] = field(default_factory=list)
+
 
 # %% ../nbs/24_visualize.ipynb #ed5ccf22
-def write_figures(o: FigureOptions,  # what to draw: `o.run` (a run folder), `o.out`, `o.compare`, the episode, ...
-                  device='cpu',  # where the models run
-                  data_root: str = '',  # data folder (default: the run's)
-                 ) -> list:  # the files written
+def write_figures(
+    o: FigureOptions,  # what to draw: `o.run` (a run folder), `o.out`, `o.compare`, the episode, ...
+    device='cpu',  # where the models run
+    data_root: str = '',  # data folder (default: the run's)
+) -> list:  # the files written
     "Write every figure of run folder `o.run` (and of a comparison run) as PNG files into `o.out`."
     run, compare, episode, query, view = o.run, o.compare or None, o.episode, o.query, o.view
-    out = Path(o.out); out.mkdir(parents=True, exist_ok=True)
+    out = Path(o.out)
+    out.mkdir(parents=True, exist_ok=True)
     written = []
+
     def save(name, fig):
-        if fig is None: return
+        if fig is None:
+            return
         png = figure_png(fig, o.dpi)
         atomic_write(out / f'{name}.png', lambda f: f.write(png))
         written.append(out / f'{name}.png')
+
     def load(folder):
         m, c = load_run(folder, device)
         return m, (c.replace(data_root=data_root) if data_root else c)
+
     model, cfg = load(run)
     models = {_display_name(cfg.model.model): model}
     if compare:
@@ -198,15 +330,23 @@ def write_figures(o: FigureOptions,  # what to draw: `o.run` (a run folder), `o.
         raise BadInput(f'--query {query}: episode {episode} has queries 0 to {len(batch["query"]) - 1}')
     ins = inspect_episode(model, batch)
     ex = ins.out.extras
-    save('episode', plot_episode(batch, query, inspection=ins)); save('prediction', plot_prediction(ins, query))
-    if ex.get('attention'): save('attention', plot_attention(ins, query, view))
-    if ex.get('cost'): save('otam', plot_otam(ins, query, view))
-    if ex.get('pps_probs') is not None: save('pps', plot_pps(ins, query))
-    if ex.get('posteriors'): save('posteriors', plot_posteriors(ins, query))
+    save('episode', plot_episode(batch, query, inspection=ins))
+    save('prediction', plot_prediction(ins, query))
+    if ex.get('attention'):
+        save('attention', plot_attention(ins, query, view))
+    if ex.get('cost'):
+        save('otam', plot_otam(ins, query, view))
+    if ex.get('pps_probs') is not None:
+        save('pps', plot_pps(ins, query))
+    if ex.get('posteriors'):
+        save('posteriors', plot_posteriors(ins, query))
     save('gradcam', plot_gradcam({k: grad_cam(m, batch, query) for k, m in models.items()}, batch))
     for suffix, (k, m) in zip(('', '_compare'), models.items()):
         save(f'tsne{suffix}', plot_tsne(episode_embeddings(m, cfg, o.tsne_episodes, data=data), title=k))
-    save('per_class', plot_per_class({k: per_class_accuracy(m, cfg, o.episodes, data=data) for k, m in models.items()}))
+    save(
+        'per_class',
+        plot_per_class({k: per_class_accuracy(m, cfg, o.episodes, data=data) for k, m in models.items()}),
+    )
     for suffix, folder in (('', run), ('_compare', compare)):
         r = read_run(folder) if folder else None
         if r and r['log']:
@@ -216,36 +356,53 @@ def write_figures(o: FigureOptions,  # what to draw: `o.run` (a run folder), `o.
     folders = _unique_folders([run] + ([compare] if compare else []) + more)
     if len(folders) >= 2:
         rows = run_table(folders)
-        save('runs', plot_table(rows, title=f'{dataset_label(cfg.data)} {cfg.data.way}-way {cfg.data.shot}-shot runs'))
+        save(
+            'runs',
+            plot_table(rows, title=f'{dataset_label(cfg.data)} {cfg.data.way}-way {cfg.data.shot}-shot runs'),
+        )
         atomic_write_text(out / 'runs.md', table_markdown(rows))
         save('lambda_sweep', plot_lambda_sweep(rows))
     return written
 
+
 # %% ../nbs/24_visualize.ipynb #6ee2ccb2
 _VIEWS = ('gtc', 'ltc', 'ntc', 'fsar', 'fused')
 
+
 def visualize_parser() -> argparse.ArgumentParser:
     "The command line of `python -m mdmf.visualize`: `FigureOptions` and the run's --device and --data-root."
-    p = command_parser('python -m mdmf.visualize',
-                       'Write the figures of a run folder (an episode taken apart, Grad-CAM, t-SNE, per-class accuracy, '
-                       'training curves, the table of runs) as PNG files.', FigureOptions(), dict(data=('data_root',)),
-                       default_text="the run's", choices=dict(view=_VIEWS))
+    p = command_parser(
+        'python -m mdmf.visualize',
+        'Write the figures of a run folder (an episode taken apart, Grad-CAM, t-SNE, per-class accuracy, '
+        'training curves, the table of runs) as PNG files.',
+        FigureOptions(),
+        dict(data=('data_root',)),
+        default_text="the run's",
+        choices=dict(view=_VIEWS),
+    )
     add_flags(p.add_argument_group('run'), RunConfig(), only=('device',))
     return p
+
 
 def main(argv: Optional[Sequence[str]] = None) -> list:
     "`python -m mdmf.visualize [flags]`: see `--help`."
     o, given = parse_command(visualize_parser(), argv, FigureOptions)
     if o.save_examples:
         written = [save_example(run) for run in o.save_examples]
-        for path in written: print(f'{path} ({path.stat().st_size / 1e6:.2f} MB)')
+        for path in written:
+            print(f'{path} ({path.stat().st_size / 1e6:.2f} MB)')
         return written
-    if not o.run: o = replace(o, run=str(example_run('mdmf')), compare=o.compare or str(example_run('clip-fsar')))
-    if not Path(o.run).is_dir(): raise MissingInput(f'--run {o.run} is not a folder: give a run folder of mdmf.train')
+    if not o.run:
+        o = replace(o, run=str(example_run('mdmf')), compare=o.compare or str(example_run('clip-fsar')))
+    if not Path(o.run).is_dir():
+        raise MissingInput(f'--run {o.run} is not a folder: give a run folder of mdmf.train')
     paths = write_figures(o, pick_device(given.get('device', RunConfig.device)), given.get('data_root', ''))
-    for path in paths: print(path)
+    for path in paths:
+        print(path)
     return paths
+
 
 # %% ../nbs/24_visualize.ipynb #a9131c4b
 #| eval: false
-if __name__ == '__main__' and not in_notebook(): cli(main)  # a notebook kernel's __name__ is '__main__' too
+if __name__ == '__main__' and not in_notebook():
+    cli(main)  # a notebook kernel's __name__ is '__main__' too

@@ -1,5 +1,4 @@
 """Behaviour of mdmf.backbone that the notebook does not show compactly."""
-import warnings
 
 import pytest
 import torch
@@ -28,8 +27,11 @@ def test_shapes_dtype_and_seed(name):
 
 
 def test_global_rng_untouched():
-    torch.manual_seed(123); a = torch.rand(3)
-    torch.manual_seed(123); load_clip('tiny-vit', seed=9); b = torch.rand(3)
+    torch.manual_seed(123)
+    a = torch.rand(3)
+    torch.manual_seed(123)
+    load_clip('tiny-vit', seed=9)
+    b = torch.rand(3)
     assert torch.equal(a, b)
 
 
@@ -130,9 +132,14 @@ def test_import_is_quiet():
     import subprocess
     import sys
     from pathlib import Path
+
     root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, '-W', 'error', '-c', 'import mdmf.backbone'], cwd=root,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, '-W', 'error', '-c', 'import mdmf.backbone'],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -141,8 +148,11 @@ def test_uint8_frames_normalised_on_the_device(name):
     "uint8 frames (what the data layer serves) give the features of the float path of the same frames."
     from mdmf.data import random_episode
     from mdmf.video import normalize, to_clip_input
+
     bb = Backbone(load_clip(name))
-    u = random_episode(way=2, shot=1, query=1, frames=3, size=bb.image_size, seed=4)['support']  # [2, 3, 3, S, S] uint8
+    u = random_episode(way=2, shot=1, query=1, frames=3, size=bb.image_size, seed=4)[
+        'support'
+    ]  # [2, 3, 3, S, S] uint8
     assert u.dtype == torch.uint8
     x = normalize(u.float() / 255)  # the float path: CLIP-normalised by the caller
     assert torch.equal(to_clip_input(u), x)
@@ -150,7 +160,9 @@ def test_uint8_frames_normalised_on_the_device(name):
         fu, fx = bb.encode_frames(u), bb.encode_frames(x)
     assert fu.shape == (2, 3, 64) and fu.dtype == torch.float32
     torch.testing.assert_close(fu, fx, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(fu, bb.encode_frames(u.float()).detach(), atol=1e-3)  # float input is not rescaled
+    assert not torch.allclose(
+        fu, bb.encode_frames(u.float()).detach(), atol=1e-3
+    )  # float input is not rescaled
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         assert bb.encode_frames(u).dtype == torch.float32
 
@@ -160,13 +172,16 @@ def test_uint8_frames_move_to_the_device_before_scaling():
     bb = Backbone(load_clip('tiny-vit'))
     seen = []
     real = torch.Tensor.to
+
     def spy(self, *args, **kwargs):
         seen.append((self.dtype, args[0] if args else kwargs.get('device', kwargs.get('dtype'))))
         return real(self, *args, **kwargs)
+
     u = torch.zeros(1, 2, 3, 64, 64, dtype=torch.uint8)
     torch.Tensor.to = spy
     try:
-        with torch.no_grad(): bb.encode_frames(u)
+        with torch.no_grad():
+            bb.encode_frames(u)
     finally:
         torch.Tensor.to = real
     assert seen[0] == (torch.uint8, bb.device)
@@ -176,6 +191,7 @@ def test_uint8_frames_move_to_the_device_before_scaling():
 def test_frames_of_the_wrong_size_are_refused_in_one_line(name):
     "Item 5 of issue 11: another size fails at the door, naming both sizes and the fix, not deep inside CLIP."
     from mdmf.core import BadInput
+
     bb = Backbone(load_clip(name))
     for shape in [(1, 2, 3, 32, 32), (1, 2, 3, 64, 96), (1, 2, 64, 64, 3)]:
         with pytest.raises(BadInput, match='takes 64x64 RGB frames') as e:
@@ -199,7 +215,9 @@ def test_activation_checkpointing_in_chunks_keeps_features_and_gradients():
     x = torch.randint(0, 256, (2, 3, 3, 64, 64), dtype=torch.uint8)
     out = []
     for on in (False, True):
-        bb = Backbone(load_clip('tiny-rn'), activation_checkpoint=on, checkpoint_chunk=4)  # 6 frames: chunks of 4 and 2
+        bb = Backbone(
+            load_clip('tiny-rn'), activation_checkpoint=on, checkpoint_chunk=4
+        )  # 6 frames: chunks of 4 and 2
         f = bb.encode_frames(x)
         f.square().mean().backward()
         out.append((f.detach(), bb.clip.visual.conv1.weight.grad.clone()))
@@ -213,7 +231,11 @@ def test_channels_last_resnet_only_same_features():
     with torch.no_grad():
         ref = bb.encode_frames(x)
         assert bb.is_resnet and bb.use_channels_last().channels_last
-        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in bb.clip.visual.parameters() if p.dim() == 4)
+        assert all(
+            p.is_contiguous(memory_format=torch.channels_last)
+            for p in bb.clip.visual.parameters()
+            if p.dim() == 4
+        )
         torch.testing.assert_close(bb.encode_frames(x), ref, rtol=1e-4, atol=1e-4)
     vit = Backbone(load_clip('tiny-vit'))
     assert not vit.is_resnet and not vit.use_channels_last().channels_last
@@ -222,9 +244,12 @@ def test_channels_last_resnet_only_same_features():
 def test_real_shapes_without_download():
     "RN50-random / ViT-B/16-random have OpenAI's sizes (38.3M and 86.2M visual parameters)."
     from clip.model import CLIP
+
     from mdmf.backbone import RANDOM_CONFIGS
+
     for name, visual, D in [('RN50-random', 38.3e6, 1024), ('ViT-B/16-random', 86.2e6, 512)]:
-        with torch.device('meta'): m = CLIP(**RANDOM_CONFIGS[name])
+        with torch.device('meta'):
+            m = CLIP(**RANDOM_CONFIGS[name])
         assert abs(sum(p.numel() for p in m.visual.parameters()) - visual) < 0.05e6, name
         assert m.text_projection.shape[1] == D and m.visual.input_resolution == 224
 
@@ -232,5 +257,6 @@ def test_real_shapes_without_download():
 @pytest.mark.parametrize('name', list(TINY_CONFIGS))
 def test_clip_from_a_state_dict_alone(name):
     from mdmf.backbone import clip_from_state_dict
+
     m = load_clip(name, seed=4)
     assert _same(clip_from_state_dict(m.state_dict()), m)

@@ -1,5 +1,6 @@
 """The command lines: one ArgumentParser in the package, every command built from the Config sections it uses
 plus at most one small dataclass, one default per setting, readable --help, errors that name the flag."""
+
 import re
 import subprocess
 import sys
@@ -21,15 +22,32 @@ from mdmf.world import WorldOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ('train', 'evaluate', 'ablate', 'visualize', 'memory', 'pretrain', 'synthetic', 'world', 'bench')
-COMMAND_OPTIONS = (TrainOptions, EvaluateOptions, AblateOptions, FigureOptions, MemoryOptions, SyntheticOptions,
-                   WorldOptions, BenchOptions)
-PRETRAINING_ONLY = {'seed', 'lr', 'weight_decay', 'workers'}  # the tiny CLIP's own training, not a few-shot run's
+COMMAND_OPTIONS = (
+    TrainOptions,
+    EvaluateOptions,
+    AblateOptions,
+    FigureOptions,
+    MemoryOptions,
+    SyntheticOptions,
+    WorldOptions,
+    BenchOptions,
+)
+PRETRAINING_ONLY = {
+    'seed',
+    'lr',
+    'weight_decay',
+    'workers',
+}  # the tiny CLIP's own training, not a few-shot run's
 
 
 def test_one_argument_parser_in_the_package():
     "Every command line is made by `command_line`: the package constructs exactly one ArgumentParser."
-    found = [(p.name, n) for p in sorted((ROOT / 'mdmf').glob('*.py'))
-             for n, line in enumerate(p.read_text(encoding='utf-8').splitlines(), 1) if 'ArgumentParser(' in line]
+    found = [
+        (p.name, n)
+        for p in sorted((ROOT / 'mdmf').glob('*.py'))
+        for n, line in enumerate(p.read_text(encoding='utf-8').splitlines(), 1)
+        if 'ArgumentParser(' in line
+    ]
     assert len(found) == 1 and found[0][0] == 'core.py', found
     core = (ROOT / 'mdmf' / 'core.py').read_text(encoding='utf-8')
     assert re.search(r'def command_line\([^\n]*\n[^\n]*\n\s+p = argparse\.ArgumentParser\(', core)
@@ -49,41 +67,74 @@ def test_a_command_does_not_copy_a_section_setting(cls):
 def test_pretraining_settings_named_like_run_settings_are_the_pretrainings():
     "PretrainConfig's settings named like a run's have the run's default, or are the pretraining's own."
     d, where = Config(), leaf_sections()
-    differ = {f.name for f in fields(PretrainConfig)
-              if f.name in where and getattr(getattr(d, where[f.name]), f.name) != f.default}
+    differ = {
+        f.name
+        for f in fields(PretrainConfig)
+        if f.name in where and getattr(getattr(d, where[f.name]), f.name) != f.default
+    }
     assert differ <= PRETRAINING_ONLY, differ
 
 
 @pytest.mark.parametrize('command', COMMANDS)
 def test_every_help_reads(command):
-    p = subprocess.run([sys.executable, '-m', f'mdmf.{command}', '--help'], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
+    p = subprocess.run(
+        [sys.executable, '-m', f'mdmf.{command}', '--help'],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0 and p.stdout.startswith(f'usage: python -m mdmf.{command}'), p.stderr[-2000:]
     assert '--debug' in p.stdout and 'Traceback' not in p.stderr
 
 
-@pytest.mark.parametrize('command, argv, says', [
-    ('evaluate', ['--checkpoint', 'x', '--episodes', 'many'], "argument --episodes: invalid int value: 'many'"),
-    ('evaluate', ['--episodes', '3'], 'the following arguments are required: --checkpoint'),
-    ('visualize', ['--view', 'sideways'], "argument --view: invalid choice: 'sideways'"),
-    ('memory', ['--chunk', '1.5'], "argument --chunk: invalid int value: '1.5'"),
-    ('pretrain', ['--steps', '10'], 'the following arguments are required: --out'),
-    ('train', ['--lr-steps', '[100'], "argument --lr-steps: invalid JSON value: '[100'"),
-    ('ablate', ['--seeds', 'three'], "argument --seeds: invalid int value: 'three'"),
-    ('synthetic', ['--video-size', '15', '--data-root', '/nonexistent/x'],
-     'error: the frame size (--video-size) must be even (yuv420p), got 15'),
-])
+@pytest.mark.parametrize(
+    'command, argv, says',
+    [
+        (
+            'evaluate',
+            ['--checkpoint', 'x', '--episodes', 'many'],
+            "argument --episodes: invalid int value: 'many'",
+        ),
+        ('evaluate', ['--episodes', '3'], 'the following arguments are required: --checkpoint'),
+        ('visualize', ['--view', 'sideways'], "argument --view: invalid choice: 'sideways'"),
+        ('memory', ['--chunk', '1.5'], "argument --chunk: invalid int value: '1.5'"),
+        ('pretrain', ['--steps', '10'], 'the following arguments are required: --out'),
+        ('train', ['--lr-steps', '[100'], "argument --lr-steps: invalid JSON value: '[100'"),
+        ('ablate', ['--seeds', 'three'], "argument --seeds: invalid int value: 'three'"),
+        (
+            'synthetic',
+            ['--video-size', '15', '--data-root', '/nonexistent/x'],
+            'error: the frame size (--video-size) must be even (yuv420p), got 15',
+        ),
+    ],
+)
 def test_bad_values_name_the_flag(command, argv, says):
-    p = subprocess.run([sys.executable, '-m', f'mdmf.{command}', *argv], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
+    p = subprocess.run(
+        [sys.executable, '-m', f'mdmf.{command}', *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 2 and says in p.stderr and 'Traceback' not in p.stderr, p.stderr[-2000:]
 
 
 def test_train_prints_its_config():
     "`--print-config` is a field of TrainOptions: it prints the settings the other flags resolve to, and trains nothing."
     import json
-    p = subprocess.run([sys.executable, '-m', 'mdmf.train', '--print-config', '--shot', '3', '--runs', '/nonexistent/runs'],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    p = subprocess.run(
+        [sys.executable, '-m', 'mdmf.train', '--print-config', '--shot', '3', '--runs', '/nonexistent/runs'],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     cfg = json.loads(p.stdout)
-    assert cfg['data']['shot'] == 3 and cfg['run']['runs'] == '/nonexistent/runs' and 'print_config' not in p.stdout
+    assert (
+        cfg['data']['shot'] == 3
+        and cfg['run']['runs'] == '/nonexistent/runs'
+        and 'print_config' not in p.stdout
+    )

@@ -1,4 +1,5 @@
 """LTCE and GTCE (mdmf.context): shapes, variants, causality, receptive fields, precision, gradients."""
+
 import pytest
 import torch
 from torch import nn
@@ -51,7 +52,8 @@ def test_released_is_linear_paper_is_not():
 def test_no_residual_in_ltce():
     m = LTCE(D, 'released').eval()
     for conv in m.net:
-        nn.init.zeros_(conv.weight); nn.init.zeros_(conv.bias)
+        nn.init.zeros_(conv.weight)
+        nn.init.zeros_(conv.bias)
     assert m(torch.randn(2, 8, D)).abs().max() == 0  # Eq. 3 has no skip connection
 
 
@@ -79,6 +81,7 @@ def test_tcn_left_padding_only():
 
 def test_weight_norm_used():
     from torch.nn.utils import parametrize
+
     convs = [m for m in GTCE(D).modules() if isinstance(m, nn.Conv1d)]
     assert len(convs) == 6 and all(parametrize.is_parametrized(c, 'weight') for c in convs)
 

@@ -1,12 +1,23 @@
 """Distillation: posteriors, reliable sets per condition, weighted KL, detaching, released switches."""
+
 import math
 
 import pytest
 import torch
 
-from mdmf.distill import (CONDITIONS, DIRECTIONS, RELEASED_DIRECTIONS, TABLE5_CONDITIONS, TABLE5_DIRECTIONS,
-                          ViewPosterior, mutual_distillation, read_token,
-                          reliable_sets, view_posterior, weighted_kl)
+from mdmf.distill import (
+    CONDITIONS,
+    DIRECTIONS,
+    RELEASED_DIRECTIONS,
+    TABLE5_CONDITIONS,
+    TABLE5_DIRECTIONS,
+    ViewPosterior,
+    mutual_distillation,
+    read_token,
+    reliable_sets,
+    view_posterior,
+    weighted_kl,
+)
 
 
 def _episode(seed=0, Q=25, N=5, D=16):
@@ -43,14 +54,17 @@ def _scores(v, t):
     return ViewPosterior(None, None, None, torch.tensor(v), torch.tensor(t))
 
 
-@pytest.mark.parametrize('condition,ties,exp_g,exp_l', [
-    ('both', 'skip', [1, 0, 0, 0], [0, 1, 0, 0]),
-    ('t', 'skip', [1, 0, 0, 0], [0, 1, 1, 0]),
-    ('v', 'skip', [1, 0, 1, 1], [0, 1, 0, 0]),
-    ('none', 'skip', [1, 1, 1, 1], [1, 1, 1, 1]),
-    ('t', 'ltc', [1, 0, 0, 0], [0, 1, 1, 1]),
-    ('both', 'ltc', [1, 0, 0, 0], [0, 1, 0, 0]),
-])
+@pytest.mark.parametrize(
+    'condition,ties,exp_g,exp_l',
+    [
+        ('both', 'skip', [1, 0, 0, 0], [0, 1, 0, 0]),
+        ('t', 'skip', [1, 0, 0, 0], [0, 1, 1, 0]),
+        ('v', 'skip', [1, 0, 1, 1], [0, 1, 0, 0]),
+        ('none', 'skip', [1, 1, 1, 1], [1, 1, 1, 1]),
+        ('t', 'ltc', [1, 0, 0, 0], [0, 1, 1, 1]),
+        ('both', 'ltc', [1, 0, 0, 0], [0, 1, 0, 0]),
+    ],
+)
 def test_reliable_sets(condition, ties, exp_g, exp_l):
     g = _scores([0.9, 0.4, 0.8, 0.7], [0.6, 0.3, 0.2, 0.5])
     l = _scores([0.5, 0.6, 0.6, 0.6], [0.4, 0.5, 0.7, 0.5])
@@ -77,8 +91,10 @@ def test_weighted_kl_by_hand():
     w = pg.v + pg.t
     manual = (w * torch.tensor([kl, kl])).sum() / w.sum()
     torch.testing.assert_close(weighted_kl(pg, pl, both), manual)
-    torch.testing.assert_close(weighted_kl(pl, pg, torch.tensor([True, False]), weighted=False),
-                               torch.tensor(0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)))
+    torch.testing.assert_close(
+        weighted_kl(pl, pg, torch.tensor([True, False]), weighted=False),
+        torch.tensor(0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)),
+    )
 
 
 def test_empty_sets_zero_no_nan():
@@ -102,8 +118,11 @@ def test_directions_and_detach(condition, direction):
     out = mutual_distillation(dg, dl, tg, tl, condition, direction)
     if condition != 'none':
         assert not (out.omega_g & out.omega_l).any()
-    parts = {'both': out.gtc_teaches_ltc + out.ltc_teaches_gtc,
-             'gtc_teaches_ltc': out.gtc_teaches_ltc, 'ltc_teaches_gtc': out.ltc_teaches_gtc}
+    parts = {
+        'both': out.gtc_teaches_ltc + out.ltc_teaches_gtc,
+        'gtc_teaches_ltc': out.gtc_teaches_ltc,
+        'ltc_teaches_gtc': out.ltc_teaches_gtc,
+    }
     torch.testing.assert_close(out.loss, parts[direction])
     out.loss.backward()
     if direction == 'gtc_teaches_ltc':
@@ -140,11 +159,15 @@ def test_none_is_unweighted_mean():
 def test_released_no_condition_sums_over_queries():
     dg, dl, tg, tl = _episode(seed=11, Q=25)
     mean = mutual_distillation(dg, dl, tg, tl, 'none')
-    for summed in (mutual_distillation(dg, dl, tg, tl, 'none', released=True),
-                   mutual_distillation(dg, dl, tg, tl, 'none', none_reduction='sum')):
+    for summed in (
+        mutual_distillation(dg, dl, tg, tl, 'none', released=True),
+        mutual_distillation(dg, dl, tg, tl, 'none', none_reduction='sum'),
+    ):
         torch.testing.assert_close(summed.gtc_teaches_ltc, 25 * mean.gtc_teaches_ltc)
         torch.testing.assert_close(summed.ltc_teaches_gtc, 25 * mean.ltc_teaches_gtc)
-    cond = mutual_distillation(dg, dl, tg, tl, 'both', none_reduction='sum')  # only the no-condition branch sums
+    cond = mutual_distillation(
+        dg, dl, tg, tl, 'both', none_reduction='sum'
+    )  # only the no-condition branch sums
     torch.testing.assert_close(cond.loss, mutual_distillation(dg, dl, tg, tl, 'both').loss)
     with pytest.raises(ValueError, match='reduction'):
         weighted_kl(mean.gtc, mean.ltc, mean.omega_g, reduction='max')

@@ -1,10 +1,21 @@
 """The model and its baselines: shapes for every model and ablation, released switches, gradients, autocast, learning."""
+
 import pytest
 import torch
 
 from mdmf.data import random_episode
-from mdmf.model import (ABLATIONS, MODELS, VIEWS, CLIPFSAR, MDMF, FrameMean, ModelConfig, ModelOutput, ZeroShotCLIP,
-                        build_model)
+from mdmf.model import (
+    ABLATIONS,
+    CLIPFSAR,
+    MDMF,
+    MODELS,
+    VIEWS,
+    FrameMean,
+    ModelConfig,
+    ModelOutput,
+    ZeroShotCLIP,
+    build_model,
+)
 
 SIZES = [(1, 1), (5, 1), (1, 5), (5, 5)]  # (shot, queries per class), 5-way
 
@@ -16,9 +27,13 @@ def backbone():
 
 def _features(D, shot=1, query=1, way=5, T=8, seed=0, labels=True):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(way * shot, T, D, generator=g), torch.arange(way).repeat_interleave(shot),
-            torch.randn(way * query, T, D, generator=g), torch.randn(way, D, generator=g),
-            torch.arange(way).repeat_interleave(query) if labels else None)
+    return (
+        torch.randn(way * shot, T, D, generator=g),
+        torch.arange(way).repeat_interleave(shot),
+        torch.randn(way * query, T, D, generator=g),
+        torch.randn(way, D, generator=g),
+        torch.arange(way).repeat_interleave(query) if labels else None,
+    )
 
 
 def _episode(size, shot=1, query=1):
@@ -37,9 +52,18 @@ def test_config_validation_and_released():
     with pytest.raises(ValueError):
         ModelConfig(text_score='first')
     rel = ModelConfig.released()
-    assert (rel.ltce_variant, rel.pos_emb, rel.pps_similarity, rel.text_score, rel.detach_teacher,
-            rel.distill_ties, rel.distill_condition, rel.loss_reduction, rel.ffn_act_dropout, rel.prompt) == (
-        'released', False, 'top4', 'released', False, 'ltc', 't', 'sum', 0.05, 'a photo of {}')
+    assert (
+        rel.ltce_variant,
+        rel.pos_emb,
+        rel.pps_similarity,
+        rel.text_score,
+        rel.detach_teacher,
+        rel.distill_ties,
+        rel.distill_condition,
+        rel.loss_reduction,
+        rel.ffn_act_dropout,
+        rel.prompt,
+    ) == ('released', False, 'top4', 'released', False, 'ltc', 't', 'sum', 0.05, 'a photo of {}')
     assert ModelConfig.released(pos_emb=True).pos_emb
     for over in ABLATIONS.values():
         ModelConfig(**over)
@@ -89,7 +113,9 @@ def test_every_ablation_shapes(backbone, ablation):
 
 def test_extras_and_no_labels(backbone):
     m = MDMF(ModelConfig(), backbone=backbone)
-    out = m.forward_features(*_features(m.dim, 2, 3, labels=False), generator=torch.Generator().manual_seed(0))
+    out = m.forward_features(
+        *_features(m.dim, 2, 3, labels=False), generator=torch.Generator().manual_seed(0)
+    )
     assert out.loss is None and 'main' not in out.losses
     ex = out.extras
     assert ex['pps_probs'].shape == (15, 5) and ex['pps_drawn'].shape == (15,)
@@ -107,8 +133,10 @@ def test_fused_logits_use_alphas(backbone):
     m = MDMF(ModelConfig(alpha_gtc=0.3, alpha_ltc=2.0), backbone=backbone).eval()
     out = m.forward_features(*_features(m.dim, 2, 2), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out.logits, 0.3 * out.view_logits['gtc'] + 2.0 * out.view_logits['ltc'])
-    torch.testing.assert_close(out.losses['main'],
-                               torch.nn.functional.cross_entropy(out.logits, torch.arange(5).repeat_interleave(2)))
+    torch.testing.assert_close(
+        out.losses['main'],
+        torch.nn.functional.cross_entropy(out.logits, torch.arange(5).repeat_interleave(2)),
+    )
 
 
 def test_ntc_is_self_attention_without_extractor(backbone):
@@ -126,15 +154,25 @@ def _eval_out(cfg, backbone, seed=0):
 def test_released_switches_change_behaviour(backbone):
     base = _eval_out(ModelConfig(), backbone)
     differ = lambda a, b: not torch.allclose(a.detach(), b.detach())
-    assert differ(_eval_out(ModelConfig(text_score='released'), backbone).extras['posteriors']['ltc'].t,
-                  base.extras['posteriors']['ltc'].t)
-    torch.testing.assert_close(_eval_out(ModelConfig(loss_reduction='sum'), backbone).losses['main'], 5 * base.losses['main'])
-    assert differ(_eval_out(ModelConfig(ltce_variant='released'), backbone).view_logits['ltc'], base.view_logits['ltc'])
+    assert differ(
+        _eval_out(ModelConfig(text_score='released'), backbone).extras['posteriors']['ltc'].t,
+        base.extras['posteriors']['ltc'].t,
+    )
+    torch.testing.assert_close(
+        _eval_out(ModelConfig(loss_reduction='sum'), backbone).losses['main'], 5 * base.losses['main']
+    )
+    assert differ(
+        _eval_out(ModelConfig(ltce_variant='released'), backbone).view_logits['ltc'], base.view_logits['ltc']
+    )
     assert differ(_eval_out(ModelConfig(pos_emb=False), backbone).logits, base.logits)
-    assert differ(_eval_out(ModelConfig(pps_similarity='top4'), backbone).extras['pps_probs'], base.extras['pps_probs'])
+    assert differ(
+        _eval_out(ModelConfig(pps_similarity='top4'), backbone).extras['pps_probs'], base.extras['pps_probs']
+    )
     rel = _eval_out(ModelConfig.released(), backbone)
     assert differ(rel.logits, base.logits)
-    assert torch.equal(rel.extras['omega_l'], ~rel.extras['omega_g'])  # condition 't', ties to LTC: every query decided
+    assert torch.equal(
+        rel.extras['omega_l'], ~rel.extras['omega_g']
+    )  # condition 't', ties to LTC: every query decided
 
 
 def test_same_generator_same_draw(backbone):
@@ -149,8 +187,14 @@ def test_forward_is_encode_plus_forward_features(backbone):
     support, s_lab, query, names, q_lab = _episode(backbone.image_size, 1, 1)
     with torch.no_grad():
         a = m(support, s_lab, query, names, q_lab, generator=torch.Generator().manual_seed(1))
-        b = m.forward_features(m.encode_frames(support), s_lab, m.encode_frames(query), m.class_tokens(names),
-                               q_lab, generator=torch.Generator().manual_seed(1))
+        b = m.forward_features(
+            m.encode_frames(support),
+            s_lab,
+            m.encode_frames(query),
+            m.class_tokens(names),
+            q_lab,
+            generator=torch.Generator().manual_seed(1),
+        )
     torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-4)
 
 
@@ -158,16 +202,27 @@ def test_gradients_reach_every_part():
     torch.manual_seed(0)
     m = MDMF(ModelConfig())
     m(*_episode(m.backbone.image_size, 2, 2)).loss.backward()
-    for part in (m.backbone.clip.visual, m.extractors['gtc'], m.extractors['ltc'], m.mmfe['gtc'], m.mmfe['ltc']):
+    for part in (
+        m.backbone.clip.visual,
+        m.extractors['gtc'],
+        m.extractors['ltc'],
+        m.mmfe['gtc'],
+        m.mmfe['ltc'],
+    ):
         assert _grad(part) > 0, type(part).__name__
     assert _grad(m.backbone.clip.transformer) == 0  # frozen text encoder
 
 
-@pytest.mark.parametrize('direction,teacher,student', [('gtc_teaches_ltc', 'gtc', 'ltc'), ('ltc_teaches_gtc', 'ltc', 'gtc')])
+@pytest.mark.parametrize(
+    'direction,teacher,student', [('gtc_teaches_ltc', 'gtc', 'ltc'), ('ltc_teaches_gtc', 'ltc', 'gtc')]
+)
 def test_detached_teacher_gets_no_distillation_gradient(backbone, direction, teacher, student):
     for detach in (True, False):
         torch.manual_seed(0)
-        m = MDMF(ModelConfig(distill_condition='none', distill_direction=direction, detach_teacher=detach), backbone=backbone)
+        m = MDMF(
+            ModelConfig(distill_condition='none', distill_direction=direction, detach_teacher=detach),
+            backbone=backbone,
+        )
         m.forward_features(*_features(m.dim, 2, 2)).losses['distill'].backward()
         t_grad = _grad(m.extractors[teacher]) + _grad(m.mmfe[teacher])
         assert (t_grad == 0) == detach
@@ -180,9 +235,17 @@ def test_clip_fsar_parts(backbone):
     out = m.forward_features(s, sl, q, tok, ql)  # no training classes set: the episode's classes
     assert set(out.losses) == {'main', 'video_text'} and out.extras['video_text_classes'] == 5
     video = torch.cat([s, q]).mean(1)  # support and query videos
-    logits = torch.nn.functional.normalize(video, dim=-1) @ torch.nn.functional.normalize(tok, dim=-1).T  # scale 1.0
-    torch.testing.assert_close(out.losses['video_text'], 0.5 * torch.nn.functional.cross_entropy(logits, torch.cat([sl, ql])))
-    assert out.extras['attention']['fsar']['support'].shape == (5, 9, 9)  # MERGE_BEFORE: one sequence per class
+    logits = (
+        torch.nn.functional.normalize(video, dim=-1) @ torch.nn.functional.normalize(tok, dim=-1).T
+    )  # scale 1.0
+    torch.testing.assert_close(
+        out.losses['video_text'], 0.5 * torch.nn.functional.cross_entropy(logits, torch.cat([sl, ql]))
+    )
+    assert out.extras['attention']['fsar']['support'].shape == (
+        5,
+        9,
+        9,
+    )  # MERGE_BEFORE: one sequence per class
     assert out.extras['attention']['fsar']['query'].shape == (5, 8, 8)  # the query carries no token
     assert m.transformer.pos is None and isinstance(m.video_text_scale, torch.nn.Parameter)
     assert [type(x).__name__ for x in m.transformer.ffn[1]] == ['GELU', 'Dropout']
@@ -263,7 +326,9 @@ def test_training_lowers_loss_on_order_task():
         losses = []
         for step in range(steps):
             gs = torch.Generator().manual_seed(100 + step)
-            videos = lambda n: frames[orders].repeat_interleave(n, 0) + torch.randn(way * n, T, 3, size, size, generator=gs)
+            videos = lambda n: (
+                frames[orders].repeat_interleave(n, 0) + torch.randn(way * n, T, 3, size, size, generator=gs)
+            )
             out = m(videos(1), labels, videos(2), [f'o{i}' for i in range(way)], labels.repeat_interleave(2))
             opt.zero_grad()
             out.loss.backward()
@@ -280,7 +345,9 @@ def test_training_lowers_loss_on_order_task():
 def test_table5_rows_carry_the_papers_labels():
     t5 = {k: v for k, v in ABLATIONS.items() if k.startswith('T5 ')}
     assert len(t5) == 12
-    assert t5['T5 up->down v-compare'] == dict(distill_condition='v', distill_direction='gtc_teaches_ltc')  # GTC teaches
+    assert t5['T5 up->down v-compare'] == dict(
+        distill_condition='v', distill_direction='gtc_teaches_ltc'
+    )  # GTC teaches
     assert t5['T5 down->up t-compare'] == dict(distill_condition='t', distill_direction='ltc_teaches_gtc')
     assert t5['T5 bidirectional no condition'] == dict(distill_condition='none', distill_direction='both')
     assert ModelConfig(**t5['T5 bidirectional v+t-compare']) == ModelConfig()  # the full model
@@ -289,10 +356,14 @@ def test_table5_rows_carry_the_papers_labels():
 def test_no_condition_distillation_follows_loss_reduction(backbone):
     mean = _eval_out(ModelConfig(distill_condition='none'), backbone)
     summed = _eval_out(ModelConfig(distill_condition='none', loss_reduction='sum'), backbone)
-    torch.testing.assert_close(summed.losses['distill'], 5 * mean.losses['distill'])  # 5 queries: summed, not averaged
+    torch.testing.assert_close(
+        summed.losses['distill'], 5 * mean.losses['distill']
+    )  # 5 queries: summed, not averaged
     cond = _eval_out(ModelConfig(distill_condition='t'), backbone)
-    torch.testing.assert_close(_eval_out(ModelConfig(distill_condition='t', loss_reduction='sum'), backbone).losses['distill'],
-                               cond.losses['distill'])  # with a condition: a weighted mean either way
+    torch.testing.assert_close(
+        _eval_out(ModelConfig(distill_condition='t', loss_reduction='sum'), backbone).losses['distill'],
+        cond.losses['distill'],
+    )  # with a condition: a weighted mean either way
 
 
 def test_default_mmfe_has_one_ffn_dropout(backbone):
@@ -300,4 +371,6 @@ def test_default_mmfe_has_one_ffn_dropout(backbone):
     assert all(isinstance(x.ffn[1], torch.nn.GELU) for x in m.mmfe.values())
     r = MDMF(ModelConfig.released(), backbone=backbone)
     assert all(x.ffn[1][1].p == 0.05 for x in r.mmfe.values())
-    assert list(m.state_dict()) == list(MDMF(ModelConfig(ffn_act_dropout=0.05), backbone=backbone).state_dict())
+    assert list(m.state_dict()) == list(
+        MDMF(ModelConfig(ffn_act_dropout=0.05), backbone=backbone).state_dict()
+    )

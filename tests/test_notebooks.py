@@ -1,5 +1,6 @@
 """Every notebook runs top to bottom in a real Jupyter kernel, as JupyterLab and Colab run it (cells flagged `slow`,
 `gpu` or `eval: false` are skipped), and shows pictures, not `<Figure ...>` text."""
+
 import re
 import tempfile
 from pathlib import Path
@@ -8,7 +9,6 @@ import nbformat
 import pytest
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
-
 from test_outputs import draws, pictures
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,8 +19,14 @@ FIGURE_TEXT = re.compile(r'^<(?:matplotlib\.figure\.)?Figure( size|\b)')
 
 def figure_texts(nb) -> list:
     "Outputs that show a figure's repr instead of the figure (a picture that did not display)."
-    return [c.source.splitlines()[0][:60] for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', [])
-            if 'image/png' not in o.get('data', {}) and FIGURE_TEXT.match(''.join(o.get('data', {}).get('text/plain', '')))]
+    return [
+        c.source.splitlines()[0][:60]
+        for c in nb.cells
+        if c.cell_type == 'code'
+        for o in c.get('outputs', [])
+        if 'image/png' not in o.get('data', {})
+        and FIGURE_TEXT.match(''.join(o.get('data', {}).get('text/plain', '')))
+    ]
 
 
 def execute(nb, folder: Path, timeout: int = 900):
@@ -30,18 +36,24 @@ def execute(nb, folder: Path, timeout: int = 900):
     with tempfile.TemporaryDirectory() as sockets:
         km = KernelManager(kernel_name='python3', transport='ipc', ip=str(Path(sockets) / 'kernel'))
         # widget state is tracked while running (nbclient's Output-widget hook needs it) and dropped afterwards
-        NotebookClient(nb, km=km, timeout=timeout, store_widget_state=True,
-                       resources={'metadata': {'path': str(folder)}}).execute()
+        NotebookClient(
+            nb, km=km, timeout=timeout, store_widget_state=True, resources={'metadata': {'path': str(folder)}}
+        ).execute()
     nb.metadata.pop('widgets', None)
     return nb
 
 
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs(path, monkeypatch):
-    monkeypatch.delenv('MPLBACKEND', raising=False)  # the kernel draws inline, as in JupyterLab (conftest sets Agg)
+    monkeypatch.delenv(
+        'MPLBACKEND', raising=False
+    )  # the kernel draws inline, as in JupyterLab (conftest sets Agg)
     nb = nbformat.read(path, as_version=4)
     for cell in nb.cells:
-        if cell.cell_type == 'code' and SKIPPED.search(cell.source): cell.source = ''
-    execute(nb, path.parent)  # a cell that raises fails the test with its traceback (nbclient's CellExecutionError)
+        if cell.cell_type == 'code' and SKIPPED.search(cell.source):
+            cell.source = ''
+    execute(
+        nb, path.parent
+    )  # a cell that raises fails the test with its traceback (nbclient's CellExecutionError)
     assert not figure_texts(nb), f'{path.name}: figures shown as text, not pictures: {figure_texts(nb)}'
     assert pictures(nb) or not draws(nb), f'{path.name} draws, but no picture was displayed'

@@ -1,12 +1,24 @@
 """OTAM: the fast row-parallel solver equals a cell-by-cell reference; distances, paths, prototypes."""
+
 import pytest
 import torch
 
-from mdmf.otam import (_otam_table, frame_cost, otam, otam_bidirectional, otam_distance, otam_path, otam_reference,
-                       prototypes, softmin)
+from mdmf.otam import (
+    _otam_table,
+    frame_cost,
+    otam,
+    otam_bidirectional,
+    otam_distance,
+    otam_path,
+    otam_reference,
+    prototypes,
+    softmin,
+)
 
 
-@pytest.mark.parametrize('T,batch,lam', [(2, (), 0.5), (3, (2,), 0.5), (5, (3, 4), 0.1), (8, (5, 5), 0.5), (8, (1,), 2.0)])
+@pytest.mark.parametrize(
+    'T,batch,lam', [(2, (), 0.5), (3, (2,), 0.5), (5, (3, 4), 0.1), (8, (5, 5), 0.5), (8, (1,), 2.0)]
+)
 def test_fast_equals_reference(T, batch, lam):
     torch.manual_seed(T)
     c1 = (2 * torch.rand(*batch, T, T, dtype=torch.float64)).requires_grad_()

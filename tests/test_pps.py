@@ -1,4 +1,5 @@
 """Behaviour of mdmf.pps: shapes, determinism, the ablation, the draw's distribution, gradients."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -66,7 +67,8 @@ def test_temperature_sharpens():
 
 def test_gradients():
     q, tok = _data()
-    q.requires_grad_(True); tok.requires_grad_(True)
+    q.requires_grad_(True)
+    tok.requires_grad_(True)
     tokens, probs, drawn = PPS(temperature=0.5)(q, tok, generator=torch.Generator().manual_seed(0))
     assert not tokens.requires_grad and not drawn.requires_grad  # nothing through the draw/tokens
     probs[:, 0].sum().backward()  # documented: probs is differentiable w.r.t. query_feats only

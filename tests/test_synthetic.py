@@ -1,5 +1,6 @@
 """The synthetic dataset: CLI output on disk, split lists, determinism, decoding, the completion marker, and the
 project's loader reading it."""
+
 import json
 import subprocess
 import sys
@@ -9,8 +10,22 @@ import numpy as np
 import pytest
 
 from mdmf.core import BadInput
-from mdmf.synthetic import (CLASS_BY_NAME, CLASSES, COLOURS, PAIRS, ClipParams, assign_splits, is_complete,
-                            make_synthetic, read_classes, render, render_scene, sample_params, video_id, video_params)
+from mdmf.synthetic import (
+    CLASS_BY_NAME,
+    CLASSES,
+    COLOURS,
+    PAIRS,
+    ClipParams,
+    assign_splits,
+    is_complete,
+    make_synthetic,
+    read_classes,
+    render,
+    render_scene,
+    sample_params,
+    video_id,
+    video_params,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(videos_per_class=12, frames=8, size=32)
@@ -18,8 +33,20 @@ SPLITS = ('train', 'val', 'test')
 
 
 def cli(root, *args):
-    cmd = [sys.executable, '-m', 'mdmf.synthetic', '--data-root', str(root), '--videos-per-class', '12',
-           '--video-frames', '8', '--video-size', '32', *args]
+    cmd = [
+        sys.executable,
+        '-m',
+        'mdmf.synthetic',
+        '--data-root',
+        str(root),
+        '--videos-per-class',
+        '12',
+        '--video-frames',
+        '8',
+        '--video-size',
+        '32',
+        *args,
+    ]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
 
 
@@ -29,6 +56,7 @@ def read_lines(root):
 
 def decode(path):
     import decord
+
     vr = decord.VideoReader(str(path))
     return vr.get_batch(list(range(len(vr)))).asnumpy()  # [T, H, W, 3]
 
@@ -43,10 +71,23 @@ def data(tmp_path_factory):
 
 
 def test_cli_help():
-    out = subprocess.run([sys.executable, '-m', 'mdmf.synthetic', '--help'], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout
-    for opt in ('--data-root', '--dataset-seed', '--videos-per-class', '--video-frames', '--video-size', '--test-classes',
-                '--render-workers', '--force'):
+    out = subprocess.run(
+        [sys.executable, '-m', 'mdmf.synthetic', '--help'],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for opt in (
+        '--data-root',
+        '--dataset-seed',
+        '--videos-per-class',
+        '--video-frames',
+        '--video-size',
+        '--test-classes',
+        '--render-workers',
+        '--force',
+    ):
         assert opt in out
 
 
@@ -55,7 +96,11 @@ def test_split_lists(data):
     classes = {s: {l.rsplit('/', 1)[0] for l in v} for s, v in lines.items()}
     assert {s: len(c) for s, c in classes.items()} == {'train': 20, 'val': 8, 'test': 12}
     assert len(set.union(*classes.values())) == len(CLASSES) >= 40
-    assert not (classes['train'] & classes['val'] or classes['train'] & classes['test'] or classes['val'] & classes['test'])
+    assert not (
+        classes['train'] & classes['val']
+        or classes['train'] & classes['test']
+        or classes['val'] & classes['test']
+    )
     for s, v in lines.items():
         assert len(v) == len(classes[s]) * 12 and len(set(v)) == len(v)
         for line in v:
@@ -74,10 +119,12 @@ def test_direction_pairs_in_every_split(data):
         assert all(b in names for _, b in pairs), 'a pair was split across splits'
         assert len(pairs) >= 3, s
     test = {l.rsplit('/', 1)[0] for l in lines['test']}
-    for a, b in [('moving something from left to right', 'moving something from right to left'),
-                 ('something rotating clockwise', 'something rotating anticlockwise'),
-                 ('two things moving apart', 'two things moving closer together'),
-                 ('something growing bigger', 'something shrinking smaller')]:
+    for a, b in [
+        ('moving something from left to right', 'moving something from right to left'),
+        ('something rotating clockwise', 'something rotating anticlockwise'),
+        ('two things moving apart', 'two things moving closer together'),
+        ('something growing bigger', 'something shrinking smaller'),
+    ]:
         assert a in test and b in test
 
 
@@ -91,7 +138,9 @@ def test_classes_json(data):
         assert set(r) >= {'name', 'split', 'family', 'direction'}
         if r['partner']:
             p = by_name[r['partner']]
-            assert p['split'] == r['split'] and p['family'] == r['family'] and p['direction'] != r['direction']
+            assert (
+                p['split'] == r['split'] and p['family'] == r['family'] and p['direction'] != r['direction']
+            )
     lines = read_lines(data)
     for r in recs:
         assert any(l.startswith(r['name'] + '/') for l in lines[r['split']])
@@ -134,6 +183,7 @@ def test_renderer_is_deterministic_and_varies():
 def test_render_scene_is_the_truth_of_the_pixels():
     "`render_scene` paints exactly `render`'s pixels, and its object states say where the objects are."
     from dataclasses import replace
+
     for i, c in enumerate(CLASSES):
         p = video_params(0, c.name, i % 3)
         frames, objs = render_scene(p, 8, 32)
@@ -142,20 +192,30 @@ def test_render_scene_is_the_truth_of_the_pixels():
         assert roles.count('main') == 1 and (roles[0] == 'distractor') == bool(p.distractor), (c.name, roles)
         assert ('other' in roles) == (p.other_shape is not None)
         assert all(o[k].shape == (8,) for o in objs for k in ('cx', 'cy', 'scale', 'angle', 'alpha'))
-    for name in ('moving something from left to right', 'pushing something from right to left with something'):
-        p = replace(sample_params(np.random.default_rng(1), name), noise=0.0, distractor=None, background='plain')
+    for name in (
+        'moving something from left to right',
+        'pushing something from right to left with something',
+    ):
+        p = replace(
+            sample_params(np.random.default_rng(1), name), noise=0.0, distractor=None, background='plain'
+        )
         frames, objs = render_scene(p, 8, 64)
         main = next(o for o in objs if o['role'] == 'main')
         for t in (0, 7):
             ys, xs = np.nonzero(np.abs(frames[t] / 255 - COLOURS[p.colour]).sum(-1) < 0.1)
-            assert abs((xs.mean() + 0.5) / 64 - main['cx'][t]) < 0.03 and abs((ys.mean() + 0.5) / 64 - main['cy'][t]) < 0.03
+            assert (
+                abs((xs.mean() + 0.5) / 64 - main['cx'][t]) < 0.03
+                and abs((ys.mean() + 0.5) / 64 - main['cy'][t]) < 0.03
+            )
 
 
 def test_time_reversed_pairs_are_frame_reversals():
     "Without per-frame randomness, the reversed class is exactly the forward clip played backwards."
     from dataclasses import replace
+
     for fwd, rev in PAIRS:
-        if not rev.reverse: continue
+        if not rev.reverse:
+            continue
         p = replace(sample_params(np.random.default_rng(0), fwd), noise=0.0, distractor=None)
         q = replace(p, action=rev.name, direction=rev.direction, reverse=True)
         np.testing.assert_array_equal(render(q, 8, 32), render(p, 8, 32)[::-1])
@@ -177,7 +237,9 @@ def test_complete_marker(tmp_path):
     make_synthetic(root, workers=1, **params)
     assert some.stat().st_mtime_ns == mtime
     # interrupted: marker missing, a video and a split list lost -> regenerated
-    (root / '.complete').unlink(); some.unlink(); (root / 'splits' / 'val.txt').unlink()
+    (root / '.complete').unlink()
+    some.unlink()
+    (root / 'splits' / 'val.txt').unlink()
     assert not is_complete(root, **params)
     make_synthetic(root, workers=1, **params)
     assert is_complete(root, **params) and some.exists() and (root / 'splits' / 'val.txt').exists()
@@ -186,9 +248,28 @@ def test_complete_marker(tmp_path):
     assert len(list((root / 'videos').rglob('*.mp4'))) == len(CLASSES)
     assert is_complete(root, **{**params, 'videos_per_class': 1}) and not is_complete(root, **params)
     # --force rewrites
-    cli_out = subprocess.run([sys.executable, '-m', 'mdmf.synthetic', '--data-root', str(root), '--videos-per-class', '1',
-                              '--video-frames', '4', '--video-size', '16', '--render-workers', '1', '--force'],
-                             cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    cli_out = subprocess.run(
+        [
+            sys.executable,
+            '-m',
+            'mdmf.synthetic',
+            '--data-root',
+            str(root),
+            '--videos-per-class',
+            '1',
+            '--video-frames',
+            '4',
+            '--video-size',
+            '16',
+            '--render-workers',
+            '1',
+            '--force',
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert 'wrote' in cli_out
 
 
@@ -206,12 +287,19 @@ def test_refuses_foreign_folder_and_bad_sizes(tmp_path):
 
 def test_command_line_errors_name_the_flag(tmp_path):
     "A bad value is one line naming the flag, exit status 2, no traceback."
-    run = lambda *a: subprocess.run([sys.executable, '-m', 'mdmf.synthetic', '--data-root', str(tmp_path / 'o'), *a],
-                                    cwd=ROOT, capture_output=True, text=True)
+    run = lambda *a: subprocess.run(
+        [sys.executable, '-m', 'mdmf.synthetic', '--data-root', str(tmp_path / 'o'), *a],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     odd, word = run('--video-size', '15'), run('--videos-per-class', 'many')
     assert (odd.returncode, word.returncode) == (2, 2)
     assert odd.stderr == 'error: the frame size (--video-size) must be even (yuv420p), got 15\n'
-    assert "argument --videos-per-class: invalid int value: 'many'" in word.stderr and 'Traceback' not in word.stderr
+    assert (
+        "argument --videos-per-class: invalid int value: 'many'" in word.stderr
+        and 'Traceback' not in word.stderr
+    )
 
 
 def test_video_ids_unique():
@@ -226,8 +314,19 @@ def test_project_loader_reads_every_split(data):
         s = datasets.load_split('synthetic', split, data)
         assert len(s.classes) == {'train': 20, 'val': 8, 'test': 12}[split]
         assert s.class_names == s.classes  # the sentences are already readable prompts
-        ds = loader.episode_dataset('synthetic', split, data, way=5, shot=5, query=5, episodes=2, seed=0,
-                                    num_frames=8, size=32, short_side=32)
+        ds = loader.episode_dataset(
+            'synthetic',
+            split,
+            data,
+            way=5,
+            shot=5,
+            query=5,
+            episodes=2,
+            seed=0,
+            num_frames=8,
+            size=32,
+            short_side=32,
+        )
         b = ds[1]
         assert b['support'].shape == (25, 8, 3, 32, 32) and b['query'].shape == (25, 8, 3, 32, 32)
         assert set(b['class_names']) <= set(s.classes) and len(set(b['class_names'])) == 5

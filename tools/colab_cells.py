@@ -4,6 +4,7 @@ The badge is a markdown cell right after the notebook's title cell; the install 
 so that running this again updates them instead of adding more. `--check` exits 1 when a notebook lacks them or
 holds an outdated copy (the tests call it). Run `nbdev_clean` afterwards.
 """
+
 import argparse
 import configparser
 import json
@@ -24,23 +25,49 @@ def repo_url() -> str:
 def badge_cell(nb: Path) -> dict:
     url, branch = repo_url()
     path = nb.relative_to(ROOT).as_posix()
-    colab = url.replace('https://github.com/', 'https://colab.research.google.com/github/') + f'/blob/{branch}/{path}'
-    text = (f'{BADGE_MARK}\n[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({colab})')
+    colab = (
+        url.replace('https://github.com/', 'https://colab.research.google.com/github/')
+        + f'/blob/{branch}/{path}'
+    )
+    text = (
+        f'{BADGE_MARK}\n[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({colab})'
+    )
     return dict(cell_type='markdown', metadata={}, source=text.splitlines(keepends=True))
 
 
 def install_cell(widgets: bool) -> dict:
     url, _ = repo_url()
-    lines = ['#| hide', f'{INSTALL_MARK} install mdmf (and its requirements) first; anywhere else this cell does nothing.',
-             'import subprocess, sys',
-             "if 'google.colab' in sys.modules:",
-             f"    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', 'git+{url}.git'], check=True)"]
+    # written as `ruff format` leaves it (tools/export.py formats every notebook)
+    lines = [
+        '#| hide',
+        f'{INSTALL_MARK} install mdmf (and its requirements) first; anywhere else this cell does nothing.',
+        'import subprocess',
+        'import sys',
+        '',
+        "if 'google.colab' in sys.modules:",
+        '    subprocess.run(',
+        f"        [sys.executable, '-m', 'pip', 'install', '-q', 'git+{url}.git'], check=True",
+        '    )',
+    ]
     if widgets:
-        lines += ['    from google.colab import output', '    output.enable_custom_widget_manager()  # ipywidgets 8 in Colab']
-    return dict(cell_type='code', execution_count=None, metadata={}, outputs=[], source='\n'.join(lines).splitlines(True))
+        lines += [
+            '    from google.colab import output',
+            '',
+            '    output.enable_custom_widget_manager()  # ipywidgets 8 in Colab',
+        ]
+    return dict(
+        cell_type='code',
+        execution_count=None,
+        metadata={},
+        outputs=[],
+        source='\n'.join(lines).splitlines(True),
+    )
 
 
-def _is_badge(c): return c['cell_type'] == 'markdown' and ''.join(c['source']).startswith(BADGE_MARK)
+def _is_badge(c):
+    return c['cell_type'] == 'markdown' and ''.join(c['source']).startswith(BADGE_MARK)
+
+
 def _is_install(c):
     lines = ''.join(c['source']).splitlines()
     return c['cell_type'] == 'code' and len(lines) > 1 and lines[1].startswith(INSTALL_MARK)
@@ -49,19 +76,25 @@ def _is_install(c):
 def wanted(nb: Path, cells: list) -> list:
     "The notebook's cells with the badge after the title cell and the install cell after the badge."
     rest = [c for c in cells if not (_is_badge(c) or _is_install(c))]
-    title = next(i for i, c in enumerate(rest) if c['cell_type'] == 'markdown' and ''.join(c['source']).lstrip().startswith('# '))
+    title = next(
+        i
+        for i, c in enumerate(rest)
+        if c['cell_type'] == 'markdown' and ''.join(c['source']).lstrip().startswith('# ')
+    )
     widgets = 'ipywidgets' in json.dumps(rest) or 'Explorer' in json.dumps(rest)
     new = [badge_cell(nb), install_cell(widgets)]
     for c, old in zip(new, [next((x for x in cells if f(x)), None) for f in (_is_badge, _is_install)]):
-        if old is not None and 'id' in old: c['id'] = old['id']
-    return rest[:title + 1] + new + rest[title + 1:]
+        if old is not None and 'id' in old:
+            c['id'] = old['id']
+    return rest[: title + 1] + new + rest[title + 1 :]
 
 
 def notebooks() -> list:
     return sorted((ROOT / 'nbs').glob('[0-9]*.ipynb')) + [ROOT / 'index.ipynb']
 
 
-def _key(cells): return [(c['cell_type'], ''.join(c['source'])) for c in cells]
+def _key(cells):
+    return [(c['cell_type'], ''.join(c['source'])) for c in cells]
 
 
 def main(argv=None) -> int:
@@ -72,14 +105,19 @@ def main(argv=None) -> int:
     for nb in notebooks():
         data = json.loads(nb.read_text(encoding='utf-8'))
         cells = wanted(nb, data['cells'])
-        if _key(cells) == _key(data['cells']): continue
+        if _key(cells) == _key(data['cells']):
+            continue
         stale.append(nb.name)
         if not args.check:
             data['cells'] = cells
             nb.write_text(json.dumps(data, indent=1, ensure_ascii=False) + '\n', encoding='utf-8')
     if args.check and stale:
-        print('notebooks without an up-to-date Colab badge and install cell: ' + ', '.join(stale)
-              + '\nrun `python tools/colab_cells.py && nbdev_clean`', file=sys.stderr)
+        print(
+            'notebooks without an up-to-date Colab badge and install cell: '
+            + ', '.join(stale)
+            + '\nrun `python tools/colab_cells.py && nbdev_clean`',
+            file=sys.stderr,
+        )
         return 1
     return 0
 

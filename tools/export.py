@@ -8,6 +8,7 @@ formatted where it is written), `nbdev_export` (the package from the notebooks),
 notebooks and index.ipynb. CI runs it and requires the checkout to be unchanged afterwards, then runs
 `ruff check` and `ruff format --check` (settings in pyproject.toml).
 """
+
 import subprocess
 import sys
 from pathlib import Path

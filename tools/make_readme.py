@@ -4,6 +4,7 @@ pictures they stored (written to docs/readme/, since GitHub shows no inline imag
 Cells marked `#| hide` are left out, as are nbdev directive lines. `--check` exits 1 when
 README.md or its pictures differ from what index.ipynb gives.
 """
+
 import argparse
 import base64
 import json
@@ -46,7 +47,8 @@ def render_all(nb_path=ROOT / 'index.ipynb') -> tuple:  # (README text, {picture
             parts.append('```python\n' + text + '\n```')
             for out in cell.get('outputs', []):
                 png = out.get('data', {}).get('image/png')
-                if png is None: continue
+                if png is None:
+                    continue
                 path = (PICTURES / f'index-{len(files) + 1}.png').as_posix()
                 files[path] = base64.b64decode(''.join(png) if isinstance(png, list) else png)
                 parts.append(f'![output of the cell above]({path})')
@@ -63,14 +65,19 @@ def main(argv=None):
         stale = not readme.exists() or readme.read_text(encoding='utf-8') != text
         stale |= any(not (ROOT / p).exists() or (ROOT / p).read_bytes() != b for p, b in files.items())
         if stale:
-            print('README.md or its pictures are out of date: run `python tools/make_readme.py`', file=sys.stderr)
+            print(
+                'README.md or its pictures are out of date: run `python tools/make_readme.py`',
+                file=sys.stderr,
+            )
             return 1
         return 0
     readme.write_text(text, encoding='utf-8')
     (ROOT / PICTURES).mkdir(parents=True, exist_ok=True)
     for old in (ROOT / PICTURES).glob('index-*.png'):
-        if old.relative_to(ROOT).as_posix() not in files: old.unlink()
-    for p, b in files.items(): (ROOT / p).write_bytes(b)
+        if old.relative_to(ROOT).as_posix() not in files:
+            old.unlink()
+    for p, b in files.items():
+        (ROOT / p).write_bytes(b)
     return 0
 
 

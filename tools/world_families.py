@@ -9,6 +9,7 @@ row by row on the same episodes (`CONTRASTS`): the mean difference, its t 95% in
     python tools/world_families.py results/world/study [--shots 5,1]
 writes <study>/families.json.
 """
+
 import argparse
 import json
 import math
@@ -30,10 +31,13 @@ from mdmf.world import WORLD_BY_NAME
 
 FAMILIES = ('order', 'pace', 'attribute')
 
+
 def family_accuracy(model, cfg, shot: int, feats=None, split=None) -> dict:
     "Accuracy (percent) per family and overall on the run's test episodes, and the per-episode accuracy."
     split = split or load_data(cfg.data, 'test')
-    r = evaluate(model, cfg, 'test', cfg.eval.test_episodes, shot=shot, data=split, features=feats, progress=False)
+    r = evaluate(
+        model, cfg, 'test', cfg.eval.test_episodes, shot=shot, data=split, features=feats, progress=False
+    )
     sampler = EpisodeSampler.from_split(split, cfg.data.way, shot, cfg.data.test_query, cfg.run.seed)
     q = cfg.data.test_query
     hit = {f: [] for f in FAMILIES}
@@ -41,70 +45,127 @@ def family_accuracy(model, cfg, shot: int, feats=None, split=None) -> dict:
         ep = sampler.episode(i)
         for j, c in enumerate(ep.class_ids):
             fam = WORLD_BY_NAME[split.class_names[c]].family
-            hit[fam] += list(r.predictions[i, j * q:(j + 1) * q] == j)
+            hit[fam] += list(r.predictions[i, j * q : (j + 1) * q] == j)
     out = {f: 100 * float(np.mean(h)) for f, h in hit.items()}
     return dict(all=r.accuracy, **out), {f: np.asarray(h, bool) for f, h in hit.items()}
 
+
 def t_interval(x: list) -> tuple:
     a = np.asarray(x, float)
-    if len(a) < 2: return float(a.mean()), None
+    if len(a) < 2:
+        return float(a.mean()), None
     return float(a.mean()), float(stats.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / math.sqrt(len(a)))
+
 
 @torch.no_grad()
 def zero_shot(model, cfg) -> dict:
     "Text side alone: top-1 of the prompt nearest to the mean frame feature, among the classes of each family."
     model.eval()
-    feats, labels, names, _ = split_features(model.backbone, cfg.data.data_root, 'test', frames=cfg.model.frames)
+    feats, labels, names, _ = split_features(
+        model.backbone, cfg.data.data_root, 'test', frames=cfg.model.frames
+    )
     tokens = class_prompt_features(model.backbone, names)
-    sim = torch.nn.functional.normalize(feats.mean(1), dim=-1) @ torch.nn.functional.normalize(tokens, dim=-1).T
+    sim = (
+        torch.nn.functional.normalize(feats.mean(1), dim=-1) @ torch.nn.functional.normalize(tokens, dim=-1).T
+    )
     out = {}
     for f in FAMILIES:
         cls = [i for i, n in enumerate(names) if WORLD_BY_NAME[n].family == f]
         vid = [v for v, l in enumerate(labels.tolist()) if l in cls]
         pred = torch.tensor(cls)[sim[vid][:, cls].argmax(-1)]
-        out[f] = dict(top1=100 * pred.eq(labels[vid]).float().mean().item(), chance=100 / len(cls), classes=len(cls))
+        out[f] = dict(
+            top1=100 * pred.eq(labels[vid]).float().mean().item(), chance=100 / len(cls), classes=len(cls)
+        )
     return out
 
+
 CONTRASTS = [  # (claim, row, minus row)
-    ('temporal context', 'multi-view', 'NTC'), ('temporal context', 'GTC', 'NTC'), ('temporal context', 'LTC', 'NTC'),
+    ('temporal context', 'multi-view', 'NTC'),
+    ('temporal context', 'GTC', 'NTC'),
+    ('temporal context', 'LTC', 'NTC'),
     ('global against local view', 'GTC', 'LTC'),
-    ('two views over one', 'multi-view', 'GTC'), ('two views over one', 'multi-view', 'LTC'),
-    ('PPS', 'GTC+PPS', 'GTC'), ('PPS', 'LTC+PPS', 'LTC'), ('PPS', 'NTC+PPS', 'NTC'),
-    ('PPS', 'multi-view+PPS', 'multi-view'), ('PPS', 'full', 'multi-view+distill'),
-    ('distillation', 'multi-view+distill', 'multi-view'), ('distillation', 'full', 'multi-view+PPS'),
+    ('two views over one', 'multi-view', 'GTC'),
+    ('two views over one', 'multi-view', 'LTC'),
+    ('PPS', 'GTC+PPS', 'GTC'),
+    ('PPS', 'LTC+PPS', 'LTC'),
+    ('PPS', 'NTC+PPS', 'NTC'),
+    ('PPS', 'multi-view+PPS', 'multi-view'),
+    ('PPS', 'full', 'multi-view+distill'),
+    ('distillation', 'multi-view+distill', 'multi-view'),
+    ('distillation', 'full', 'multi-view+PPS'),
     ('full model', 'full', 'multi-view'),
 ]
+
+FULL = 'full'
+FULL_ALIASES = (
+    'T5 bidirectional v+t-compare',
+    'full λ=1',
+)  # the full model's settings under another row's name
+
+
+def row_claim(row: str) -> str:
+    "The claim a row other than those of CONTRASTS tests against the full model (Table 5, the lambda sweep)."
+    return 'distillation weight' if 'λ' in row else 'distillation variant' if row.startswith('T5') else 'row'
+
 
 def contrast(runs: dict, hits: dict, a: str, b: str, shot: int, fam: str) -> dict:
     "Row a minus row b on the same episodes: t interval over seeds, and the interval over all paired queries."
     seeds = sorted(s for (r, s, k) in runs if r == a and k == shot and (b, s, shot) in runs)
-    if not seeds: return {}
+    if not seeds:
+        return {}
     m, ci = t_interval([runs[a, s, shot][fam] - runs[b, s, shot][fam] for s in seeds])
     fams = FAMILIES if fam == 'all' else (fam,)
     d = np.concatenate([hits[a, s, shot][f].astype(float) - hits[b, s, shot][f] for s in seeds for f in fams])
     q = 100 * 1.96 * d.std(ddof=1) / math.sqrt(len(d))
-    return dict(seeds=seeds, mean=m, seed_ci95=ci, shows_seeds=ci is not None and abs(m) > ci,
-                query_ci95=float(q), shows_queries=bool(abs(m) > q), queries=len(d))
+    return dict(
+        seeds=seeds,
+        mean=m,
+        seed_ci95=ci,
+        shows_seeds=ci is not None and abs(m) > ci,
+        query_ci95=float(q),
+        shows_queries=bool(abs(m) > q),
+        queries=len(d),
+    )
 
-def _pm(m, ci): return f'{m:+.2f}' + (f' ± {ci:.2f}' if ci is not None else '')
+
+def _pm(m, ci):
+    return f'{m:+.2f}' + (f' ± {ci:.2f}' if ci is not None else '')
+
 
 def families_markdown(out: dict) -> str:
     "The per-family table (mean over seeds, seed sd) and the contrasts, as Markdown."
-    md = [f"`{out['command']}`\n", '| row | shot | all | order (GTC) | pace (LTC) | attribute (PPS) |', '|---|---|---|---|---|---|']
+    md = [
+        f"`{out['command']}`\n",
+        '| row | shot | all | order (GTC) | pace (LTC) | attribute (PPS) |',
+        '|---|---|---|---|---|---|',
+    ]
     for r in out['rows']:
         cell = lambda f: f"{r[f]['mean']:.2f}" + (f" ({r[f]['sd']:.2f})" if r[f]['sd'] is not None else '')
         md.append(f"| {r['row']} | {r['shot']} | " + ' | '.join(cell(f) for f in ('all',) + FAMILIES) + ' |')
-    md += ['', '| claim | row − row | shot | all | order | pace | attribute |', '|---|---|---|---|---|---|---|']
-    by = {(c['claim'], c['row'], c['minus'], c['shot'], c['family']): c for c in out['contrasts'] if c.get('seeds')}
-    for claim, a, b, shot in dict.fromkeys((c['claim'], c['row'], c['minus'], c['shot']) for c in out['contrasts']):
+    md += [
+        '',
+        '| claim | row − row | shot | all | order | pace | attribute |',
+        '|---|---|---|---|---|---|---|',
+    ]
+    by = {
+        (c['claim'], c['row'], c['minus'], c['shot'], c['family']): c
+        for c in out['contrasts']
+        if c.get('seeds')
+    }
+    for claim, a, b, shot in dict.fromkeys(
+        (c['claim'], c['row'], c['minus'], c['shot']) for c in out['contrasts']
+    ):
         cells = []
         for f in ('all',) + FAMILIES:
             c = by.get((claim, a, b, shot, f))
-            if not c: cells.append(''); continue
+            if not c:
+                cells.append('')
+                continue
             t = f"{c['mean']:+.2f} ± {c['seed_ci95']:.2f} / ± {c['query_ci95']:.2f}"
             cells.append(f'**{t}**' if c['shows_seeds'] else f'*{t}*' if c['shows_queries'] else t)
         md.append(f'| {claim} | {a} − {b} | {shot} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(md) + '\n'
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -128,11 +189,20 @@ def main(argv=None):
                 split, zs = load_data(cfg.data, 'test'), zero_shot(model, cfg)
                 print('zero-shot top-1 per family:', zs, flush=True)
             for shot in shots:
-                runs[row['row'], seed, shot], hits[row['row'], seed, shot] = family_accuracy(model, cfg, shot, split=split)
-            if abs(runs[row['row'], seed, cfg.data.shot]['all'] - row['test'][row['seeds_done'].index(seed)]) > 1e-6:
+                runs[row['row'], seed, shot], hits[row['row'], seed, shot] = family_accuracy(
+                    model, cfg, shot, split=split
+                )
+            if (
+                abs(runs[row['row'], seed, cfg.data.shot]['all'] - row['test'][row['seeds_done'].index(seed)])
+                > 1e-6
+            ):
                 raise RuntimeError(f'{name}: the test accuracy differs from its metrics.json')
-            print(row['row'], seed, {s: {k: round(v, 2) for k, v in runs[row['row'], seed, s].items()} for s in shots},
-                  flush=True)
+            print(
+                row['row'],
+                seed,
+                {s: {k: round(v, 2) for k, v in runs[row['row'], seed, s].items()} for s in shots},
+                flush=True,
+            )
     table = []
     for row in study['rows']:
         for shot in shots:
@@ -140,17 +210,45 @@ def main(argv=None):
             rec = dict(row=row['row'], shot=shot, seeds=seeds)
             for f in ('all',) + FAMILIES:
                 vals = [runs[row['row'], s, shot][f] for s in seeds]
-                rec[f] = dict(mean=float(np.mean(vals)), sd=float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
-                              per_seed=vals)
+                rec[f] = dict(
+                    mean=float(np.mean(vals)),
+                    sd=float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
+                    per_seed=vals,
+                )
             table.append(rec)
-    contrasts = [dict(claim=c, row=x, minus=y, shot=shot, family=f, **contrast(runs, hits, x, y, shot, f))
-                 for c, x, y in CONTRASTS for shot in shots for f in ('all',) + FAMILIES]
-    out = dict(study=str(folder), command='python tools/world_families.py ' + ' '.join(sys.argv[1:] if argv is None else argv),
-               shots=shots, zero_shot=zs, rows=table, contrasts=contrasts, seconds=round(time.time() - t0, 1))
+    pairs = [
+        (c, x, y)
+        for c, x, y in CONTRASTS
+        if any(r == x for r, _, _ in runs) and any(r == y for r, _, _ in runs)
+    ]
+    full = next((r['row'] for r in study['rows'] if r['row'] == FULL or r.get('same_as_row') == FULL), None)
+    full = full or next((r['row'] for r in study['rows'] if r['row'] in FULL_ALIASES), None)
+    paired = {r for _, x, y in pairs for r in (x, y)}
+    pairs += [
+        (row_claim(r['row']), r['row'], full)
+        for r in study['rows']
+        if full and r['row'] not in paired | {full}
+    ]
+    contrasts = [
+        dict(claim=c, row=x, minus=y, shot=shot, family=f, **contrast(runs, hits, x, y, shot, f))
+        for c, x, y in pairs
+        for shot in shots
+        for f in ('all',) + FAMILIES
+    ]
+    out = dict(
+        study=str(folder),
+        command='python tools/world_families.py ' + ' '.join(sys.argv[1:] if argv is None else argv),
+        shots=shots,
+        zero_shot=zs,
+        rows=table,
+        contrasts=contrasts,
+        seconds=round(time.time() - t0, 1),
+    )
     (folder / 'families.json').write_text(json.dumps(out, indent=1))
     (folder / 'families.md').write_text(families_markdown(out))
     print(f'written {folder / "families.json"} in {out["seconds"]} s')
     return out
+
 
 if __name__ == '__main__':
     main()

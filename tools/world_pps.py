@@ -3,6 +3,7 @@ whose drawn prompt is their own class's (chance: 1/way), per family, with the ti
 
     python tools/world_pps.py [--root data/synthetic-mech] [--episodes 2000] [--seeds 1896,1897,1898]
 """
+
 import argparse
 import json
 import sys
@@ -15,6 +16,7 @@ from mdmf.episodes import EpisodeSampler, episode_generator
 from mdmf.pps import PPS
 from mdmf.pretrain import class_prompt_features, split_features
 from mdmf.world import WORLD_BY_NAME
+
 
 @torch.no_grad()
 def main(argv=None):
@@ -43,17 +45,29 @@ def main(argv=None):
                     hits[w.family].append(int(drawn[j]) == j)
                     drawn_family[w.family].append(WORLD_BY_NAME[names[ep.class_ids[int(drawn[j])]]].family)
                     if w.partner and w.partner in [names[k] for k in ep.class_ids]:
-                        partner.append((w.family, int(drawn[j]) == j, names[ep.class_ids[int(drawn[j])]] == w.partner))
-        out[f'{shot}-shot'] = {f: dict(own_prompt=100 * float(np.mean(h)), queries=len(h),
-                                       drawn_family={g: 100 * float(np.mean([x == g for x in drawn_family[f]])) for g in hits})
-                               for f, h in hits.items()}
+                        partner.append(
+                            (w.family, int(drawn[j]) == j, names[ep.class_ids[int(drawn[j])]] == w.partner)
+                        )
+        out[f'{shot}-shot'] = {
+            f: dict(
+                own_prompt=100 * float(np.mean(h)),
+                queries=len(h),
+                drawn_family={g: 100 * float(np.mean([x == g for x in drawn_family[f]])) for g in hits},
+            )
+            for f, h in hits.items()
+        }
         for f in ('order', 'pace'):
             rows = [(o, p) for fam, o, p in partner if fam == f]
             out[f'{shot}-shot'][f]['with_partner_in_episode'] = dict(
-                own=100 * float(np.mean([o for o, _ in rows])), partner=100 * float(np.mean([p for _, p in rows])), queries=len(rows))
+                own=100 * float(np.mean([o for o, _ in rows])),
+                partner=100 * float(np.mean([p for _, p in rows])),
+                queries=len(rows),
+            )
     out['command'] = 'python tools/world_pps.py ' + ' '.join(sys.argv[1:] if argv is None else argv)
     print(json.dumps(out, indent=1))
-    with open(a.out, 'w') as f: json.dump(out, f, indent=1)
+    with open(a.out, 'w') as f:
+        json.dump(out, f, indent=1)
+
 
 if __name__ == '__main__':
     main()
