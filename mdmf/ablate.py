@@ -55,6 +55,7 @@ __all__ = [
     'run_one',
     'seed_stats',
     'paired_delta',
+    'reference_row',
     'summarize_rows',
     'load_study',
     'read_study',
@@ -123,6 +124,7 @@ class StudyRun:
     folder: Path
     # an earlier run of the study with exactly these settings (its results are reused)
     same_as: Optional[Path] = None
+    full: bool = False  # the full model's settings (the reference of the row differences)
 
 
 def slug(row: str) -> str:
@@ -202,7 +204,9 @@ def plan_study(
                 overwrite=False,
             )
             key = json.dumps(_settings(config_to_dict(cfg)), sort_keys=True)
-            plan.append(StudyRun(row, seed, cfg, out / cfg.run.name, first.get(key)))
+            full = base.replace(**row_overrides('full'), freeze_visual=frozen, seed=seed)
+            is_full = _settings(config_to_dict(full)) == _settings(config_to_dict(cfg))
+            plan.append(StudyRun(row, seed, cfg, out / cfg.run.name, first.get(key), is_full))
             first.setdefault(key, out / cfg.run.name)
     return plan
 
@@ -281,9 +285,17 @@ STUDY_JSON, STUDY_MD = 'study.json', 'study.md'
 DATASETS_SHOWN = (('hmdb51', 'HMDB51'), ('kinetics100', 'Kinetics'), ('ssv2_small', 'SSv2-Small'))
 
 
+def reference_row(plan: Sequence[StudyRun]) -> Optional[str]:
+    "The row the others are compared with: `full`, or the first row run with its settings (Table 5's first)."
+    rows = dict.fromkeys(r.row for r in plan)
+    full = [row for row in rows if all(r.full for r in plan if r.row == row)]
+    return 'full' if 'full' in rows else full[0] if full else None
+
+
 def summarize_rows(plan: Sequence[StudyRun], results: dict) -> list:
     "One record per row from the metrics of its finished runs (`results`: (row, seed) -> metrics.json)."
-    full = {s: m['test']['accuracy'] for (r, s), m in results.items() if r == 'full'}
+    ref = reference_row(plan)
+    full = {s: m['test']['accuracy'] for (r, s), m in results.items() if r == ref}
     row_of, out = {r.folder: r.row for r in plan}, []
     for row in dict.fromkeys(r.row for r in plan):
         runs = [r for r in plan if r.row == row]
@@ -307,7 +319,11 @@ def summarize_rows(plan: Sequence[StudyRun], results: dict) -> list:
                 val=[m['val']['accuracy'] for _, m in done],
                 seconds=[m['timings']['total_s'] for _, m in done],
                 **seed_stats(list(acc.values()), ci),
-                delta_full=paired_delta(acc, full) if row != 'full' and full and acc else None,
+                # a row run with the full model's settings is the reference again: no difference to show
+                delta_full=paired_delta(acc, full)
+                if not all(r.full for r in runs) and full and acc
+                else None,
+                reference=ref,
                 paper=PAPER_ABLATIONS.get(row),
                 same_as=next((r.same_as.name for r in runs if r.same_as), None),
             )
@@ -341,6 +357,7 @@ def _f(x, spec: str = '.2f') -> str:
 def study_markdown(study: dict) -> str:
     "The study as a Markdown table, with how it was made and what its columns mean."
     s = study['settings']
+    ref = next((r['reference'] for r in study['rows'] if r.get('reference')), 'full')  # older studies: full
     head = (
         f"{study['regime']} visual encoder; {s['dataset']} {s['way']}-way {s['shot']}-shot; backbone {s['backbone']}; "
         f"{s['train_episodes']} training episodes"
@@ -391,7 +408,7 @@ def study_markdown(study: dict) -> str:
         )
     return out + (
         '\nseed sd: sample standard deviation of the test accuracy between seeds. pooled ±95%: the test-episode '
-        'interval of the mean over seeds. Δ full: the row minus `full`, seed by seed (same episodes), with '
+        f'interval of the mean over seeds. Δ full: the row minus the full model ({ref}), seed by seed (same episodes), with '
         'the t 95% interval over seeds; bold when it excludes 0. Paper: 5-way 5-shot, CLIP-RN50 (its '
         'Tables 3-4); — : not reported there (Table 5 and the middle rows of Table 4).\n'
     )

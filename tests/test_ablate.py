@@ -185,6 +185,8 @@ def test_study_runs_resumes_and_never_reruns(data_root, tmp_path):
     assert ntc['seeds'] == [1896, 1897] and ntc['done'] == 2 and ntc['paper'] == PAPER_ABLATIONS['NTC']
     assert ntc['mean'] == pytest.approx(sum(ntc['test']) / 2)
     assert rows[2]['test'] == rows[1]['test'] and rows[2]['runs'] == rows[1]['runs']
+    # λ=1 is the full model again: compared with nothing; every row names the reference it is compared with
+    assert rows[2]['delta_full'] is None and {r['reference'] for r in rows} == {'full'}
     finished = out / 'full-s1896' / 'metrics.json'
     stamp = finished.stat().st_mtime_ns
     (out / 'ntc-s1897' / 'metrics.json').unlink()  # interrupted after its last checkpoint: resumed

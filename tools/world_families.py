@@ -96,12 +96,6 @@ CONTRASTS = [  # (claim, row, minus row)
     ('full model', 'full', 'multi-view'),
 ]
 
-FULL = 'full'
-FULL_ALIASES = (
-    'T5 bidirectional v+t-compare',
-    'full λ=1',
-)  # the full model's settings under another row's name
-
 
 def row_claim(row: str) -> str:
     "The claim a row other than those of CONTRASTS tests against the full model (Table 5, the lambda sweep)."
@@ -221,13 +215,14 @@ def main(argv=None):
         for c, x, y in CONTRASTS
         if any(r == x for r, _, _ in runs) and any(r == y for r, _, _ in runs)
     ]
-    full = next((r['row'] for r in study['rows'] if r['row'] == FULL or r.get('same_as_row') == FULL), None)
-    full = full or next((r['row'] for r in study['rows'] if r['row'] in FULL_ALIASES), None)
+    # every other row against the study's full model (its row `full`, or the first row run with its settings);
+    # a row without a difference to it (the full model's runs again, as λ=1) is left out
+    full = study['rows'][0].get('reference')
     paired = {r for _, x, y in pairs for r in (x, y)}
     pairs += [
         (row_claim(r['row']), r['row'], full)
         for r in study['rows']
-        if full and r['row'] not in paired | {full}
+        if full and r['row'] not in paired | {full} and r.get('delta_full') is not None
     ]
     contrasts = [
         dict(claim=c, row=x, minus=y, shot=shot, family=f, **contrast(runs, hits, x, y, shot, f))
