@@ -220,6 +220,9 @@ def cli(
     except KeyboardInterrupt:
         print('\ninterrupted', file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # the reader stopped early (`... | head`): no traceback, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's final flush goes nowhere
+        sys.exit(141)
 
 
 # %% ../nbs/00_core.ipynb #22edabaa

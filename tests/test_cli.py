@@ -138,3 +138,20 @@ def test_train_prints_its_config():
         and cfg['run']['runs'] == '/nonexistent/runs'
         and 'print_config' not in p.stdout
     )
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly():
+    "`python -m mdmf.train --print-config | head -1`: a closed pipe ends the command with 141 and no traceback."
+    code = (
+        'import sys\n'
+        'from mdmf.core import cli\n'
+        'def main(argv):\n'
+        '    for i in range(100000):\n'
+        '        print("line", i)\n'
+        'cli(main)\n'
+    )
+    p = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.readline()
+    p.stdout.close()  # the reader goes away after one line
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 141 and 'Traceback' not in err, (p.returncode, err)
