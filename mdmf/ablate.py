@@ -28,7 +28,6 @@ from mdmf.config import (
     load_config_file,
     preset_config,
 )
-
 from .core import BadInput, MissingInput, PathLike, add_flags, atomic_write_text, cli, parse_command
 from .model import ABLATIONS
 from .runs import CONFIG, LAST, METRICS
@@ -36,35 +35,10 @@ from .runtime import load_average
 from .train import train
 
 # %% auto #0
-__all__ = [
-    'TABLES',
-    'REMOVES',
-    'PAPER_ABLATIONS',
-    'STUDY_JSON',
-    'STUDY_MD',
-    'DATASETS_SHOWN',
-    'STUDY_SCHEDULE',
-    'row_table',
-    'describe',
-    'StudyRun',
-    'slug',
-    'row_overrides',
-    'study_rows',
-    'plan_study',
-    'run_status',
-    'run_one',
-    'seed_stats',
-    'paired_delta',
-    'reference_row',
-    'summarize_rows',
-    'load_study',
-    'read_study',
-    'study_markdown',
-    'run_study',
-    'AblateOptions',
-    'ablate_parser',
-    'main',
-]
+__all__ = ['TABLES', 'REMOVES', 'PAPER_ABLATIONS', 'STUDY_JSON', 'STUDY_MD', 'DATASETS_SHOWN', 'STUDY_SCHEDULE', 'row_table',
+           'describe', 'StudyRun', 'slug', 'row_overrides', 'study_rows', 'plan_study', 'run_status', 'run_one',
+           'seed_stats', 'paired_delta', 'reference_row', 'summarize_rows', 'load_study', 'read_study',
+           'study_markdown', 'run_study', 'AblateOptions', 'ablate_parser', 'main']
 
 # %% ../nbs/20_ablate.ipynb #aae5a46b
 TABLES = {
@@ -96,7 +70,6 @@ PAPER_ABLATIONS = {
     'full': dict(hmdb51=83.0, kinetics100=93.5, ssv2_small=60.4),
 }
 
-
 # %% ../nbs/20_ablate.ipynb #95403356
 def row_table(row: str) -> str:
     "The table a row belongs to: '3', '4', '5' or 'λ' (lambda sweep)."
@@ -111,7 +84,6 @@ def describe(row: str) -> str:
         d, c = row[3:].split(' ', 1)
         return f'distillation direction {d}, condition {c}'
     return f'distillation weight {row.split("=", 1)[1]}'
-
 
 # %% ../nbs/20_ablate.ipynb #39f51395
 @dataclass
@@ -170,7 +142,6 @@ def study_rows(
         raise BadInput('nothing to run: give --table, --rows or --lambdas')
     return out
 
-
 # %% ../nbs/20_ablate.ipynb #eb8cb0e0
 _RUNTIME = ('device', 'threads', 'workers', 'progress', 'resume', 'overwrite', 'name', 'runs', 'eval_batch')
 
@@ -210,7 +181,6 @@ def plan_study(
             first.setdefault(key, out / cfg.run.name)
     return plan
 
-
 # %% ../nbs/20_ablate.ipynb #99f81a1a
 def _check_folder(run: StudyRun):
     "Raise `BadInput` when the run's folder holds a run with other settings."
@@ -248,7 +218,6 @@ def run_one(run: StudyRun, quiet: bool = True) -> dict:
         )
     return json.loads((folder / METRICS).read_text(encoding='utf-8'))
 
-
 # %% ../nbs/20_ablate.ipynb #fd7ad35c
 def seed_stats(
     acc: Sequence[float],  # test accuracy of each seed, percent
@@ -278,7 +247,6 @@ def paired_delta(
     s = seed_stats([acc[k] - ref[k] for k in common])
     seen = s['seed_ci95'] is not None and abs(s['mean']) > s['seed_ci95']
     return dict(n=s['n'], mean=s['mean'], std=s['std'], ci95=s['seed_ci95'], excludes_zero=seen)
-
 
 # %% ../nbs/20_ablate.ipynb #0aa7f501
 STUDY_JSON, STUDY_MD = 'study.json', 'study.md'
@@ -348,7 +316,6 @@ def read_study(path: PathLike) -> list:
     "The rows of a study folder (or study.json): one dict per row, as `summarize_rows` makes them."
     return load_study(path)['rows']
 
-
 # %% ../nbs/20_ablate.ipynb #7bc18d0e
 def _f(x, spec: str = '.2f') -> str:
     return '' if x is None else format(x, spec)
@@ -413,7 +380,6 @@ def study_markdown(study: dict) -> str:
         'Tables 3-4); — : not reported there (Table 5 and the middle rows of Table 4).\n'
     )
 
-
 # %% ../nbs/20_ablate.ipynb #09b7dc03
 def run_study(
     base: Config,  # the settings every run shares
@@ -477,7 +443,6 @@ def run_study(
         atomic_write_text(out / STUDY_JSON, json.dumps(study, indent=1))
         atomic_write_text(out / STUDY_MD, study_markdown(study))
     return study
-
 
 # %% ../nbs/20_ablate.ipynb #4fced292
 @dataclass

@@ -29,7 +29,6 @@ from mdmf.benchmarks import (
     bench_train,
     format_default_run,
 )
-
 from .config import Config, RunConfig, cli, command_parser, preset_config, with_values
 from .core import BadInput, add_flags, atomic_write_text, parse_command
 from .data import DataConfig
@@ -107,7 +106,6 @@ def _settings(o: BenchOptions, gpu: bool, sizes: Optional[dict] = None) -> dict:
         s['workers'] = [int(w) for w in o.worker_counts.split(',')]
     return s
 
-
 # %% ../nbs/28_bench.ipynb #b3c1f0a0
 def _new_results(o: BenchOptions, run: RunConfig, size, rt, st: dict, image_size: int, sizes) -> dict:
     "What a benchmark records before any part runs: where and how it measures, and an empty entry per part."
@@ -133,7 +131,6 @@ def _new_results(o: BenchOptions, run: RunConfig, size, rt, st: dict, image_size
         seconds={},
         load_average=load_average(),
     )
-
 
 # %% ../nbs/28_bench.ipynb #41c65bc7
 def run_bench(
@@ -234,7 +231,6 @@ def run_bench(
     res['load_average_end'] = load_average()
     return res
 
-
 # %% ../nbs/28_bench.ipynb #3080cc96
 def _f(x, spec='.1f', unit=''):
     return 'n/a' if x is None else f'{x:{spec}}{unit}'
@@ -289,7 +285,6 @@ def _train_rows(t: dict) -> list:
         ('train', 'backbone TFLOP/s (fraction of the peak of its precision)', flops(ee), flops(ff), '')
     )
     return rows
-
 
 # %% ../nbs/28_bench.ipynb #b3c1f0a1
 def _otam_eval_rows(o: dict, e: dict) -> list:
@@ -375,7 +370,6 @@ def _frozen_data_rows(z: dict, d: dict) -> list:
             )
     return rows
 
-
 # %% ../nbs/28_bench.ipynb #b3c1f0a3
 def format_table(r: dict) -> str:
     "The benchmark's results as plain text (what `python -m mdmf.bench` prints)."
@@ -393,7 +387,6 @@ def format_table(r: dict) -> str:
     )
     memory = [format_memory_table(r['memory']['rows']), ''] if r['memory'].get('rows') else []
     return '\n'.join(memory + [head, ''] + (lines if len(rows) > 1 else []))
-
 
 # %% ../nbs/28_bench.ipynb #9ddbe905
 def main(argv: Optional[Sequence[str]] = None):

@@ -19,6 +19,17 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .backbone import CLIP, RANDOM_CONFIGS, TINY_CONFIGS
+from .config import Config, preset_config
+from .core import BadInput, PathLike
+from .data import EpisodeDataset, episode_data, episode_loader, frames_split, load_data, random_episode
+from .datasets import read_split, splits_dir
+from .episodes import EpisodeSampler
+from .evaluate import crop_size, encode_split, evaluate, summarize
+from .features import FeatureEpisodes, build_bank
+from .memory import GiB, LiveBytes
+from .model import build_model
+from .otam import otam, otam_bidirectional, otam_reference
 from mdmf.runtime import (
     Runtime,
     autocast,
@@ -35,42 +46,12 @@ from mdmf.runtime import (
     time_interleaved,
     to_device,
 )
-
-from .backbone import CLIP, RANDOM_CONFIGS, TINY_CONFIGS
-from .config import Config, preset_config
-from .core import BadInput, PathLike
-from .data import EpisodeDataset, episode_data, episode_loader, frames_split, load_data, random_episode
-from .datasets import read_split, splits_dir
-from .episodes import EpisodeSampler
-from .evaluate import crop_size, encode_split, evaluate, summarize
-from .features import FeatureEpisodes, build_bank
-from .memory import GiB, LiveBytes
-from .model import build_model
-from .otam import otam, otam_bidirectional, otam_reference
 from .train import Trainer
 
 # %% auto #0
-__all__ = [
-    'FRAME_FLOPS',
-    'SIZES',
-    'BENCHMARKS',
-    'BenchSize',
-    'bench_otam',
-    'bench_config',
-    'bench_data_root',
-    'bench_eval',
-    'train_path',
-    'bench_train',
-    'bench_data',
-    'bench_frozen',
-    'format_frozen',
-    'bench_frozen_step',
-    'project_frozen',
-    'projection_table',
-    'bench_default_run',
-    'format_default_run',
-]
-
+__all__ = ['FRAME_FLOPS', 'SIZES', 'BENCHMARKS', 'BenchSize', 'bench_otam', 'bench_config', 'bench_data_root', 'bench_eval',
+           'train_path', 'bench_train', 'bench_data', 'bench_frozen', 'format_frozen', 'bench_frozen_step',
+           'project_frozen', 'projection_table', 'bench_default_run', 'format_default_run']
 
 # %% ../nbs/25_benchmarks.ipynb #6ce04982
 @dataclass(frozen=True)
@@ -101,7 +82,6 @@ SIZES = {
 
 def _ratio(a, b):
     return None if a is None or b is None or b == 0 else float(a / b)
-
 
 # %% ../nbs/25_benchmarks.ipynb #d13766e6
 def _otam_episode(solver: Callable, costs: list, weights: Tensor, lam: float):
@@ -167,7 +147,6 @@ def bench_otam(
         fast_times_ms=[1e3 * t for t in times['fast']],
     )
 
-
 # %% ../nbs/25_benchmarks.ipynb #1ad6f4b3
 def bench_config(
     size: BenchSize,  # the benchmark size
@@ -199,7 +178,6 @@ def bench_data_root(folder, video_size: int = 64, videos_per_class: int = 10, wo
     from mdmf.synthetic import make_synthetic
 
     return make_synthetic(folder, videos_per_class=videos_per_class, size=video_size, workers=workers)
-
 
 # %% ../nbs/25_benchmarks.ipynb #d19f9346
 def _test_videos(name: str) -> Optional[int]:
@@ -271,7 +249,6 @@ def bench_eval(
         workers=d.workers,
     )
 
-
 # %% ../nbs/25_benchmarks.ipynb #71522e78
 def train_path(
     cfg: Config,
@@ -336,7 +313,6 @@ def train_path(
             host_syncs_per_step=host_syncs(step, rt.device) if fast and cuda else None,
         )
     return out
-
 
 # %% ../nbs/25_benchmarks.ipynb #44fadb9c
 def _flops_per_frame(
@@ -406,7 +382,6 @@ def bench_train(
         **rows,
     )
 
-
 # %% ../nbs/25_benchmarks.ipynb #ecaced56
 def _loader_rate(
     split, sampler, episodes: int, workers: int, frames: int, size: int, short_side: int
@@ -469,7 +444,6 @@ def bench_data(
     row = [r for r in out['video'] if r['workers'] == default_workers]
     out['keeps_up'] = None if not row or consumed is None else bool(row[0]['vs_consumed'] >= 1)
     return out
-
 
 # %% ../nbs/25_benchmarks.ipynb #065cdf98
 def _frozen_trainers(cfg: Config, rt: Runtime, folder: Path) -> tuple:
@@ -546,7 +520,6 @@ def bench_frozen(
         ),
     )
 
-
 # %% ../nbs/25_benchmarks.ipynb #70f559db
 def format_frozen(r: dict) -> str:
     "A `bench_frozen` result as a Markdown table and one line of context."
@@ -563,7 +536,6 @@ def format_frozen(r: dict) -> str:
         f'{run["uncached_s"]:.0f} s uncached, {run["cached_s"]:.0f} s cached ({run["speedup"]:.1f}x); '
         f'load average {r["load"][0]} -> {r["load"][1]}'
     )
-
 
 # %% ../nbs/25_benchmarks.ipynb #3d8de6c4
 def bench_frozen_step(
@@ -606,7 +578,6 @@ def bench_frozen_step(
         threads=torch.get_num_threads(),
         load=load_average(),
     )
-
 
 # %% ../nbs/25_benchmarks.ipynb #8279f1c5
 BENCHMARKS = ('hmdb51', 'ucf101', 'kinetics100', 'ssv2_small', 'ssv2_full')
@@ -684,7 +655,6 @@ def projection_table(draws: int = 8, **kw) -> str:
         f'x{a["train_step_factor"]} per training step, heads {100 * a["heads_share"]:g}% of the encoder, '
         'video decoding not counted.'
     )
-
 
 # %% ../nbs/25_benchmarks.ipynb #dd289dad
 def bench_default_run(

@@ -21,7 +21,6 @@ from mdmf.core import (
     cli,  # noqa: F401 (commands import it from here too)
     command_line,
 )
-
 from .data import DataConfig, dataset_label
 from .datasets import DATASETS
 from .model import _CHOICES as _MODEL_CHOICES
@@ -29,37 +28,11 @@ from .model import MODELS, ModelConfig
 from .video import FRAME_MODES
 
 # %% auto #0
-__all__ = [
-    'SECTIONS',
-    'VIDEO_TEXT_WEIGHT',
-    'DEFAULT_MODEL',
-    'PAPER',
-    'PRESETS',
-    'RECIPES',
-    'FSAR_GPUS',
-    'FSAR_SOLVER',
-    'MDMF_RUN',
-    'CHOICES',
-    'OptimConfig',
-    'EvalConfig',
-    'RunConfig',
-    'default_model',
-    'Config',
-    'leaf_sections',
-    'with_values',
-    'preset_config',
-    'lr_at',
-    'adam_groups',
-    'recipe_values',
-    'load_config_file',
-    'config_from_dict',
-    'config_to_dict',
-    'config_parser',
-    'config_from_args',
-    'resolve_config',
-    'command_parser',
-]
-
+__all__ = ['SECTIONS', 'VIDEO_TEXT_WEIGHT', 'DEFAULT_MODEL', 'PAPER', 'PRESETS', 'RECIPES', 'FSAR_GPUS', 'FSAR_SOLVER',
+           'MDMF_RUN', 'CHOICES', 'OptimConfig', 'EvalConfig', 'RunConfig', 'default_model', 'Config', 'leaf_sections',
+           'with_values', 'preset_config', 'lr_at', 'adam_groups', 'recipe_values', 'load_config_file',
+           'config_from_dict', 'config_to_dict', 'config_parser', 'config_from_args', 'resolve_config',
+           'command_parser']
 
 # %% ../nbs/14_config.ipynb #2db93969
 @dataclass
@@ -128,7 +101,6 @@ class RunConfig:
     # replace the files of an existing run folder of this name (default: a new numbered folder)
     overwrite: bool = False
 
-
 # %% ../nbs/14_config.ipynb #5c475d73
 SECTIONS = dict(data=DataConfig, model=ModelConfig, optim=OptimConfig, eval=EvalConfig, run=RunConfig)
 
@@ -173,7 +145,6 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.run.runs) / self.run_name
-
 
 # %% ../nbs/14_config.ipynb #403eec78
 def leaf_sections() -> dict:
@@ -221,7 +192,6 @@ def with_values(
     except ValueError as e:
         raise BadInput(str(e)) from None
 
-
 # %% ../nbs/14_config.ipynb #e05a6403
 PAPER = dict(
     data=dict(train_query=5, short_side=256, workers=8),  # and the defaults' 5-way 5-shot, one test query
@@ -265,7 +235,6 @@ def preset_config(name: str = 'synthetic') -> Config:
         raise _unknown([name], list(PRESETS))
     return with_values(Config(preset=name), PRESETS[name])
 
-
 # %% ../nbs/14_config.ipynb #4b30fdcc
 def lr_at(
     o: OptimConfig,  # the run's optimisation settings
@@ -291,7 +260,6 @@ def adam_groups(model, o: OptimConfig) -> list:
         dict(params=[p for n, p in named if not norm(n)]),
         dict(params=[p for n, p in named if norm(n)], weight_decay=0.0),
     ]
-
 
 # %% ../nbs/14_config.ipynb #29f36c15
 RECIPES = ('paper', 'released-mdmf', 'released-fsar')
@@ -374,7 +342,6 @@ def recipe_values(
     values = _fsar_values(dataset) if recipe == 'released-fsar' else _mdmf_values(dataset, shot)
     return dict(values, recipe=recipe)
 
-
 # %% ../nbs/14_config.ipynb #5281f053
 def load_config_file(path) -> dict:
     "Values from a JSON or TOML file (flat or by section); `-` in keys is read as `_`."
@@ -422,7 +389,6 @@ def config_from_dict(d: dict) -> Config:
 def config_to_dict(cfg: Config) -> dict:
     "The tree as plain JSON values, section by section."
     return asdict(cfg)
-
 
 # %% ../nbs/14_config.ipynb #6d09701a
 CHOICES = {
@@ -505,7 +471,6 @@ def config_from_args(args: dict) -> Config:
 def resolve_config(argv: Optional[Sequence[str]] = None) -> Config:
     "The config of `python -m mdmf.train` with the flags `argv`."
     return config_from_args(vars(config_parser().parse_args(argv)))
-
 
 # %% ../nbs/14_config.ipynb #9d15c761
 def command_parser(

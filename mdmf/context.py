@@ -11,7 +11,6 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
-
 # %% ../nbs/07_context.ipynb #1312fd98
 class LTCE(nn.Module):
     "Local temporal context extractor (Eq. 3): two kernel-3 convolutions over time, [B, T, D] -> [B, T, D]."
@@ -40,7 +39,6 @@ class LTCE(nn.Module):
         x = self.net(x)  # [B, D, T]
         return x.transpose(1, 2)  # [B, T, D] (no residual: Eq. 3)
 
-
 # %% ../nbs/07_context.ipynb #5181dc44
 class CausalConv1d(nn.Module):
     "A weight-normalised Conv1d over time that only looks back: left padding of (kernel-1)*dilation. [B, C, T] -> [B, C, T]."
@@ -57,7 +55,6 @@ class CausalConv1d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, C, T] -> [B, C, T]
         return self.conv(F.pad(x, (self.pad, 0)))  # pad on the left only -> [B, C, T]
-
 
 # %% ../nbs/07_context.ipynb #34c6c4be
 class TemporalBlock(nn.Module):
@@ -84,7 +81,6 @@ class TemporalBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, C, T] -> [B, C, T]
         return self.relu(self.net(x) + x)  # identity residual (D -> D)
 
-
 # %% ../nbs/07_context.ipynb #9976009b
 class TCN(nn.Module):
     "A causal dilated temporal convolutional network, dilations 1, 2, 4, ...: [B, T, D] -> [B, T, D] per frame."
@@ -104,7 +100,6 @@ class TCN(nn.Module):
         x = self.blocks(feats.transpose(1, 2))  # [B, D, T]
         return x.transpose(1, 2)  # [B, T, D]
 
-
 # %% ../nbs/07_context.ipynb #a58c6638
 class GTCE(nn.Module):
     "Global temporal context extractor (Eq. 4): F^g = repeat(TCN(F)[last frame], T) + F. [B, T, D] -> [B, T, D]."
@@ -123,12 +118,10 @@ class GTCE(nn.Module):
         summary = self.tcn(feats)[:, -1:]  # [B, 1, D] the last frame has seen the whole clip
         return summary.expand_as(feats) + feats  # [B, T, D]
 
-
 # %% ../nbs/07_context.ipynb #96bc5679
 def receptive_field(levels: int = 3, kernel: int = 3) -> int:
     "Frames seen by one TCN output frame (itself and the past): two convs per level, dilations 1, 2, 4, ..."
     return 1 + 2 * (kernel - 1) * (2**levels - 1)
-
 
 # %% ../nbs/07_context.ipynb #2abe4020
 def frame_dependency(

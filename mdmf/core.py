@@ -16,37 +16,10 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 # %% auto #0
-__all__ = [
-    'PathLike',
-    'DPI',
-    'TICK',
-    'LABEL',
-    'TITLE',
-    'MAX_WIDTH',
-    'MIN_SIDE',
-    'MIN_TEXT_PX',
-    'UserError',
-    'MissingInput',
-    'BadInput',
-    'field_help',
-    'add_flags',
-    'command_line',
-    'parse_command',
-    'cli',
-    'atomic_write',
-    'atomic_write_text',
-    'text_px',
-    'figure_png',
-    'png_size',
-    'png_facts',
-    'figure_class',
-    'new_figure',
-    'colorbar',
-    'short_name',
-    'short_names',
-    'wrapped',
-]
-
+__all__ = ['PathLike', 'DPI', 'TICK', 'LABEL', 'TITLE', 'MAX_WIDTH', 'MIN_SIDE', 'MIN_TEXT_PX', 'UserError', 'MissingInput',
+           'BadInput', 'field_help', 'add_flags', 'command_line', 'parse_command', 'cli', 'atomic_write',
+           'atomic_write_text', 'text_px', 'figure_png', 'png_size', 'png_facts', 'figure_class', 'new_figure',
+           'colorbar', 'short_name', 'short_names', 'wrapped']
 
 # %% ../nbs/00_core.ipynb #93707587
 class UserError(Exception):
@@ -71,7 +44,6 @@ def _unwrap_worker_message(msg: str, cls: type) -> str:
     # the traceback's last line
     hits = list(re.finditer(rf'\n(?:[\w.]+\.)?{re.escape(cls.__qualname__)}: ', msg))
     return msg[hits[-1].end() :].rstrip('\n') if hits else msg
-
 
 # %% ../nbs/00_core.ipynb #f1e1d002
 import ast
@@ -113,7 +85,6 @@ def field_help(cls) -> dict:
         if found:
             helps[node.target.id] = ' '.join(found)
     return helps
-
 
 # %% ../nbs/00_core.ipynb #555079e8
 import argparse
@@ -202,7 +173,6 @@ def parse_command(
     except ValueError as e:
         raise BadInput(str(e)) from None
 
-
 # %% ../nbs/00_core.ipynb #10736caf
 def cli(
     main: Callable,  # the entry point: main(argv) does the work
@@ -223,7 +193,6 @@ def cli(
     except BrokenPipeError:  # the reader stopped early (`... | head`): no traceback, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's final flush goes nowhere
         sys.exit(141)
-
 
 # %% ../nbs/00_core.ipynb #22edabaa
 PathLike = Union[str, os.PathLike]
@@ -258,7 +227,6 @@ def atomic_write(
 def atomic_write_text(path: PathLike, text: str) -> Path:
     "Write a UTF-8 text file atomically."
     return atomic_write(path, lambda f: f.write(text.encode('utf-8')))
-
 
 # %% ../nbs/00_core.ipynb #f2585d43
 DPI = 100  # pixels per inch of every stored picture: 1 pt of text is 1.4 px
@@ -337,7 +305,6 @@ def png_facts(png: bytes) -> dict:  # {} for a PNG not made by `figure_png`
     text = Image.open(io.BytesIO(png)).text.get('mdmf')
     return json.loads(text) if text else {}
 
-
 # %% ../nbs/00_core.ipynb #b42d2765
 @functools.cache
 def figure_class() -> type:
@@ -401,7 +368,6 @@ def __getattr__(name):  # `from mdmf.core import Picture` without importing matp
     if name == 'Picture':
         return figure_class()
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-
 
 # %% ../nbs/00_core.ipynb #2305fd7d
 def short_name(

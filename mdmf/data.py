@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .core import BadInput, MissingInput, PathLike
 from mdmf.datasets import (
     VIDEO_EXTS,
     Split,
@@ -25,30 +26,13 @@ from mdmf.datasets import (
     split_class_folders,
     write_split_lists,
 )
-
-from .core import BadInput, MissingInput, PathLike
 from .episodes import EpisodeSampler, episode_rng
 from .video import RANDOM_FRAME_MODES, num_frames, read_clip, read_frames, write_frames
 
 # %% auto #0
-__all__ = [
-    'VideoIndex',
-    'index_videos',
-    'video_root',
-    'resolve_videos',
-    'DataConfig',
-    'load_data',
-    'dataset_label',
-    'freeze_split',
-    'EpisodeDataset',
-    'episode_data',
-    'episode_dataset',
-    'episode_loader',
-    'ClipDataset',
-    'random_episode',
-    'frames_split',
-]
-
+__all__ = ['VideoIndex', 'index_videos', 'video_root', 'resolve_videos', 'DataConfig', 'load_data', 'dataset_label',
+           'freeze_split', 'EpisodeDataset', 'episode_data', 'episode_dataset', 'episode_loader', 'ClipDataset',
+           'random_episode', 'frames_split']
 
 # %% ../nbs/03_data.ipynb #e22e8c07
 @dataclass
@@ -101,7 +85,6 @@ def index_videos(
         else:
             flat[name] = p
     return VideoIndex(root, by_class, flat)
-
 
 # %% ../nbs/03_data.ipynb #635682be
 def video_root(
@@ -156,7 +139,6 @@ def resolve_videos(
         missing=missing,
     )
 
-
 # %% ../nbs/03_data.ipynb #43ae1924
 @dataclass
 class DataConfig:
@@ -192,7 +174,6 @@ class DataConfig:
     # feature cache)
     test_frames: str = 'test'
     workers: int = 1  # data loading processes
-
 
 # %% ../nbs/03_data.ipynb #94244982
 def load_data(
@@ -235,7 +216,6 @@ def freeze_split(
         )
     write_split_lists(split_class_folders(cfg.data_root, cfg.split_classes, cfg.split_seed), folder)
     return replace(cfg, splits=str(folder))
-
 
 # %% ../nbs/03_data.ipynb #0031fac7
 class EpisodeDataset(Dataset):
@@ -304,7 +284,6 @@ class EpisodeDataset(Dataset):
             f'EpisodeDataset({self.split.title}/{self.split.split}: {self.episodes} episodes, {self.sampler.way}-way '
             f'{self.sampler.shot}-shot, T={self.num_frames}, {self.size}px, frames={self.frame_mode}, flip={self.flip})'
         )
-
 
 # %% ../nbs/03_data.ipynb #717c4795
 def episode_data(
@@ -381,7 +360,6 @@ def episode_loader(
         **kw,
     )
 
-
 # %% ../nbs/03_data.ipynb #642b11b4
 class ClipDataset(Dataset):
     "Video `i` of a resolved split as `(clip uint8 [T, 3, S, S], label, i)` with deterministic frames (`test`) and a centre crop."
@@ -413,7 +391,6 @@ class ClipDataset(Dataset):
         clip = read_clip(self.split.paths[i], self.num_frames, self.frame_mode, self.size, self.short_side)
         return clip, self.split.labels[i], i
 
-
 # %% ../nbs/03_data.ipynb #529a4bfe
 def random_episode(
     way: int = 5,  # classes
@@ -441,7 +418,6 @@ def random_episode(
         support_index=torch.arange(way * shot),
         query_index=torch.arange(way * shot, way * (shot + query)),
     )
-
 
 # %% ../nbs/03_data.ipynb #bd76e8e5
 def _copy_as_frames(src: Path, dst: Path):

@@ -20,29 +20,10 @@ import numpy as np
 from .core import BadInput, MissingInput, PathLike, atomic_write_text
 
 # %% auto #0
-__all__ = [
-    'DATASETS',
-    'SPLITS',
-    'NAME_FIXES',
-    'SSV2_LABELS',
-    'VIDEO_EXTS',
-    'IMAGE_EXTS',
-    'DatasetInfo',
-    'get_dataset',
-    'splits_dir',
-    'read_split',
-    'readable_name',
-    'read_class_names',
-    'ssv2_label_names',
-    'natural_key',
-    'scan_class_folders',
-    'parse_split_classes',
-    'split_class_folders',
-    'write_split_lists',
-    'Split',
-    'load_split',
-]
-
+__all__ = ['DATASETS', 'SPLITS', 'NAME_FIXES', 'SSV2_LABELS', 'VIDEO_EXTS', 'IMAGE_EXTS', 'DatasetInfo', 'get_dataset',
+           'splits_dir', 'read_split', 'readable_name', 'read_class_names', 'ssv2_label_names', 'natural_key',
+           'scan_class_folders', 'parse_split_classes', 'split_class_folders', 'write_split_lists', 'Split',
+           'load_split']
 
 # %% ../nbs/01_datasets.ipynb #5194c33b
 @dataclass(frozen=True)
@@ -85,7 +66,6 @@ def get_dataset(name: str) -> DatasetInfo:
             '(`folder` reads your own videos from <data root>/<class>/<video>)'
         )
     return DATASETS[key]
-
 
 # %% ../nbs/01_datasets.ipynb #6b772e42
 def splits_dir(
@@ -155,7 +135,6 @@ def read_split(
         raise BadInput(f'{path}: the split list is empty (one `<class name>/<video id>` a line)')
     return items
 
-
 # %% ../nbs/01_datasets.ipynb #7c93a74a
 NAME_FIXES = {'YoYo': 'yo-yo'}  # raw class name -> prompt name, where the rule below reads it wrongly
 _CAMEL = re.compile(r'(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])')
@@ -194,7 +173,6 @@ def read_class_names(path: PathLike) -> dict[str, str]:
         )
     return {k: v.strip() for k, v in data.items()}
 
-
 # %% ../nbs/01_datasets.ipynb #c71e6e3b
 SSV2_LABELS = 'something-something-v2-labels.json'
 
@@ -229,7 +207,6 @@ def ssv2_label_names(
         f'SSv2-Full class names need SSv2\'s {SSV2_LABELS} (template -> id, part of every SSv2 '
         f'download); pass --labels-json FILE or put it in the data root. Looked in: {looked}'
     )
-
 
 # %% ../nbs/01_datasets.ipynb #5d186dc3
 VIDEO_EXTS = ('.mp4', '.avi', '.webm', '.mkv', '.mov')
@@ -294,7 +271,6 @@ def scan_class_folders(
         )
     return classes
 
-
 # %% ../nbs/01_datasets.ipynb #f16e8db7
 def parse_split_classes(
     spec: str,  # '64/12/24' (classes) or '0.6/0.2/0.2' (fractions)
@@ -348,7 +324,6 @@ def split_class_folders(
     }
     return {s: [(c, v) for c in classes for v in folders[c]] for s, classes in picked.items()}
 
-
 # %% ../nbs/01_datasets.ipynb #c43e4af8
 def write_split_lists(
     items: dict[str, list[tuple[str, str]]],  # split name -> (class, video id) items
@@ -368,7 +343,6 @@ def write_split_lists(
         if not (folder / f'{s}.txt').is_file():
             atomic_write_text(folder / f'{s}.txt', text)
     return folder
-
 
 # %% ../nbs/01_datasets.ipynb #f4fca6cc
 @dataclass
@@ -417,7 +391,6 @@ def _split_from_items(dataset, split, items, names_of, source='', title=''):
         title=title,
     )
 
-
 # %% ../nbs/01_datasets.ipynb #e5fec130
 def _split_items(info: DatasetInfo, split: str, root, splits, split_classes, split_seed):
     "The `(class, video id)` items of one split and where they came from."
@@ -454,7 +427,6 @@ def _names_of(info: DatasetInfo, items, root, labels_json, overrides: dict):
     else:
         base = readable_name
     return lambda c: overrides.get(c) or base(c)
-
 
 # %% ../nbs/01_datasets.ipynb #fa8862e8
 def load_split(

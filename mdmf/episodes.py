@@ -18,7 +18,6 @@ from .datasets import Split
 # %% auto #0
 __all__ = ['Episode', 'episode_rng', 'episode_generator', 'EpisodeSampler']
 
-
 # %% ../nbs/01_episodes.ipynb #54986355
 @dataclass(frozen=True)
 class Episode:
@@ -59,7 +58,6 @@ def episode_generator(
     "The torch generator of episode `index`'s random draws inside the model (PPS), from these numbers alone."
     g = torch.Generator(device=device)
     return g.manual_seed(int(episode_rng(seed, split, index, stream=2).integers(2**62)))
-
 
 # %% ../nbs/01_episodes.ipynb #cb7e5019
 class EpisodeSampler:

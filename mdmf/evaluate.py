@@ -29,19 +29,8 @@ from .runtime import Runtime, all_max, all_sum, autocast, init_runtime, set_thre
 from .video import RANDOM_FRAME_MODES
 
 # %% auto #0
-__all__ = [
-    'SMALL_SPLIT',
-    'summarize',
-    'crop_size',
-    'encode_split',
-    'EvalResult',
-    'evaluate',
-    'evaluate_run',
-    'EvaluateOptions',
-    'example_note',
-    'main',
-]
-
+__all__ = ['SMALL_SPLIT', 'summarize', 'crop_size', 'encode_split', 'EvalResult', 'evaluate', 'evaluate_run', 'EvaluateOptions',
+           'example_note', 'main']
 
 # %% ../nbs/16_evaluate.ipynb #eb177e3e
 def summarize(acc) -> dict:
@@ -50,7 +39,6 @@ def summarize(acc) -> dict:
     n = len(a)
     ci = 1.96 * a.std() / math.sqrt(n) if n > 1 else float('nan')
     return dict(accuracy=round(100 * float(a.mean()), 4), ci95=round(100 * float(ci), 4), episodes=n)
-
 
 # %% ../nbs/16_evaluate.ipynb #6574ff53
 def crop_size(model: nn.Module) -> int:
@@ -102,7 +90,6 @@ def encode_split(
     model.train(was_training)
     return feats
 
-
 # %% ../nbs/16_evaluate.ipynb #12e370e3
 # fewer distinct videos than this: the summary warns that the interval understates the uncertainty
 SMALL_SPLIT = 200
@@ -150,7 +137,6 @@ def _drawn(sampler: EpisodeSampler, n: int) -> tuple:  # (distinct videos, draws
     )
     distinct = len(np.unique(idx))
     return distinct, len(idx) / max(distinct, 1)
-
 
 # %% ../nbs/16_evaluate.ipynb #96c259bb
 def _cached(
@@ -217,7 +203,6 @@ def _uncached(
         bar.update()
     return preds
 
-
 # %% ../nbs/16_evaluate.ipynb #29ff116c
 @torch.no_grad()
 def evaluate(
@@ -281,7 +266,6 @@ def evaluate(
         dict(encode=t1 - t0, episodes=t2 - t1, total=t2 - t0),
     )
 
-
 # %% ../nbs/16_evaluate.ipynb #b7521d26
 def evaluate_run(
     model: nn.Module,
@@ -316,7 +300,6 @@ def evaluate_run(
             + (f'; written to {out}' if out else '')
         )
     return metrics
-
 
 # %% ../nbs/16_evaluate.ipynb #b2009bc3
 @dataclass
@@ -375,7 +358,6 @@ def main(argv=None):
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
 
 # %% ../nbs/16_evaluate.ipynb #c046fec6
 #| eval: false

@@ -17,6 +17,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .config import Config, config_from_dict, config_to_dict, preset_config
+from .core import BadInput, MissingInput, atomic_write_text
+from .model import build_model
 from mdmf.runs import (
     BEST,
     CONFIG,
@@ -28,10 +31,6 @@ from mdmf.runs import (
     read_log,
     save_checkpoint,
 )
-
-from .config import Config, config_from_dict, config_to_dict, preset_config
-from .core import BadInput, MissingInput, atomic_write_text
-from .model import build_model
 
 # %% auto #0
 __all__ = ['EXAMPLE_MODELS', 'mdmf_home', 'example_file', 'save_example', 'example_run']
@@ -90,7 +89,6 @@ def save_example(
     save_checkpoint(out, example)
     return out
 
-
 # %% ../nbs/21_examples.ipynb #e89fc293
 def _example_model(example: dict) -> Optional[tuple]:  # (model, Config), or None when the file does not fit
     "The trained model of an example file, or None when its unshipped weights differ from the shipped backbone."
@@ -131,7 +129,6 @@ def _write_run(folder: Path, model: nn.Module, cfg: Config, example: dict):
     atomic_write_text(folder / CONFIG, json.dumps(config_to_dict(cfg), indent=1))
     atomic_write_text(folder / METRICS, json.dumps(example['metrics'], indent=1))
     atomic_write_text(folder / LOG, ''.join(json.dumps(e) + '\n' for e in example['log']))
-
 
 # %% ../nbs/21_examples.ipynb #9d71590f
 def example_run(

@@ -13,6 +13,12 @@ import ipywidgets as W
 from fastcore.basics import patch
 from torch import nn
 
+from .config import Config
+from .core import figure_png, png_size
+from .data import load_data
+from .datasets import Split
+from .evaluate import crop_size
+from .inspection import Inspection, distill_decision, grad_cam, inspect_episode, load_episode
 from mdmf.plots import (
     Picture,
     plot_attention,
@@ -24,13 +30,6 @@ from mdmf.plots import (
     plot_prediction,
     short_names,
 )
-
-from .config import Config
-from .core import figure_png, png_size
-from .data import load_data
-from .datasets import Split
-from .evaluate import crop_size
-from .inspection import Inspection, distill_decision, grad_cam, inspect_episode, load_episode
 
 # %% auto #0
 __all__ = ['TABS', 'EpisodeExplorer']
@@ -86,7 +85,6 @@ class EpisodeExplorer:
         bundle['image/png'] = figure_png(plot_episode(self.batch, self.w_query.value, inspection=self.ins))
         return bundle
 
-
 # %% ../nbs/23_explorer.ipynb #b5f23d9c
 @patch
 def _build_widgets(self: EpisodeExplorer, seed: int, index: int):
@@ -138,7 +136,6 @@ def _build_widgets(self: EpisodeExplorer, seed: int, index: int):
     self.widget = W.VBox([controls, self.w_view, self.status, self.images['query'], self.tabs])
     self.widget.add_class('mdmf-explorer')
 
-
 # %% ../nbs/23_explorer.ipynb #a7e15ad7
 def _view_options(ins: Inspection) -> list:
     names = {'gtc': 'GTC', 'ltc': 'LTC', 'ntc': 'NTC', 'fsar': 'CLIP-FSAR'}
@@ -178,7 +175,6 @@ def load(
     finally:
         self._quiet = False
     self.draw(since=t0, what='episode')
-
 
 # %% ../nbs/23_explorer.ipynb #3bdc5872
 @patch
@@ -258,7 +254,6 @@ def draw(
         f'({"right" if truth == pred else "wrong"}) · {distill_decision(ins, q)} · '
         f'<span class="mdmf-seconds">drawn in {seconds:.2f} s</span>'
     )
-
 
 # %% ../nbs/23_explorer.ipynb #224376f9
 @patch

@@ -31,24 +31,9 @@ from .runtime import Runtime, all_max, all_sum, autocast, unwrap
 from .video import crop_clip, frame_indices, num_frames, read_frames
 
 # %% auto #0
-__all__ = [
-    'MEMO_SIZE',
-    'draw_rng',
-    'video_draws',
-    'episode_draws',
-    'DrawEpisodes',
-    'check_frozen',
-    'FeatureBank',
-    'build_bank',
-    'FeatureEpisodes',
-    'FeatureForward',
-    'clear_memo',
-    'cached_bank',
-    'frozen_split_features',
-    'uses_features',
-    'feature_loader',
-]
-
+__all__ = ['MEMO_SIZE', 'draw_rng', 'video_draws', 'episode_draws', 'DrawEpisodes', 'check_frozen', 'FeatureBank', 'build_bank',
+           'FeatureEpisodes', 'FeatureForward', 'clear_memo', 'cached_bank', 'frozen_split_features', 'uses_features',
+           'feature_loader']
 
 # %% ../nbs/18_features.ipynb #982d2d76
 def draw_rng(
@@ -85,7 +70,6 @@ def video_draws(
             for ix, r in zip(idx, rngs)
         ]
     )  # [K, T, 3, S, S]
-
 
 # %% ../nbs/18_features.ipynb #b4c39e16
 def episode_draws(
@@ -163,7 +147,6 @@ class DrawEpisodes(Dataset):
             **m,
         )  # [Q, T, 3, S, S] uint8
 
-
 # %% ../nbs/18_features.ipynb #57cb5f48
 def check_frozen(model: nn.Module):
     "Raise `BadInput` unless the model's visual encoder is frozen and computes the same in train and eval mode."
@@ -233,7 +216,6 @@ class FeatureBank:
         dev = self.feats.device
         return self.feats[videos.to(dev), draws.to(dev)]
 
-
 # %% ../nbs/18_features.ipynb #297b733c
 def _bank_zeros(
     V: int, K: int, T: int, D: int, rt: Runtime
@@ -296,7 +278,6 @@ def build_bank(
         for c in feats.split(max(1, 2**28 // max(feats[0].nbytes, 1))):
             c.copy_(all_sum(c.to(rt.device), rt))
     return FeatureBank(feats, cfg.run.seed, time.perf_counter() - t0)
-
 
 # %% ../nbs/18_features.ipynb #3fdcabe1
 class FeatureEpisodes(Dataset):
@@ -362,7 +343,6 @@ class FeatureForward(nn.Module):
             generator,
             class_names=class_names,
         )
-
 
 # %% ../nbs/18_features.ipynb #28dfa9b8
 MEMO_SIZE = 3  # banks and split features kept by this process for later runs
@@ -451,7 +431,6 @@ def frozen_split_features(
             return encode_split(model, split, cfg, rt, progress)
 
     return _remember(_memo_key('split', model, split, cfg, rt), make)
-
 
 # %% ../nbs/18_features.ipynb #f117d5e5
 def uses_features(cfg: Config) -> bool:

@@ -27,20 +27,8 @@ from .runtime import Runtime
 from .video import to_clip_input
 
 # %% auto #0
-__all__ = [
-    'load_run',
-    'load_episode',
-    'Inspection',
-    'inspect_episode',
-    'distill_decision',
-    'GradCAM',
-    'cam_layer',
-    'grad_cam',
-    'episode_embeddings',
-    'embed_2d',
-    'per_class_accuracy',
-]
-
+__all__ = ['load_run', 'load_episode', 'Inspection', 'inspect_episode', 'distill_decision', 'GradCAM', 'cam_layer', 'grad_cam',
+           'episode_embeddings', 'embed_2d', 'per_class_accuracy']
 
 # %% ../nbs/21_inspection.ipynb #2c25f0c4
 def load_run(
@@ -80,7 +68,6 @@ def load_episode(
         short_side=cfg.data.short_side,
     )
     return dict(ds[index], split=data.split, seed=seed, index=index)
-
 
 # %% ../nbs/21_inspection.ipynb #7e41ea06
 @dataclass
@@ -155,7 +142,6 @@ def _generator(batch: dict, device, generator=None) -> Optional[torch.Generator]
         return generator
     return episode_generator(batch['seed'], batch['split'], batch['index'], device)
 
-
 # %% ../nbs/21_inspection.ipynb #66594930
 @torch.no_grad()
 def inspect_episode(
@@ -209,7 +195,6 @@ def inspect_episode(
         out.extras.get('support_rows', 'video'),
     )
 
-
 # %% ../nbs/21_inspection.ipynb #78368828
 def distill_decision(
     ins: Inspection,  # an inspected episode
@@ -223,7 +208,6 @@ def distill_decision(
     if g and l:
         return 'both teach (no condition)'
     return 'GTC teaches LTC' if g else 'LTC teaches GTC' if l else 'no distillation'
-
 
 # %% ../nbs/21_inspection.ipynb #984eb799
 @dataclass
@@ -269,7 +253,6 @@ def _normalise_video(cam: Tensor) -> Tensor:
     "Scale each video's maps [V, T, H, W] to [0, 1] by its maximum (all-zero maps stay zero)."
     top = cam.flatten(1).max(1).values.clamp_min(1e-12)  # [V]
     return cam / top[:, None, None, None]
-
 
 # %% ../nbs/21_inspection.ipynb #431b1e48
 def grad_cam(
@@ -337,7 +320,6 @@ def grad_cam(
         model.train(was_training)
     return GradCAM(cam[-1], cam[:-1], mine, query, target, float(score.detach()), layer_name)
 
-
 # %% ../nbs/21_inspection.ipynb #d2d6ef94
 def episode_embeddings(
     model: nn.Module,  # a model of mdmf.model
@@ -402,7 +384,6 @@ def embed_2d(
     _, _, vt = np.linalg.svd(x, full_matrices=False)
     y = x @ vt[:2].T  # [n, <=2]
     return np.pad(y, ((0, 0), (0, 2 - y.shape[1]))), 'PCA'
-
 
 # %% ../nbs/21_inspection.ipynb #62a496c2
 def per_class_accuracy(

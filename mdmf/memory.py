@@ -28,44 +28,11 @@ from .runs import preserved_rng
 from .runtime import Runtime, autocast, device_name, set_threads
 
 # %% auto #0
-__all__ = [
-    'PRECISIONS',
-    'MEASURED',
-    'GiB',
-    'FRAGMENTATION',
-    'WORKSPACE',
-    'CHUNKS',
-    'CARDS',
-    'BANK_SHARE',
-    'BANK_DIMS',
-    'LiveBytes',
-    'measure_frame_memory',
-    'memory_file',
-    'frame_memory',
-    'signature',
-    'backbone_key',
-    'ParamCounts',
-    'param_counts',
-    'precision_name',
-    'predict_peak',
-    'fits',
-    'meta_model',
-    'episode_frames',
-    'MemoryPlan',
-    'plan_memory',
-    'usable_memory',
-    'plan_training',
-    'memory_table',
-    'format_memory_table',
-    'bank_bytes',
-    'bank_place',
-    'bank_table',
-    'unused_parameters',
-    'measure_all',
-    'MemoryOptions',
-    'main',
-]
-
+__all__ = ['PRECISIONS', 'MEASURED', 'GiB', 'FRAGMENTATION', 'WORKSPACE', 'CHUNKS', 'CARDS', 'BANK_SHARE', 'BANK_DIMS',
+           'LiveBytes', 'measure_frame_memory', 'memory_file', 'frame_memory', 'signature', 'backbone_key',
+           'ParamCounts', 'param_counts', 'precision_name', 'predict_peak', 'fits', 'meta_model', 'episode_frames',
+           'MemoryPlan', 'plan_memory', 'usable_memory', 'plan_training', 'memory_table', 'format_memory_table',
+           'bank_bytes', 'bank_place', 'bank_table', 'unused_parameters', 'measure_all', 'MemoryOptions', 'main']
 
 # %% ../nbs/17_memory.ipynb #4af2da0d
 class LiveBytes(TorchDispatchMode):
@@ -99,7 +66,6 @@ class LiveBytes(TorchDispatchMode):
             self.peak = max(self.peak, self.now)
             weakref.finalize(storage, self._free, key)
         return out
-
 
 # %% ../nbs/17_memory.ipynb #44e94f39
 PRECISIONS = ('float32', 'bfloat16')  # measured; float16 uses the bfloat16 figures
@@ -153,7 +119,6 @@ def measure_frame_memory(
         seconds=round(time.perf_counter() - t0, 1),
     )
 
-
 # %% ../nbs/17_memory.ipynb #1087133b
 # table key -> what is measured
 MEASURED = {
@@ -194,7 +159,6 @@ def backbone_key(clip_model: CLIP, table: Optional[dict] = None) -> Optional[str
     table = frame_memory() if table is None else table
     sig = signature(clip_model)
     return next((k for k, v in table['backbones'].items() if v.get('signature') == sig), None)
-
 
 # %% ../nbs/17_memory.ipynb #9355e241
 GiB = 2**30
@@ -265,7 +229,6 @@ def fits(peak: int, budget: int) -> bool:
     "Whether a predicted peak fits `budget` bytes, with the allocator's and the libraries' overheads."
     return peak * FRAGMENTATION + WORKSPACE <= budget
 
-
 # %% ../nbs/17_memory.ipynb #ad72ca48
 def meta_model(
     cfg: Config,  # the run's settings (model and backbone switches)
@@ -286,7 +249,6 @@ def meta_model(
 def episode_frames(cfg: Config) -> int:
     "Frames of one training episode: way x (shot + training queries) x T."
     return cfg.data.way * (cfg.data.shot + cfg.data.train_query) * cfg.model.frames
-
 
 # %% ../nbs/17_memory.ipynb #94be82f1
 CHUNKS = (256, 128, 64, 32, 16, 8, 4, 2, 1)  # chunk sizes tried, largest first
@@ -331,7 +293,6 @@ def _best_chunk(peak_with, frames: int, budget: Optional[int]) -> int:
     if budget is None:
         return min(64, sizes[0])
     return next((c for c in sizes if fits(peak_with(c), budget)), sizes[-1])
-
 
 # %% ../nbs/17_memory.ipynb #75ed0646
 def plan_memory(
@@ -429,7 +390,6 @@ def plan_training(
         name=f'{key or cfg.model.backbone} on {rt.device}',
     )
 
-
 # %% ../nbs/17_memory.ipynb #3bd39878
 def _stored_key(name: str, table: dict) -> Optional[str]:
     "The stored figures' key of a `load_clip` name (a shipped weights file: by its architecture)."
@@ -491,7 +451,6 @@ def memory_table(
                 )
     return rows
 
-
 # %% ../nbs/17_memory.ipynb #1d53670e
 def format_memory_table(rows: list) -> str:
     "The rows of `memory_table` as plain text."
@@ -523,7 +482,6 @@ def format_memory_table(rows: list) -> str:
         ]
         + [line(x) for x in body]
     )
-
 
 # %% ../nbs/17_memory.ipynb #ecb32a2c
 BANK_SHARE = 0.5  # a feature bank stays on the GPU when it takes at most this share of the usable memory
@@ -575,7 +533,6 @@ def bank_table(
             )
     return '\n'.join(lines)
 
-
 # %% ../nbs/17_memory.ipynb #ad9364a3
 def unused_parameters(
     net: torch.nn.Module,  # what the trainer calls: the model, or its `FeatureForward`
@@ -606,7 +563,6 @@ def unused_parameters(
         for x, saved in zip(model.buffers(), buffers):
             x.copy_(saved)
     return names
-
 
 # %% ../nbs/17_memory.ipynb #95bc7c2b
 def measure_all(
@@ -681,7 +637,6 @@ def main(argv: Optional[Sequence[str]] = None):
     atomic_write_text(out, json.dumps(figures, indent=1))
     print(f'written to {out}')
     return figures
-
 
 # %% ../nbs/17_memory.ipynb #b7a9bfef
 #| eval: false

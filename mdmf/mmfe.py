@@ -10,7 +10,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-
 # %% ../nbs/08_mmfe.ipynb #e30f2cd5
 def fuse_token(
     token: torch.Tensor,  # [B, D] one prompt token per video
@@ -18,7 +17,6 @@ def fuse_token(
 ) -> torch.Tensor:  # [B, T+1, D], the token at position 0
     "Put each video's prompt token in front of its frame features (Eq. 5)."
     return torch.cat([token.unsqueeze(1).to(feats.dtype), feats], dim=1)  # [B, T+1, D]
-
 
 # %% ../nbs/08_mmfe.ipynb #e4c8f6fd
 class MMFE(nn.Module):

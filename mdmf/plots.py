@@ -31,28 +31,13 @@ from mdmf.core import (
     short_names,
     wrapped,
 )
-
 from .inspection import Inspection, distill_decision, embed_2d
 from .otam import otam_path
 from .video import CLIP_MEAN, CLIP_STD
 
 # %% auto #0
-__all__ = [
-    'Picture',
-    'GAP',
-    'strip',
-    'frames_image',
-    'plot_episode',
-    'plot_pps',
-    'plot_prediction',
-    'plot_posteriors',
-    'plot_attention',
-    'plot_otam',
-    'overlay',
-    'plot_gradcam',
-    'plot_tsne',
-    'plot_per_class',
-]
+__all__ = ['Picture', 'GAP', 'strip', 'frames_image', 'plot_episode', 'plot_pps', 'plot_prediction', 'plot_posteriors',
+           'plot_attention', 'plot_otam', 'overlay', 'plot_gradcam', 'plot_tsne', 'plot_per_class']
 
 # %% ../nbs/22_plots.ipynb #a67618a4
 Picture = figure_class()  # the figure class of every picture (mdmf.core.new_figure makes them)
@@ -134,7 +119,6 @@ def plot_episode(
         if seen[y] <= shots:
             rows.append((f'support {i}, class {y}: {names[y]}', frames_image(batch['support'][i]), 'black'))
     return _strip_figure(rows)
-
 
 # %% ../nbs/22_plots.ipynb #45621fdf
 def _class_bars(
@@ -227,7 +211,6 @@ def plot_prediction(
     )
     return fig
 
-
 # %% ../nbs/22_plots.ipynb #140c8f52
 def plot_posteriors(
     ins: Inspection,  # an inspected episode of the two-view model
@@ -272,7 +255,6 @@ def plot_posteriors(
     fig.legend(*fig.axes[1].get_legend_handles_labels(), fontsize=TICK, loc='outside lower center', ncol=2)
     fig.suptitle(f'query {query}: {decision}', fontsize=TITLE)
     return fig
-
 
 # %% ../nbs/22_plots.ipynb #b53cceff
 def _pick_views(ins: Inspection, view: Optional[str]) -> list:
@@ -328,7 +310,6 @@ def plot_attention(
     L = next(iter(maps.values())).shape[1]
     colorbar(fig, im, list(axs), f'attention weight (uniform: 1/{L} = {1 / L:.2f})', shrink=0.85)
     return fig
-
 
 # %% ../nbs/22_plots.ipynb #8fecafb7
 def plot_otam(
@@ -407,7 +388,6 @@ def plot_otam(
     )
     return fig
 
-
 # %% ../nbs/22_plots.ipynb #c7f79cc2
 def overlay(
     frames: np.ndarray,  # [H, W', 3] in [0, 1] (e.g. `frames_image`)
@@ -459,7 +439,6 @@ def plot_gradcam(
     cb.ax.tick_params(labelsize=TICK)
     return fig
 
-
 # %% ../nbs/22_plots.ipynb #de9463dd
 def plot_tsne(
     emb: dict,  # from `episode_embeddings`
@@ -504,7 +483,6 @@ def plot_tsne(
         fontsize=TITLE,
     )
     return fig
-
 
 # %% ../nbs/22_plots.ipynb #fc3c0b3d
 def plot_per_class(

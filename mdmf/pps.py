@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 # %% ../nbs/06_pps.ipynb #573cb2ab
 def pps_similarity(
     query_feats: torch.Tensor,  # [Q, T, D] query frame features
@@ -30,7 +29,6 @@ def pps_similarity(
         k = min(4, frame_sim.shape[1])
         return frame_sim.topk(k, dim=1).values.mean(1)  # [Q, N]
 
-
 # %% ../nbs/06_pps.ipynb #2c563462
 def pps_probs(
     sim: torch.Tensor,  # [Q, N] similarities
@@ -49,7 +47,6 @@ def pps_draw(
     if generator is not None and generator.device != p.device:
         return torch.multinomial(p.to(generator.device), 1, generator=generator).squeeze(1).to(probs.device)
     return torch.multinomial(p, 1, generator=generator).squeeze(1)  # [Q]
-
 
 # %% ../nbs/06_pps.ipynb #470073b8
 class PPS(nn.Module):

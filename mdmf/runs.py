@@ -26,34 +26,10 @@ from .core import BadInput, MissingInput, atomic_write
 from .runtime import Runtime, broadcast_object, main_first
 
 # %% auto #0
-__all__ = [
-    'CONFIG',
-    'TEXT_LOG',
-    'LOG',
-    'LAST',
-    'BEST',
-    'METRICS',
-    'LOCK',
-    'SPLITS',
-    'RUN_FILES',
-    'HEARTBEAT',
-    'STALE_AFTER',
-    'RunLock',
-    'open_run',
-    'prepare_data',
-    'run_metrics',
-    'RunLog',
-    'read_log',
-    'rng_state',
-    'set_rng_state',
-    'preserved_rng',
-    'seed_everything',
-    'save_checkpoint',
-    'load_checkpoint',
-    'checkpoint_path',
-    'load_model',
-    'resume_config',
-]
+__all__ = ['CONFIG', 'TEXT_LOG', 'LOG', 'LAST', 'BEST', 'METRICS', 'LOCK', 'SPLITS', 'RUN_FILES', 'HEARTBEAT', 'STALE_AFTER',
+           'RunLock', 'open_run', 'prepare_data', 'run_metrics', 'RunLog', 'read_log', 'rng_state', 'set_rng_state',
+           'preserved_rng', 'seed_everything', 'save_checkpoint', 'load_checkpoint', 'checkpoint_path', 'load_model',
+           'resume_config']
 
 # %% ../nbs/15_runs.ipynb #a4bd87fa
 CONFIG, TEXT_LOG, LOG, LAST, BEST, METRICS, LOCK, SPLITS = (
@@ -67,7 +43,6 @@ CONFIG, TEXT_LOG, LOG, LAST, BEST, METRICS, LOCK, SPLITS = (
     'splits',
 )
 RUN_FILES = (CONFIG, TEXT_LOG, LOG, LAST, BEST, METRICS)
-
 
 # %% ../nbs/15_runs.ipynb #aff442ff
 def _describe(folder: Path) -> str:
@@ -90,7 +65,6 @@ def _claim(base: Path) -> Path:
             if folder.is_dir() and not any(folder.iterdir()):
                 return folder
     raise BadInput(f'{base} and 9,999 numbered folders beside it exist: choose another --name')
-
 
 # %% ../nbs/15_runs.ipynb #227b4dba
 # seconds: the holder touches its lock this often; untouched this long, it is stale
@@ -187,7 +161,6 @@ class RunLock:
     def __exit__(self, *exc):
         self.release()
 
-
 # %% ../nbs/15_runs.ipynb #3ab5e262
 def open_run(cfg: Config, rt: Optional[Runtime] = None) -> tuple:  # (folder, lock or None, note or '')
     "The folder this run writes to: the named one, a numbered new one, or the one to resume; locked on rank 0."
@@ -220,7 +193,6 @@ def open_run(cfg: Config, rt: Optional[Runtime] = None) -> tuple:  # (folder, lo
             shutil.rmtree(folder / SPLITS, ignore_errors=True)
     folder = Path(broadcast_object(str(folder) if folder else None, rt))
     return folder, lock, note
-
 
 # %% ../nbs/15_runs.ipynb #d54ac905
 def prepare_data(cfg: Config, rt: Optional[Runtime] = None, log: Callable = print):
@@ -283,7 +255,6 @@ def run_metrics(cfg: Config, state: dict, test: dict, rt: Runtime, timings: dict
         device=str(rt.device),
     )
 
-
 # %% ../nbs/15_runs.ipynb #8e8ed305
 class RunLog:
     "Messages to the screen and `train.log`, records to `log.jsonl`; silent on ranks other than 0."
@@ -313,7 +284,6 @@ def read_log(folder) -> list:
     if not p.exists():
         return []
     return [json.loads(l) for l in p.read_text(encoding='utf-8').splitlines() if l.strip()]
-
 
 # %% ../nbs/15_runs.ipynb #977254c1
 def rng_state() -> dict:
@@ -356,7 +326,6 @@ def seed_everything(seed: int):
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
-
 # %% ../nbs/15_runs.ipynb #f396d8e2
 def save_checkpoint(path, checkpoint: dict) -> Path:
     "Write `checkpoint` (tensors, numbers, strings, lists, dicts) to `path` atomically."
@@ -382,7 +351,6 @@ def load_checkpoint(path, device='cpu') -> dict:
             f'{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]}); '
             'was it copied completely?'
         ) from None
-
 
 # %% ../nbs/15_runs.ipynb #1df0fbba
 def checkpoint_path(run, which: str = 'best') -> Path:
@@ -423,7 +391,6 @@ def load_model(
             f'{cfg.model.backbone}): {str(e).splitlines()[0][:200]}'
         ) from None
     return model.to(device).eval(), cfg
-
 
 # %% ../nbs/15_runs.ipynb #f7e4330e
 _RUNTIME_FIELDS = ('device', 'workers', 'threads', 'progress', 'resume')

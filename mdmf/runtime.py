@@ -26,41 +26,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from .core import BadInput
 
 # %% auto #0
-__all__ = [
-    'DIST_TIMEOUT',
-    'PEAK_TFLOPS',
-    'VECTOR_FLAGS',
-    'ISA_LIMITS',
-    'Runtime',
-    'pick_device',
-    'amp_dtype',
-    'tf32_enabled',
-    'set_tf32',
-    'set_backend_flags',
-    'backend_flags',
-    'init_runtime',
-    'ddp_device_ids',
-    'autocast',
-    'set_threads',
-    'device_name',
-    'synchronize',
-    'peak_flops',
-    'load_average',
-    'cpu_facts',
-    'median',
-    'time_interleaved',
-    'count_flops',
-    'host_syncs',
-    'run_timed',
-    'all_sum',
-    'all_max',
-    'barrier',
-    'broadcast_object',
-    'main_first',
-    'to_device',
-    'unwrap',
-]
-
+__all__ = ['DIST_TIMEOUT', 'PEAK_TFLOPS', 'VECTOR_FLAGS', 'ISA_LIMITS', 'Runtime', 'pick_device', 'amp_dtype', 'tf32_enabled',
+           'set_tf32', 'set_backend_flags', 'backend_flags', 'init_runtime', 'ddp_device_ids', 'autocast',
+           'set_threads', 'device_name', 'synchronize', 'peak_flops', 'load_average', 'cpu_facts', 'median',
+           'time_interleaved', 'count_flops', 'host_syncs', 'run_timed', 'all_sum', 'all_max', 'barrier',
+           'broadcast_object', 'main_first', 'to_device', 'unwrap']
 
 # %% ../nbs/13_runtime.ipynb #a3f69422
 @dataclass
@@ -83,7 +53,6 @@ class Runtime:
     @property
     def distributed(self) -> bool:
         return self.world > 1
-
 
 # %% ../nbs/13_runtime.ipynb #97b78d96
 def pick_device(
@@ -111,7 +80,6 @@ def pick_device(
         raise BadInput('--device mps: this machine has no Apple GPU available to torch; use --device cpu')
     return dev
 
-
 # %% ../nbs/13_runtime.ipynb #dec43bf1
 def amp_dtype(
     device: torch.device,  # the process's device
@@ -123,7 +91,6 @@ def amp_dtype(
         return None
     major, _ = capability or torch.cuda.get_device_capability(device)
     return torch.bfloat16 if major >= 8 else torch.float16
-
 
 # %% ../nbs/13_runtime.ipynb #40cfa074
 def _tf32_targets() -> tuple:
@@ -165,7 +132,6 @@ def backend_flags(rt: Runtime):
         for obj, attr, value in saved:
             setattr(obj, attr, value)
 
-
 # %% ../nbs/13_runtime.ipynb #52a97f1e
 # a collective waits this long (a first CLIP download)
 DIST_TIMEOUT = timedelta(minutes=int(os.environ.get('MDMF_DIST_TIMEOUT_MIN', '60')))
@@ -204,7 +170,6 @@ def set_threads(threads: int = 0):
     "Set torch's CPU threads (0: leave torch's default)."
     if threads > 0:
         torch.set_num_threads(threads)
-
 
 # %% ../nbs/13_runtime.ipynb #af9241dd
 PEAK_TFLOPS = (  # dense data-sheet TFLOP/s: (bfloat16/float16 tensor cores, TF32 tensor cores, float32); first matching name wins
@@ -277,7 +242,6 @@ def peak_flops(
         best = min(best, time.perf_counter() - t0)
     return 2 * 1024**3 / best, 'measured float32 1024x1024 matmul (best of 12)'
 
-
 # %% ../nbs/13_runtime.ipynb #4270add7
 # the CPU flags that decide how fast float32 math runs
 VECTOR_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'amx_tile')
@@ -311,7 +275,6 @@ def cpu_facts() -> dict:
         limits={k: os.environ[k] for k in ISA_LIMITS if k in os.environ},
         torch_capability=torch.backends.cpu.get_cpu_capability(),
     )
-
 
 # %% ../nbs/13_runtime.ipynb #859c3aed
 def median(xs: Sequence[float]) -> Optional[float]:
@@ -384,7 +347,6 @@ def run_timed(
         else dict(start=None, max=None, end=None),
     )
 
-
 # %% ../nbs/13_runtime.ipynb #50a22820
 def all_sum(x: Tensor, rt: Runtime) -> Tensor:
     "Sum of `x` over all processes, in place (no-op when alone)."
@@ -429,7 +391,6 @@ def main_first(
     finally:
         if first:
             barrier(rt)
-
 
 # %% ../nbs/13_runtime.ipynb #3087f2d2
 def to_device(batch: dict, device) -> dict:

@@ -21,6 +21,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .config import Config, adam_groups, cli, config_from_args, config_parser, config_to_dict, lr_at
+from .core import BadInput, atomic_write_text, parse_command
+from .data import dataset_label, episode_data, freeze_split, load_data
+from .episodes import episode_generator
+from .evaluate import crop_size, evaluate
+from .features import FeatureForward, feature_loader, frozen_split_features, uses_features
+from .memory import GiB, plan_training, unused_parameters
+from .model import build_model
 from mdmf.runs import (
     BEST,
     CONFIG,
@@ -51,33 +59,13 @@ from mdmf.runtime import (
     to_device,
 )
 
-from .config import Config, adam_groups, cli, config_from_args, config_parser, config_to_dict, lr_at
-from .core import BadInput, atomic_write_text, parse_command
-from .data import dataset_label, episode_data, freeze_split, load_data
-from .episodes import episode_generator
-from .evaluate import crop_size, evaluate
-from .features import FeatureForward, feature_loader, frozen_split_features, uses_features
-from .memory import GiB, plan_training, unused_parameters
-from .model import build_model
-
 # %% auto #0
-__all__ = [
-    'episode_indices',
-    'NonFiniteLoss',
-    'Trainer',
-    'Tick',
-    'train_schedule',
-    'train',
-    'TrainOptions',
-    'main',
-]
-
+__all__ = ['episode_indices', 'NonFiniteLoss', 'Trainer', 'Tick', 'train_schedule', 'train', 'TrainOptions', 'main']
 
 # %% ../nbs/19_train.ipynb #3c74862c
 def episode_indices(start: int, total: int, accum: int, rank: int = 0, world: int = 1) -> list:
     "Training episodes of process `rank` from `start` on: in each window of `accum` episodes, every `world`-th."
     return [i for i in range(start, total) if (i % accum) % world == rank]
-
 
 # %% ../nbs/19_train.ipynb #08d12a69
 class NonFiniteLoss(RuntimeError):
@@ -169,7 +157,6 @@ class Trainer:
     def _weights(self) -> dict:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
-
 # %% ../nbs/19_train.ipynb #7529703e
 @patch
 def memory_metrics(self: Trainer) -> dict:
@@ -197,7 +184,6 @@ def set_bn_mode(self: Trainer):
     if self.cfg.optim.unfreeze_bn_after_val and any(h['kind'] == 'val' for h in self.state['history']):
         self.model.backbone.freeze_bn = False
         self.model.train(self.model.training)
-
 
 # %% ../nbs/19_train.ipynb #e951918d
 @patch
@@ -283,7 +269,6 @@ def load(self: Trainer, path: Path):
     if (self.folder / BEST).exists():
         self.best_weights = load_checkpoint(self.folder / BEST)['model']
     self.log.write(f'resumed from {path} at episode {self.state["episode"]} (step {self.state["step"]})')
-
 
 # %% ../nbs/19_train.ipynb #80753382
 @patch
@@ -377,7 +362,6 @@ def _log_train(self: Trainer, bar=None) -> dict:
     s['parts'] = {}
     return entry
 
-
 # %% ../nbs/19_train.ipynb #a8b6a614
 @patch
 def validate(self: Trainer) -> dict:
@@ -416,7 +400,6 @@ def validate(self: Trainer) -> dict:
         + (' (best so far)' if better else '')
     )
     return entry
-
 
 # %% ../nbs/19_train.ipynb #29dd6132
 class Tick(NamedTuple):
@@ -462,7 +445,6 @@ def train_schedule(
         ticks.append(Tick(i, (first, end), step, done, log, val, save))
     return ticks
 
-
 # %% ../nbs/19_train.ipynb #895094e9
 @patch
 def _loader(self: Trainer, episodes: list):
@@ -486,7 +468,6 @@ def _loader(self: Trainer, episodes: list):
         pin_memory=rt.device.type == 'cuda',
         generator=torch.Generator().manual_seed(cfg.run.seed),
     )
-
 
 # %% ../nbs/19_train.ipynb #0db95dd7
 @patch
@@ -562,7 +543,6 @@ def fit(self: Trainer) -> Trainer:
         self.validate()  # nothing trained: select the weights as they are
     return self
 
-
 # %% ../nbs/19_train.ipynb #6ce8e2f4
 @patch
 def test(self: Trainer, episodes: Optional[int] = None, shot: Optional[int] = None) -> dict:
@@ -587,7 +567,6 @@ def test(self: Trainer, episodes: Optional[int] = None, shot: Optional[int] = No
     entry = dict(kind='test', **r.metrics(), seconds=r.seconds)
     self.log.record(**entry)
     return entry
-
 
 # %% ../nbs/19_train.ipynb #fa8ad694
 def train(
@@ -657,7 +636,6 @@ def train(
         if lock is not None:
             lock.release()
     return (metrics, trainer) if return_trainer else metrics
-
 
 # %% ../nbs/19_train.ipynb #6d97d847
 @dataclass

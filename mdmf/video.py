@@ -20,26 +20,9 @@ from .core import BadInput, MissingInput, PathLike, atomic_write
 from .datasets import IMAGE_EXTS, natural_key
 
 # %% auto #0
-__all__ = [
-    'CLIP_MEAN',
-    'CLIP_STD',
-    'FRAME_MODES',
-    'RANDOM_FRAME_MODES',
-    'write_mp4',
-    'write_frames',
-    'frame_files',
-    'num_frames',
-    'read_frames',
-    'frame_indices',
-    'resize_short',
-    'normalize',
-    'to_clip_input',
-    'to_uint8',
-    'crop_clip',
-    'transform_clip',
-    'read_clip',
-]
-
+__all__ = ['CLIP_MEAN', 'CLIP_STD', 'FRAME_MODES', 'RANDOM_FRAME_MODES', 'write_mp4', 'write_frames', 'frame_files', 'num_frames',
+           'read_frames', 'frame_indices', 'resize_short', 'normalize', 'to_clip_input', 'to_uint8', 'crop_clip',
+           'transform_clip', 'read_clip']
 
 # %% ../nbs/02_video.ipynb #b5597755
 def write_mp4(
@@ -79,7 +62,6 @@ def write_frames(
     for i, f in enumerate(frames, 1):
         Image.fromarray(f).save(folder / f'{i}.jpg', quality=quality)
     return folder
-
 
 # %% ../nbs/02_video.ipynb #38f82583
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -130,7 +112,6 @@ def _stack_frames(folder: Path, files: list[Path], idx) -> np.ndarray:
             f'frames of {folder} differ in size ({sorted({f.shape[:2] for f in frames})}): extract them again, {_DROP_FOLDER}'
         )
     return np.stack(frames)
-
 
 # %% ../nbs/02_video.ipynb #bcf70f9a
 def _video_reader(path: Path):
@@ -203,7 +184,6 @@ def read_frames(
 
     return _read(Path(path), check)
 
-
 # %% ../nbs/02_video.ipynb #500e112a
 FRAME_MODES = ('test', 'train', 'trx', 'trx-released', 'test-released', 'segments')
 # the modes that draw from the episode's generator
@@ -274,7 +254,6 @@ def frame_indices(
         idx = np.round(np.linspace(start, end, T))  # [T]
     return np.clip(idx, 0, n - 1).astype(np.int64)
 
-
 # %% ../nbs/02_video.ipynb #d9fdd95a
 def resize_short(
     x: torch.Tensor,  # float [T, 3, H, W]
@@ -321,7 +300,6 @@ def to_clip_input(
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     "Float pixels in [0, 1] -> uint8 (rounded)."
     return (x * 255).round_().clamp_(0, 255).to(torch.uint8)
-
 
 # %% ../nbs/02_video.ipynb #a05beaf9
 def _crop(
@@ -370,7 +348,6 @@ def transform_clip(
 ) -> torch.Tensor:
     "uint8 `[T, H, W, 3]` -> CLIP-normalised float `[T, 3, size, size]` (the same crop as `crop_clip`, not rounded)."
     return normalize(_crop(frames, size, short_side, train, flip, rng)).contiguous()
-
 
 # %% ../nbs/02_video.ipynb #7442aa01
 def read_clip(

@@ -15,6 +15,7 @@ import numpy as np
 from fastcore.imports import in_notebook
 from matplotlib.ticker import MaxNLocator
 
+from .config import Config, RunConfig, command_parser, config_from_dict
 from mdmf.core import (
     BadInput,
     MissingInput,
@@ -25,6 +26,9 @@ from mdmf.core import (
     figure_png,
     parse_command,
 )
+from .data import dataset_label, load_data
+from .evaluate import crop_size
+from .examples import example_run, save_example
 from mdmf.inspection import (
     episode_embeddings,
     grad_cam,
@@ -33,6 +37,7 @@ from mdmf.inspection import (
     load_run,
     per_class_accuracy,
 )
+from .model import ABLATIONS, ModelConfig
 from mdmf.plots import (
     DPI,
     LABEL,
@@ -50,31 +55,12 @@ from mdmf.plots import (
     plot_prediction,
     plot_tsne,
 )
-
-from .config import Config, RunConfig, command_parser, config_from_dict
-from .data import dataset_label, load_data
-from .evaluate import crop_size
-from .examples import example_run, save_example
-from .model import ABLATIONS, ModelConfig
 from .runs import CONFIG, METRICS, read_log
 from .runtime import pick_device
 
 # %% auto #0
-__all__ = [
-    'TABLE_COLUMNS',
-    'read_run',
-    'run_label',
-    'run_table',
-    'table_markdown',
-    'plot_curves',
-    'plot_table',
-    'plot_lambda_sweep',
-    'FigureOptions',
-    'write_figures',
-    'visualize_parser',
-    'main',
-]
-
+__all__ = ['TABLE_COLUMNS', 'read_run', 'run_label', 'run_table', 'table_markdown', 'plot_curves', 'plot_table',
+           'plot_lambda_sweep', 'FigureOptions', 'write_figures', 'visualize_parser', 'main']
 
 # %% ../nbs/24_visualize.ipynb #9bf639d8
 def read_run(
@@ -158,7 +144,6 @@ def table_markdown(
 def _fmt(v) -> str:
     return '' if v is None else (f'{v:.2f}' if isinstance(v, float) else str(v))
 
-
 # %% ../nbs/24_visualize.ipynb #aaeec9ae
 def plot_curves(
     log: list,  # log records of a run (`mdmf.runs.read_log`)
@@ -241,7 +226,6 @@ def plot_lambda_sweep(
     ax.set_title('lambda sweep', fontsize=TITLE)
     return fig
 
-
 # %% ../nbs/24_visualize.ipynb #41bab59f
 def _siblings(run: Path) -> list:
     "The finished run folders next to `run` with its dataset, way and shot."
@@ -269,7 +253,6 @@ def _unique_folders(folders: list) -> list:
             out.append(f)
     return out
 
-
 # %% ../nbs/24_visualize.ipynb #f1a0e2b7
 @dataclass
 class FigureOptions:
@@ -293,7 +276,6 @@ class FigureOptions:
     # maintainers: write the shipped example files from these finished runs of the default schedule (one
     # CLIP-MDMF, one CLIP-FSAR) instead of drawing
     save_examples: list[str] = field(default_factory=list)
-
 
 # %% ../nbs/24_visualize.ipynb #ed5ccf22
 def write_figures(
@@ -364,7 +346,6 @@ def write_figures(
         save('lambda_sweep', plot_lambda_sweep(rows))
     return written
 
-
 # %% ../nbs/24_visualize.ipynb #6ee2ccb2
 _VIEWS = ('gtc', 'ltc', 'ntc', 'fsar', 'fused')
 
@@ -400,7 +381,6 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     for path in paths:
         print(path)
     return paths
-
 
 # %% ../nbs/24_visualize.ipynb #a9131c4b
 #| eval: false

@@ -182,7 +182,7 @@ def test_no_module_is_too_long():
 
 
 def test_code_is_formatted_and_lint_free():
-    "`ruff check` and `ruff format --check` pass on the package, the notebooks, the tests and the tools."
+    "`ruff check` and `ruff format --check` pass on the notebooks, the tests and the tools; `ruff check` on the package."
     import subprocess
     import sys
 
@@ -218,3 +218,41 @@ def test_every_notebook_opens_in_colab():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.main(['--check']) == 0, 'run `python tools/colab_cells.py && nbdev_clean`'
+
+
+def _code_lines(text: str) -> list:
+    "A module's lines without blank lines and without nbdev's `__all__` statement (nbdev writes both its own way)."
+    import ast
+
+    tree = ast.parse(text)
+    names = [
+        n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], 'id', '') == '__all__'
+    ]
+    skip = {i for n in names for i in range(n.lineno, n.end_lineno + 1)}
+    return [l for i, l in enumerate(text.splitlines(), 1) if l.strip() and i not in skip]
+
+
+def test_the_package_is_the_notebooks_formatted_code(tmp_path):
+    "Formatting mdmf/ changes nothing but nbdev's own lines: every line of code in it is formatted in its notebook."
+    import shutil
+    import subprocess
+    import sys
+
+    modules = [p for p in sorted((ROOT / 'mdmf').glob('*.py')) if p.name != '_modidx.py']
+    for p in modules:
+        shutil.copy(p, tmp_path / p.name)
+    cmd = [
+        sys.executable,
+        '-m',
+        'ruff',
+        'format',
+        '--quiet',
+        '--config',
+        str(ROOT / 'pyproject.toml'),
+        str(tmp_path),
+    ]
+    subprocess.run(cmd, check=True)
+    differ = [
+        p.name for p in modules if _code_lines(p.read_text()) != _code_lines((tmp_path / p.name).read_text())
+    ]
+    assert not differ, f'code in these modules is not formatted (run `python tools/export.py`): {differ}'

@@ -2,11 +2,15 @@
 
     python tools/export.py
 
-In order: `ruff format` and `ruff check --select I --fix` on the notebooks and index.ipynb (imports sorted, code
-formatted where it is written), `nbdev_export` (the package from the notebooks), the same two on the package
-(nbdev joins a notebook's cells and adds its own lines, which the formatter settles), then `nbdev_clean` on the
-notebooks and index.ipynb. CI runs it and requires the checkout to be unchanged afterwards, then runs
-`ruff check` and `ruff format --check` (settings in pyproject.toml).
+In order: `ruff format`, `ruff check --select I --fix` and `ruff format` again on the notebooks and index.ipynb
+(code formatted and imports sorted where they are written), then `nbdev_export` (the package, exactly as nbdev
+writes it from the notebooks) and `nbdev_clean` (the notebooks and index.ipynb without execution noise).
+
+The package is not formatted after the export: it must stay what `nbdev_export` writes. nbdev adds two things of
+its own, which the formatter would change: one blank line between the cells it joins, and its `__all__` list.
+Everything else in mdmf/ is the notebooks' formatted code; tests/test_repo.py checks exactly that. CI runs this
+script, requires the checkout to be unchanged afterwards, then runs `ruff check` and `ruff format --check`
+(settings in pyproject.toml).
 """
 
 import subprocess
@@ -34,10 +38,9 @@ def ruff(*paths: str):
 def main():
     ruff(*NOTEBOOKS)
     run('nbdev_export')
-    ruff('mdmf')
     run('nbdev_clean')
     run('nbdev_clean', '--fname', 'index.ipynb')
-    print('exported and formatted: mdmf/ from nbs/')
+    print('formatted the notebooks and exported mdmf/ from them')
 
 
 if __name__ == '__main__':
