@@ -479,13 +479,14 @@ def _given(args: dict) -> set:
 
 def ablate_parser() -> argparse.ArgumentParser:
     "The parser of `python -m mdmf.ablate`: the study's options and every run setting."
+    # the study's defaults shown
     p = config_parser(
         'python -m mdmf.ablate',
         _DESCRIPTION,
         _EXAMPLES,
         skip=('freeze_visual', 'name', 'runs', 'resume', 'overwrite'),
         base=preset_config('synthetic').replace(**STUDY_SCHEDULE['frozen']),
-    )  # the study's defaults shown
+    )
     add_flags(p.add_argument_group('study'), AblateOptions())
     return p
 

@@ -110,10 +110,11 @@ def bench_otam(
     "Fast OTAM against the reference loop: forward + backward of one episode (both directions, every view)."
     device = torch.device(device)
     g = torch.Generator().manual_seed(seed)
+    # [Q, N, T, T] per view, costs in [0, 2]
     make = lambda: [
         (2 * torch.rand(queries, way, frames, frames, generator=g)).to(device).requires_grad_()
         for _ in range(views)
-    ]  # [Q, N, T, T] per view, costs in [0, 2]
+    ]
     fast_in, weights = make(), torch.randn(views, queries, way, generator=g).to(device)  # [views, Q, N]
     ref_in = [c.detach().clone().requires_grad_() for c in fast_in]
     times = time_interleaved(

@@ -107,13 +107,14 @@ SECTIONS = dict(data=DataConfig, model=ModelConfig, optim=OptimConfig, eval=Eval
 VIDEO_TEXT_WEIGHT = dict(
     synthetic=3.0, hmdb51=1.2, ucf101=1.5, kinetics100=1.5, ssv2_small=3.0, ssv2_full=3.0, folder=1.0
 )
+# the default run's values over ModelConfig's
 DEFAULT_MODEL = dict(
     backbone='tiny-pretrained',
     ffn_dim=256,
     return_attention=False,
     freeze_visual=True,
     video_text_weight=VIDEO_TEXT_WEIGHT['synthetic'],
-)  # the default run's values over ModelConfig's
+)
 
 
 def default_model() -> ModelConfig:

@@ -246,6 +246,7 @@ class EpisodeDataset(Dataset):
         return self.episodes
 
     def _clips(self, index: np.ndarray, rng) -> torch.Tensor:
+        # [n, T, 3, S, S] uint8
         return torch.stack(
             [
                 read_clip(
@@ -260,7 +261,7 @@ class EpisodeDataset(Dataset):
                 )
                 for i in index
             ]
-        )  # [n, T, 3, S, S] uint8
+        )
 
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < self.episodes:

@@ -158,6 +158,7 @@ def _cached(
         # [E, ...]
         rows = lambda name: torch.from_numpy(np.stack([getattr(e, name) for e in eps])).to(rt.device)
         with autocast(rt):
+            # [E, Q, N]
             logits = model.episode_logits(
                 features,
                 tokens,
@@ -166,7 +167,7 @@ def _cached(
                 rows('query_index'),
                 rows('class_ids'),
                 [gen(i) for i in ids],
-            )  # [E, Q, N]
+            )
         preds.update(zip(ids, logits.argmax(-1)))
         bar.update(len(ids))
     return preds

@@ -64,12 +64,13 @@ def video_draws(
     want = np.unique(np.concatenate(idx))  # [U] every frame any draw needs
     decoded = read_frames(path, want)  # [U, H, W, 3]
     row = {f: k for k, f in enumerate(want.tolist())}
+    # [K, T, 3, S, S]
     return torch.stack(
         [
             crop_clip(decoded[[row[f] for f in ix.tolist()]], size, short_side, True, flip, r)
             for ix, r in zip(idx, rngs)
         ]
-    )  # [K, T, 3, S, S]
+    )
 
 # %% ../nbs/18_features.ipynb #b4c39e16
 def episode_draws(

@@ -373,13 +373,14 @@ def embed_2d(
         from sklearn.manifold import TSNE
 
         perplexity = float(max(2.0, min(30.0, (len(x) - 1) / 3)))
+        # exact: faster for a few hundred points
         tsne = TSNE(
             2,
             perplexity=perplexity,
             init='pca',
             random_state=seed,
             method='exact' if len(x) <= 500 else 'barnes_hut',
-        )  # exact: faster for a few hundred points
+        )
         return tsne.fit_transform(x), 't-SNE'
     _, _, vt = np.linalg.svd(x, full_matrices=False)
     y = x @ vt[:2].T  # [n, <=2]

@@ -359,6 +359,7 @@ class CLIPFSAR(FewShotModel):
 
     def __init__(self, cfg: ModelConfig, backbone: Backbone = None):
         super().__init__(cfg, backbone)
+        # no position embedding
         self.transformer = MMFE(
             self.dim,
             cfg.heads,
@@ -368,7 +369,7 @@ class CLIPFSAR(FewShotModel):
             cfg.proj_dropout,
             cfg.ffn_dropout,
             ffn_act_dropout=cfg.ffn_dropout,
-        )  # no position embedding
+        )
         self.video_text_scale = nn.Parameter(torch.tensor(float(cfg.video_text_scale)))  # s, learnable
         self.text_classes, self._text_index = None, {}
 
@@ -580,9 +581,10 @@ def episode_logits(
     # [E, S, T, D], [E, S, D]
     else:
         s_feats, s_tokens = feats[support_index], tokens[torch.gather(class_ids, 1, support_labels)]
+    # [E, N or S, T+1, D]
     s_out = self.transformer(
         *[fuse_token(s_tokens.flatten(0, 1), s_feats.flatten(0, 1))] * 2, return_attn=cfg.return_attention
-    )[0].unflatten(0, s_feats.shape[:2])  # [E, N or S, T+1, D]
+    )[0].unflatten(0, s_feats.shape[:2])
     # each query video through the transformer once
     unique, inverse = torch.unique(query_index, return_inverse=True)
     # [E, Q, T, D]

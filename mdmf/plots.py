@@ -84,11 +84,12 @@ def _strip_figure(
     lines = [len(r[0].split('\n')) for r in rows]
     # inches the longest title line needs
     text = max(len(l) for r in rows for l in r[0].split('\n')) * 0.6 * LABEL / 72
+    # frames side by side: a thumbnail strip
     fig = new_figure(
         max(w * scale / DPI, text) + 0.2,
         sum(h * scale / DPI + 0.08 + 0.19 * k for k in lines) + 0.1 + extra,
         strip=True,
-    )  # frames side by side: a thumbnail strip
+    )
     for ax, (title, img, colour) in zip(fig.subplots(len(rows), 1, squeeze=False)[:, 0], rows):
         ax.imshow(img, interpolation='nearest' if scale == 1 else 'antialiased')
         ax.set_title(title, fontsize=LABEL, loc='left', color=colour)

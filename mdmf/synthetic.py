@@ -38,7 +38,8 @@ class ActionClass:
 
 # %% ../nbs/04_synthetic.ipynb #c4a7e0b2
 # fmt: off
-# (family, (forward name, direction), (reversed name, direction), how the second is made: 'reverse' or 'mirror')
+# (family, (forward name, direction), (reversed name, direction),
+#  how the second is made: 'reverse' or 'mirror')
 _PAIRS = [
     ('translate_horizontal', ('moving something from left to right', 'left_to_right'),
      ('moving something from right to left', 'right_to_left'), 'reverse'),
@@ -48,19 +49,23 @@ _PAIRS = [
      ('two things moving closer together', 'together'), 'reverse'),
     ('scale', ('something growing bigger', 'bigger'), ('something shrinking smaller', 'smaller'), 'reverse'),
     ('fade', ('something appearing', 'appear'), ('something disappearing', 'disappear'), 'reverse'),
-    ('translate_diagonal_down', ('moving something from top left to bottom right', 'top_left_to_bottom_right'),
+    ('translate_diagonal_down', ('moving something from top left to bottom right',
+     'top_left_to_bottom_right'),
      ('moving something from bottom right to top left', 'bottom_right_to_top_left'), 'reverse'),
     ('push', ('pushing something from left to right with something', 'left_to_right'),
      ('pushing something from right to left with something', 'right_to_left'), 'mirror'),
     ('gravity', ('something falling down', 'down'), ('something being thrown straight up', 'up'), 'reverse'),
-    ('stretch', ('something stretching wider', 'wider'), ('something squashing narrower', 'narrower'), 'reverse'),
+    ('stretch', ('something stretching wider', 'wider'), ('something squashing narrower', 'narrower'),
+     'reverse'),
     ('cover', ('covering something with something', 'cover'), ('uncovering something', 'uncover'), 'reverse'),
-    ('enter', ('something entering from the left', 'enter'), ('something leaving to the left', 'leave'), 'reverse'),
+    ('enter', ('something entering from the left', 'enter'), ('something leaving to the left', 'leave'),
+     'reverse'),
     ('translate_diagonal_up', ('moving something from bottom left to top right', 'bottom_left_to_top_right'),
      ('moving something from top right to bottom left', 'top_right_to_bottom_left'), 'reverse'),
     ('arc', ('throwing something in an arc from left to right', 'left_to_right'),
      ('throwing something in an arc from right to left', 'right_to_left'), 'reverse'),
-    ('spiral', ('something spiralling outwards', 'outwards'), ('something spiralling inwards', 'inwards'), 'reverse'),
+    ('spiral', ('something spiralling outwards', 'outwards'), ('something spiralling inwards', 'inwards'),
+     'reverse'),
     ('stack', ('putting something on top of something', 'put_on'),
      ('taking something off something', 'take_off'), 'reverse'),
     ('orbit', ('something moving in a circle clockwise', 'clockwise'),

@@ -108,6 +108,7 @@ class Trainer:
             self.log.write(self.memory.message)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         o = cfg.optim
+        # fused: one kernel for every parameter's update on CUDA
         self.opt = (
             torch.optim.Adam(
                 adam_groups(self.model, o),
@@ -117,7 +118,7 @@ class Trainer:
             )
             if self.params
             else None
-        )  # fused: one kernel for every parameter's update on CUDA
+        )
         self.scaler = torch.amp.GradScaler(self.rt.device.type, enabled=self.rt.amp_dtype == torch.float16)
         self.state = dict(
             episode=0,

@@ -97,9 +97,8 @@ def test_tables_hold_every_row_once():
 def test_paper_numbers_are_those_of_method_md():
     assert PAPER_ABLATIONS['GTC+PPS'] == dict(hmdb51=82.4, kinetics100=93.2, ssv2_small=58.6)
     assert PAPER_ABLATIONS['full'] == dict(hmdb51=83.0, kinetics100=93.5, ssv2_small=60.4)
-    assert not any(
-        r.startswith('T5') for r in PAPER_ABLATIONS
-    )  # the paper reports no Table 5 numbers for these columns
+    # the paper reports no Table 5 numbers for these columns
+    assert not any(r.startswith('T5') for r in PAPER_ABLATIONS)
     assert 'multi-view+PPS' not in PAPER_ABLATIONS and 'multi-view+distill' not in PAPER_ABLATIONS
 
 
@@ -150,9 +149,8 @@ def test_schedule_applies_unless_given(data_root, tmp_path):
         0
     ].cfg
     assert c.eval.test_episodes == 123 and not c.model.freeze_visual
-    assert (
-        c.eval.val_every == preset_config('synthetic').eval.val_every
-    )  # the fine-tuned regime keeps the run defaults
+    # the fine-tuned regime keeps the run defaults
+    assert c.eval.val_every == preset_config('synthetic').eval.val_every
 
 
 def test_study_runs_resumes_and_never_reruns(data_root, tmp_path):

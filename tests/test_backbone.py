@@ -150,9 +150,8 @@ def test_uint8_frames_normalised_on_the_device(name):
     from mdmf.video import normalize, to_clip_input
 
     bb = Backbone(load_clip(name))
-    u = random_episode(way=2, shot=1, query=1, frames=3, size=bb.image_size, seed=4)[
-        'support'
-    ]  # [2, 3, 3, S, S] uint8
+    # [2, 3, 3, S, S] uint8
+    u = random_episode(way=2, shot=1, query=1, frames=3, size=bb.image_size, seed=4)['support']
     assert u.dtype == torch.uint8
     x = normalize(u.float() / 255)  # the float path: CLIP-normalised by the caller
     assert torch.equal(to_clip_input(u), x)
@@ -160,9 +159,8 @@ def test_uint8_frames_normalised_on_the_device(name):
         fu, fx = bb.encode_frames(u), bb.encode_frames(x)
     assert fu.shape == (2, 3, 64) and fu.dtype == torch.float32
     torch.testing.assert_close(fu, fx, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(
-        fu, bb.encode_frames(u.float()).detach(), atol=1e-3
-    )  # float input is not rescaled
+    # float input is not rescaled
+    assert not torch.allclose(fu, bb.encode_frames(u.float()).detach(), atol=1e-3)
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         assert bb.encode_frames(u).dtype == torch.float32
 
@@ -215,9 +213,8 @@ def test_activation_checkpointing_in_chunks_keeps_features_and_gradients():
     x = torch.randint(0, 256, (2, 3, 3, 64, 64), dtype=torch.uint8)
     out = []
     for on in (False, True):
-        bb = Backbone(
-            load_clip('tiny-rn'), activation_checkpoint=on, checkpoint_chunk=4
-        )  # 6 frames: chunks of 4 and 2
+        # 6 frames: chunks of 4 and 2
+        bb = Backbone(load_clip('tiny-rn'), activation_checkpoint=on, checkpoint_chunk=4)
         f = bb.encode_frames(x)
         f.square().mean().backward()
         out.append((f.detach(), bb.clip.visual.conv1.weight.grad.clone()))

@@ -40,11 +40,8 @@ def test_bench_otam_reports_equal_values_and_gradients():
 def test_json_keys_and_types(small):
     r = json.loads(json.dumps(small))  # what --out writes
     assert isinstance(r['device'], str) and r['device']
-    assert (r['small'], r['seed'], r['threads']) == (
-        True,
-        RunConfig().seed,
-        RunConfig().threads,
-    )  # the run's defaults
+    # the run's defaults
+    assert (r['small'], r['seed'], r['threads']) == (True, RunConfig().seed, RunConfig().threads)
     for part, key in [
         ('otam', 'speedup'),
         ('eval', 'cache_speedup'),
@@ -71,9 +68,8 @@ def test_json_keys_and_types(small):
     for path in ('eager', 'fast'):
         for k in ('episodes_per_s', 'backbone_tflops', 'peak_gib', 'predicted_peak_gib', 'peak_fraction'):
             assert _number_or_none(t[path][k]), (path, k)
-        assert (
-            t[path]['peak_gib'] > 0 and t[path]['host_syncs_per_step'] is None
-        )  # CPU: live tensor bytes, no CUDA
+        # CPU: live tensor bytes, no CUDA
+        assert t[path]['peak_gib'] > 0 and t[path]['host_syncs_per_step'] is None
     assert (
         t['eager']['dtype'] == 'float32'
         and t['frames_per_episode'] == t['way'] * (t['shot'] + t['query']) * 8
@@ -157,12 +153,8 @@ def test_frozen_step_is_the_trainers():
     cfg = bench_config(SIZES['tiny'])
     with mock.patch.object(Trainer, 'episode_loss', loss), mock.patch.object(Trainer, 'step', step):
         r = bench_frozen_step(cfg, way=2, shot=1, query=1, repeats=1, warmup=0)
-    assert calls == [
-        ('loss', False, False),
-        'step',
-        ('loss', True, True),
-        'step',
-    ]  # frames, then cached features
+    # frames, then cached features
+    assert calls == [('loss', False, False), 'step', ('loss', True, True), 'step']
     assert r['frames_per_episode'] == 2 * 2 * 8 and r['uncached_s'] > 0 and r['cached_s'] > 0
 
 
@@ -172,9 +164,8 @@ def test_baseline_is_ieee_float32_and_fast_path_on_cuda_runtime():
 
     cuda = Runtime(torch.device('cuda', 0), amp_dtype=torch.float16)
     for fast, want in ((False, (False, False)), (True, (True, True))):
-        rt = Runtime(
-            cuda.device, amp_dtype=cuda.amp_dtype if fast else None, fast=fast
-        )  # as train_path builds it
+        # as train_path builds it
+        rt = Runtime(cuda.device, amp_dtype=cuda.amp_dtype if fast else None, fast=fast)
         with backend_flags(rt):
             assert (tf32_enabled(), torch.backends.cudnn.benchmark) == want
 

@@ -27,10 +27,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / 'tests' / 'artifacts' / 'browser'
 CHROMIUM, CHROMEDRIVER = shutil.which('chromium') or '/usr/bin/chromium', '/usr/bin/chromedriver'
-NOTEBOOKS = (
-    '22_plots.ipynb',
-    '23_explorer.ipynb',
-)  # run all; the explorer's controls are operated in the second
+# run all; the explorer's controls are operated in the second
+NOTEBOOKS = ('22_plots.ipynb', '23_explorer.ipynb')
 
 pytestmark = pytest.mark.browser
 LOG = ARTIFACTS / 'log.txt'  # what the test printed: CI shows it after the suite
@@ -83,9 +81,8 @@ def lab(tmp_path_factory):
     )
     tracker = tmp / 'settings' / '@jupyterlab' / 'notebook-extension'
     tracker.mkdir(parents=True)
-    (tracker / 'tracker.jupyterlab-settings').write_text(
-        json.dumps(dict(windowingMode='none'))
-    )  # every cell in the page
+    # every cell in the page
+    (tracker / 'tracker.jupyterlab-settings').write_text(json.dumps(dict(windowingMode='none')))
     port, token = _free_port(), secrets.token_hex(16)
     env = {
         **os.environ,

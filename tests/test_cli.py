@@ -32,12 +32,8 @@ COMMAND_OPTIONS = (
     WorldOptions,
     BenchOptions,
 )
-PRETRAINING_ONLY = {
-    'seed',
-    'lr',
-    'weight_decay',
-    'workers',
-}  # the tiny CLIP's own training, not a few-shot run's
+# the tiny CLIP's own training, not a few-shot run's
+PRETRAINING_ONLY = {'seed', 'lr', 'weight_decay', 'workers'}
 
 
 def test_one_argument_parser_in_the_package():

@@ -470,9 +470,8 @@ def test_frame_index_modes():
 
 
 def test_transforms():
-    x = (
-        np.random.default_rng(0).integers(0, 255, (1, 60, 80, 3), dtype=np.uint8).repeat(4, 0)
-    )  # 4 equal frames
+    # 4 equal frames
+    x = np.random.default_rng(0).integers(0, 255, (1, 60, 80, 3), dtype=np.uint8).repeat(4, 0)
     te = transform_clip(x, size=32, short_side=40)
     assert te.shape == (4, 3, 32, 32) and te.dtype == torch.float32
     seen_flip = False
@@ -666,9 +665,8 @@ def test_folder_split_on_the_fly_both_formats(own, tmp_path):
     cfg = DataConfig(dataset='folder', data_root=str(own), split_classes='4/2/2', split_seed=3, way=2, shot=1)
     splits = {s: load_data(cfg, s) for s in SPLITS}
     assert [len(sp.classes) for sp in splits.values()] == [4, 2, 2]
-    assert sorted(c for sp in splits.values() for c in sp.classes) == sorted(
-        OWN_CLASSES
-    )  # disjoint, complete
+    # disjoint, complete
+    assert sorted(c for sp in splits.values() for c in sp.classes) == sorted(OWN_CLASSES)
     assert all(len(sp) == 3 * len(sp.classes) for sp in splits.values())  # each class whole
     assert {p.suffix for sp in splits.values() for p in sp.paths} == {'.mp4', ''}  # files and frame folders
     names = {n for sp in splits.values() for n in sp.class_names}

@@ -165,9 +165,8 @@ def test_released_no_condition_sums_over_queries():
     ):
         torch.testing.assert_close(summed.gtc_teaches_ltc, 25 * mean.gtc_teaches_ltc)
         torch.testing.assert_close(summed.ltc_teaches_gtc, 25 * mean.ltc_teaches_gtc)
-    cond = mutual_distillation(
-        dg, dl, tg, tl, 'both', none_reduction='sum'
-    )  # only the no-condition branch sums
+    # only the no-condition branch sums
+    cond = mutual_distillation(dg, dl, tg, tl, 'both', none_reduction='sum')
     torch.testing.assert_close(cond.loss, mutual_distillation(dg, dl, tg, tl, 'both').loss)
     with pytest.raises(ValueError, match='reduction'):
         weighted_kl(mean.gtc, mean.ltc, mean.omega_g, reduction='max')

@@ -43,9 +43,8 @@ def test_batched_predictions_equal_one_by_one(home, name, monkeypatch):
     feats = encode_split(model, split, cfg)
     batched = evaluate(model, cfg.replace(episode_batch=64), 'test', 300, data=split, features=feats)
     small = evaluate(model, cfg.replace(episode_batch=7), 'test', 300, data=split, features=feats)
-    monkeypatch.setattr(
-        type(model), 'episode_logits', FewShotModel.episode_logits
-    )  # forward_features, episode by episode
+    # forward_features, episode by episode
+    monkeypatch.setattr(type(model), 'episode_logits', FewShotModel.episode_logits)
     one = evaluate(model, cfg.replace(episode_batch=1), 'test', 300, data=split, features=feats)
     np.testing.assert_array_equal(batched.predictions, one.predictions)
     np.testing.assert_array_equal(small.predictions, one.predictions)
@@ -88,9 +87,8 @@ def test_batched_logits_match_and_mdmf_fuses_each_pair_once(home):
         )
     hook.remove()
     torch.testing.assert_close(fast, ref, rtol=0, atol=1e-5)
-    assert calls[0] < 40 * 30 and calls[0] <= len(split) * (
-        len(split.class_names) + 1
-    )  # distinct (video, token) pairs
+    # distinct (video, token) pairs
+    assert calls[0] < 40 * 30 and calls[0] <= len(split) * (len(split.class_names) + 1)
 
 
 def test_default_run_is_frozen_and_finetuning_one_flag_away():

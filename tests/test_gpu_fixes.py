@@ -37,6 +37,7 @@ def folder_videos(tmp_path_factory):
 
 
 def _cfg(folder_videos, runs, **kw):
+    # the encoder trains: its weights are in Adam's state
     return preset_config('synthetic').replace(
         **{
             **dict(
@@ -64,7 +65,7 @@ def _cfg(folder_videos, runs, **kw):
             ),
             **kw,
         }
-    )  # the encoder trains: its weights are in Adam's state
+    )
 
 
 # ---- 1. --resume on a GPU: the checkpoint is read on the CPU and each tensor placed like its parameter ------------
@@ -81,9 +82,8 @@ def test_resume_reads_the_checkpoint_on_the_cpu(folder_videos, tmp_path):
     ):  # what a GPU (here: meta) copy of the states does
         set_rng_state(load_checkpoint(last, 'meta')['rng'][0])
     t = Trainer(config_from_dict(load_checkpoint(last)['config']), quiet=True, folder=tmp_path / 'again')
-    t.rt = dataclasses.replace(
-        t.rt, device=torch.device('meta')
-    )  # a device the checkpoint must not be read onto
+    # a device the checkpoint must not be read onto
+    t.rt = dataclasses.replace(t.rt, device=torch.device('meta'))
     t.load(last)
     assert t.state['episode'] == 4 and t._sums['loss'].device.type == 'meta'
     assert all(p.device.type == 'cpu' for p in t.params)
@@ -272,9 +272,8 @@ def test_prototypes_float32_under_autocast():
     g = torch.Generator().manual_seed(0)
     x, labels = torch.randn(10, 9, 64, generator=g), torch.arange(10) % 5
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        assert (
-            torch.einsum('sc,sld->cld', torch.rand(10, 5), x).dtype == torch.bfloat16
-        )  # einsum itself goes half
+        # einsum itself goes half
+        assert torch.einsum('sc,sld->cld', torch.rand(10, 5), x).dtype == torch.bfloat16
         p = prototypes(x, labels, 5)
     assert p.dtype == torch.float32
     torch.testing.assert_close(p, prototypes(x, labels, 5), rtol=0, atol=1e-6)
@@ -330,9 +329,8 @@ def test_bench_json_is_written_as_each_part_finishes(tmp_path):
             log=lambda m: None,
             on_part=lambda res: snaps.append(json.loads(json.dumps(res))),
         )
-    assert snaps[0]['otam'] == dict(speedup=2.0) and snaps[0]['train'] == dict(
-        speedup=None
-    )  # otam written alone
+    # otam written alone
+    assert snaps[0]['otam'] == dict(speedup=2.0) and snaps[0]['train'] == dict(speedup=None)
     assert snaps[1]['train']['partial'] and set(snaps[1]['train']) == {'eager', 'partial'}  # then row by row
     assert set(snaps[2]['train']) == {'eager', 'fast', 'partial'}
     assert 'partial' not in snaps[-1]['train'] and r['train']['eager']['peak_source'].startswith(

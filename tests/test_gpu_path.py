@@ -242,16 +242,12 @@ def test_rank_zero_downloads_clip_first_under_torchrun(tmp_path):
     downloads, codes, outs = _two_ranks(tmp_path / 'guarded', 'guarded')
     assert codes == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert downloads == ['0']
-    assert (
-        outs[0][0].split('weights')[1] == outs[1][0].split('weights')[1]
-    )  # both read rank 0's complete file
-    raced, _, _ = _two_ranks(
-        tmp_path / 'unguarded', 'unguarded'
-    )  # the same two processes without main_first ...
-    assert sorted(raced) == [
-        '0',
-        '1',
-    ]  # ... both download into one file (a rank may then read it half-written)
+    # both read rank 0's complete file
+    assert outs[0][0].split('weights')[1] == outs[1][0].split('weights')[1]
+    # the same two processes without main_first ...
+    raced, _, _ = _two_ranks(tmp_path / 'unguarded', 'unguarded')
+    # ... both download into one file (a rank may then read it half-written)
+    assert sorted(raced) == ['0', '1']
 
 
 # ---- item 9: resuming in float16 a run saved without a loss-scaler state ----------------------------------------
@@ -342,9 +338,8 @@ def test_load_model_builds_clip_from_the_checkpoint_without_download(tmp_path):
         loaded, saved = load_model(tmp_path)
     assert saved.model.backbone == 'RN50' and loaded.backbone.is_resnet and loaded.backbone.image_size == 64
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
-    broken = {
-        k: v for k, v in model.state_dict().items() if 'attnpool' not in k
-    }  # a truncated file's weights
+    # a truncated file's weights
+    broken = {k: v for k, v in model.state_dict().items() if 'attnpool' not in k}
     save_checkpoint(tmp_path / 'cut.pt', dict(config=config_to_dict(cfg), model=broken))
     from mdmf.core import BadInput
 
@@ -374,9 +369,8 @@ def test_episodes_travel_as_uint8_from_pinned_memory(folder_videos, tmp_path):
 
     with mock.patch.object(torch.Tensor, 'to', spy):
         to_device(ep, 'cpu')
-    assert (torch.uint8, True) in seen and all(
-        nb for _, nb in seen
-    )  # asynchronous copies, frames still uint8
+    # asynchronous copies, frames still uint8
+    assert (torch.uint8, True) in seen and all(nb for _, nb in seen)
 
 
 def test_validation_does_not_run_beside_the_training_workers(folder_videos, tmp_path):

@@ -82,9 +82,8 @@ def test_backbone_recognised_by_architecture(tmp_path):
         assert backbone_key(CLIP(**RANDOM_CONFIGS['ViT-B/16-random']), TABLE) == 'ViT-B/16'
     m = load_clip('tiny-rn', seed=3)
     torch.save(m.state_dict(), tmp_path / 'w.pt')
-    assert (
-        backbone_key(load_clip(str(tmp_path / 'w.pt')), TABLE) == 'tiny-rn'
-    )  # a weights file: by its shapes
+    # a weights file: by its shapes
+    assert backbone_key(load_clip(str(tmp_path / 'w.pt')), TABLE) == 'tiny-rn'
     assert backbone_key(load_clip('tiny-pretrained'), TABLE) == 'tiny-rn'  # the shipped file: a tiny ResNet
     assert backbone_key(m, dict(backbones={})) is None
 
@@ -159,9 +158,8 @@ def test_memory_table_rows_and_cards():
         assert (
             r['checkpointed'] < r['peak'] and '16 GB' in r['checkpointed_fits'] and '16 GB' not in r['fits']
         )
-    assert any(
-        r['backbone'] == 'tiny-rn' and r['presets'] == ['synthetic'] for r in rows
-    )  # the shipped tiny CLIP
+    # the shipped tiny CLIP
+    assert any(r['backbone'] == 'tiny-rn' and r['presets'] == ['synthetic'] for r in rows)
 
 
 def test_trainer_follows_the_plan_and_logs_it(tmp_path):
@@ -169,6 +167,7 @@ def test_trainer_follows_the_plan_and_logs_it(tmp_path):
     from mdmf.data import random_episode
     from mdmf.train import Trainer
 
+    # the encoder trains: its memory
     cfg = preset_config('synthetic').replace(
         backbone='tiny-vit',
         way=2,
@@ -178,16 +177,15 @@ def test_trainer_follows_the_plan_and_logs_it(tmp_path):
         progress=False,
         runs=str(tmp_path),
         freeze_visual=False,
-    )  # the encoder trains: its memory
+    )
     rt = Runtime()
     free = plan_training(meta_model(cfg, 'tiny-vit'), cfg, rt, table=TABLE)  # no budget: the prediction only
     budget = int(free.peak_without * FRAGMENTATION + WORKSPACE) - 1  # just too small for the whole episode
     with mock.patch('mdmf.memory.usable_memory', return_value=budget):
         t = Trainer(cfg, rt, tmp_path / 'run', quiet=True)
     bb = t.model.backbone
-    assert (
-        bb.activation_checkpoint and bb.checkpoint_chunk == t.memory.chunk < 2 * 4 * 8
-    )  # chunks of the 64 frames
+    # chunks of the 64 frames
+    assert bb.activation_checkpoint and bb.checkpoint_chunk == t.memory.chunk < 2 * 4 * 8
     log = (tmp_path / 'run' / 'train.log').read_text()
     assert 'activation checkpointing on because the predicted peak' in log
     ep = random_episode(way=2, shot=2, query=2, frames=8, size=bb.image_size)

@@ -107,6 +107,5 @@ def test_errors():
     m = MMFE(D, heads=H, seq_len=9, pos_emb=True)
     with pytest.raises(ValueError, match='seq_len'):
         m(torch.randn(1, 12, D), torch.randn(1, 12, D))
-    MMFE(D, heads=H, seq_len=9, pos_emb=False)(
-        torch.randn(1, 12, D), torch.randn(1, 12, D)
-    )  # no limit without f_pos
+    # no limit without f_pos
+    MMFE(D, heads=H, seq_len=9, pos_emb=False)(torch.randn(1, 12, D), torch.randn(1, 12, D))

@@ -170,9 +170,8 @@ def test_released_switches_change_behaviour(backbone):
     )
     rel = _eval_out(ModelConfig.released(), backbone)
     assert differ(rel.logits, base.logits)
-    assert torch.equal(
-        rel.extras['omega_l'], ~rel.extras['omega_g']
-    )  # condition 't', ties to LTC: every query decided
+    # condition 't', ties to LTC: every query decided
+    assert torch.equal(rel.extras['omega_l'], ~rel.extras['omega_g'])
 
 
 def test_same_generator_same_draw(backbone):
@@ -235,17 +234,13 @@ def test_clip_fsar_parts(backbone):
     out = m.forward_features(s, sl, q, tok, ql)  # no training classes set: the episode's classes
     assert set(out.losses) == {'main', 'video_text'} and out.extras['video_text_classes'] == 5
     video = torch.cat([s, q]).mean(1)  # support and query videos
-    logits = (
-        torch.nn.functional.normalize(video, dim=-1) @ torch.nn.functional.normalize(tok, dim=-1).T
-    )  # scale 1.0
+    # scale 1.0
+    logits = torch.nn.functional.normalize(video, dim=-1) @ torch.nn.functional.normalize(tok, dim=-1).T
     torch.testing.assert_close(
         out.losses['video_text'], 0.5 * torch.nn.functional.cross_entropy(logits, torch.cat([sl, ql]))
     )
-    assert out.extras['attention']['fsar']['support'].shape == (
-        5,
-        9,
-        9,
-    )  # MERGE_BEFORE: one sequence per class
+    # MERGE_BEFORE: one sequence per class
+    assert out.extras['attention']['fsar']['support'].shape == (5, 9, 9)
     assert out.extras['attention']['fsar']['query'].shape == (5, 8, 8)  # the query carries no token
     assert m.transformer.pos is None and isinstance(m.video_text_scale, torch.nn.Parameter)
     assert [type(x).__name__ for x in m.transformer.ffn[1]] == ['GELU', 'Dropout']
@@ -345,9 +340,8 @@ def test_training_lowers_loss_on_order_task():
 def test_table5_rows_carry_the_papers_labels():
     t5 = {k: v for k, v in ABLATIONS.items() if k.startswith('T5 ')}
     assert len(t5) == 12
-    assert t5['T5 up->down v-compare'] == dict(
-        distill_condition='v', distill_direction='gtc_teaches_ltc'
-    )  # GTC teaches
+    # GTC teaches
+    assert t5['T5 up->down v-compare'] == dict(distill_condition='v', distill_direction='gtc_teaches_ltc')
     assert t5['T5 down->up t-compare'] == dict(distill_condition='t', distill_direction='ltc_teaches_gtc')
     assert t5['T5 bidirectional no condition'] == dict(distill_condition='none', distill_direction='both')
     assert ModelConfig(**t5['T5 bidirectional v+t-compare']) == ModelConfig()  # the full model
@@ -356,14 +350,14 @@ def test_table5_rows_carry_the_papers_labels():
 def test_no_condition_distillation_follows_loss_reduction(backbone):
     mean = _eval_out(ModelConfig(distill_condition='none'), backbone)
     summed = _eval_out(ModelConfig(distill_condition='none', loss_reduction='sum'), backbone)
-    torch.testing.assert_close(
-        summed.losses['distill'], 5 * mean.losses['distill']
-    )  # 5 queries: summed, not averaged
+    # 5 queries: summed, not averaged
+    torch.testing.assert_close(summed.losses['distill'], 5 * mean.losses['distill'])
     cond = _eval_out(ModelConfig(distill_condition='t'), backbone)
+    # with a condition: a weighted mean either way
     torch.testing.assert_close(
         _eval_out(ModelConfig(distill_condition='t', loss_reduction='sum'), backbone).losses['distill'],
         cond.losses['distill'],
-    )  # with a condition: a weighted mean either way
+    )
 
 
 def test_default_mmfe_has_one_ffn_dropout(backbone):

@@ -45,15 +45,13 @@ def execute(nb, folder: Path, timeout: int = 900):
 
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs(path, monkeypatch):
-    monkeypatch.delenv(
-        'MPLBACKEND', raising=False
-    )  # the kernel draws inline, as in JupyterLab (conftest sets Agg)
+    # the kernel draws inline, as in JupyterLab (conftest sets Agg)
+    monkeypatch.delenv('MPLBACKEND', raising=False)
     nb = nbformat.read(path, as_version=4)
     for cell in nb.cells:
         if cell.cell_type == 'code' and SKIPPED.search(cell.source):
             cell.source = ''
-    execute(
-        nb, path.parent
-    )  # a cell that raises fails the test with its traceback (nbclient's CellExecutionError)
+    # a cell that raises fails the test with its traceback (nbclient's CellExecutionError)
+    execute(nb, path.parent)
     assert not figure_texts(nb), f'{path.name}: figures shown as text, not pictures: {figure_texts(nb)}'
     assert pictures(nb) or not draws(nb), f'{path.name} draws, but no picture was displayed'

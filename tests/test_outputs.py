@@ -34,9 +34,8 @@ RESTORE = []  # none: every notebook's outputs were stored with these checks in 
 NOTEBOOK_BUDGET = 1_000_000  # bytes of stored outputs in one notebook, widget state included
 PICTURE_BUDGET = 200_000  # bytes of one stored picture (base64, as in the file)
 
-DRAWS = re.compile(
-    r'\bplt\.|\bplot_\w+\(|\.imshow\(|EpisodeExplorer\(|display\(Image|new_figure\('
-)  # code that draws
+# code that draws
+DRAWS = re.compile(r'\bplt\.|\bplot_\w+\(|\.imshow\(|EpisodeExplorer\(|display\(Image|new_figure\(')
 FIGURE_TEXT = re.compile(r'^<(?:matplotlib\.figure\.)?Figure( size|\b)')
 
 
@@ -118,9 +117,8 @@ def picture_problems(nb: dict) -> list:
     return out
 
 
-FLAGGED = re.compile(
-    r'^\s*#\|\s*(slow|gpu|eval:\s*false)\s*$', re.M
-)  # cells that are not run when outputs are stored
+# cells that are not run when outputs are stored
+FLAGGED = re.compile(r'^\s*#\|\s*(slow|gpu|eval:\s*false)\s*$', re.M)
 
 
 def shows_something(source: str) -> bool:

@@ -102,9 +102,8 @@ def test_rn50_random_weights_file_trains_and_evaluates_through_the_clis(videos, 
     assert p.returncode == 0, p.stderr[-3000:]
     m = json.loads((runs / 'rn50' / 'metrics.json').read_text())
     assert m['train']['steps'] == 1 and m['test']['episodes'] == 1 and np.isfinite(m['train']['final_loss'])
-    assert (
-        m['memory']['activation_checkpoint'] is False and m['memory']['predicted_peak_gib'] > 0
-    )  # a CPU: no plan
+    # a CPU: no plan
+    assert m['memory']['activation_checkpoint'] is False and m['memory']['predicted_peak_gib'] > 0
     weights.unlink()  # the run's checkpoint holds every weight: the evaluation needs neither this file nor a download
     out = tmp_path / 'eval.json'
     code = (
@@ -146,6 +145,7 @@ def test_vit_b16_random_weights_file_trains_and_evaluates(videos, tmp_path):
     from mdmf.train import train
 
     weights = _random_weights('ViT-B/16', tmp_path)
+    # ViT-B/16 is 3x RN50's cost: 1 frame
     cfg = resolve_config(
         [
             '--backbone',
@@ -159,7 +159,7 @@ def test_vit_b16_random_weights_file_trains_and_evaluates(videos, tmp_path):
         ]
         + TINY_EPISODES
         + ['--frames', '1']
-    )  # ViT-B/16 is 3x RN50's cost: 1 frame
+    )
     patches = _no_downloads()
     for p in patches:
         p.start()

@@ -31,12 +31,8 @@ from mdmf.model import CLIPFSAR, MDMF, ModelConfig, build_model
 from mdmf.otam import otam, otam_bidirectional
 from mdmf.pps import pps_probs, pps_similarity
 
-RELEASED_CONDITIONS = {
-    (1, 1): 'both',
-    (1, 0): 't',
-    (0, 1): 'v',
-    (0, 0): 'none',
-}  # released [t_compare, v_compare]
+# released [t_compare, v_compare]
+RELEASED_CONDITIONS = {(1, 1): 'both', (1, 0): 't', (0, 1): 'v', (0, 0): 'none'}
 
 
 # ---- transcriptions of the released functions -------------------------------------------------------------------
@@ -415,9 +411,8 @@ def test_released_config_equals_the_released_head(backbone, t_v, direction):
     torch.testing.assert_close(out.logits, logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-5)
     assert set(out.losses) == {'main', 'distill'}
-    _same_gradients(
-        torch.nn.ModuleList([model.extractors, model.mmfe]), out.loss, loss
-    )  # nothing detached either
+    # nothing detached either
+    _same_gradients(torch.nn.ModuleList([model.extractors, model.mmfe]), out.loss, loss)
 
 
 # ---- the released training recipes ------------------------------------------------------------------------------
@@ -573,10 +568,8 @@ MDMF_ARGS = dict(
     dist_direction=(105, 'up2down'),
     dist_condition=(106, [1, 0]),
 )
-MDMF_K100_1SHOT_SINGLE_DIRECT = (
-    28,
-    True,
-)  # configs/projects/CLIPFSAR/kinetics100/CLIPFSAR_K100_1shot_v1.yaml
+# configs/projects/CLIPFSAR/kinetics100/CLIPFSAR_K100_1shot_v1.yaml
+MDMF_K100_1SHOT_SINGLE_DIRECT = (28, True)
 
 
 def _v(d, key):
@@ -586,9 +579,8 @@ def _v(d, key):
 def _released_fsar_lr(cfg: dict, iteration: int) -> float:
     "runs/train_net_few_shot.py lines 59, 66, 95 (its epoch counter) and models/utils/lr_policy.py lines 10-70."
     S = _v(cfg, 'STEPS_ITER')
-    epoch = (
-        iteration // S + 1 * float(iteration) / S
-    )  # cur_epoch + NUM_FOLDS * cur_iter / data_size, NUM_FOLDS 1
+    # cur_epoch + NUM_FOLDS * cur_iter / data_size, NUM_FOLDS 1
+    epoch = iteration // S + 1 * float(iteration) / S
 
     def relative(e):  # lr_func_steps_with_relative_lrs, get_step_index
         steps = _v(cfg, 'STEPS') + [_v(cfg, 'MAX_EPOCH')]
@@ -675,6 +667,7 @@ def test_released_mdmf_recipe_equals_its_run_script():
         for shot in (1, 5):
             cfg = resolve_config(['--preset', dataset, '--recipe', 'released-mdmf', '--shot', str(shot)])
             m, o, e = cfg.model, cfg.optim, cfg.eval
+            # torch.optim.Adam(lr=...) (line 209), MultiStepLR gamma 1 (line 215): no schedule
             assert (o.lr, o.accum, o.train_episodes, o.weight_decay, o.lr_warmup, o.lr_steps) == (
                 _v(MDMF_ARGS, 'learning_rate'),
                 _v(MDMF_ARGS, 'tasks_per_batch'),
@@ -682,7 +675,7 @@ def test_released_mdmf_recipe_equals_its_run_script():
                 0.0,
                 0,
                 [],
-            )  # torch.optim.Adam(lr=...) (line 209), MultiStepLR gamma 1 (line 215): no schedule
+            )
             assert (
                 m.distill_direction
                 == RELEASED_DIRECTIONS[_v(MDMF_ARGS, 'dist_direction')]
@@ -692,11 +685,8 @@ def test_released_mdmf_recipe_equals_its_run_script():
             assert m.bidirectional == (
                 not (dataset == 'kinetics100' and shot == 1 and MDMF_K100_1SHOT_SINGLE_DIRECT[1])
             )
-            assert (m.input_norm, m.freeze_bn, o.unfreeze_bn_after_val) == (
-                'none',
-                True,
-                True,
-            )  # ToTensor only; BN eval until a test
+            # ToTensor only; BN eval until a test
+            assert (m.input_norm, m.freeze_bn, o.unfreeze_bn_after_val) == ('none', True, True)
             assert (cfg.data.flip, cfg.data.train_frames, cfg.data.test_frames) == (
                 True,
                 'trx-released',
@@ -861,6 +851,5 @@ def test_clip_fsar_prompt_has_no_period():
         == 'a photo of {}'.format('draw_sword')
         == 'a photo of draw_sword'
     )
-    assert (
-        resolve_config(['--preset', 'hmdb51']).model.prompt == 'a photo of {}.'
-    )  # the paper recipe keeps the project's
+    # the paper recipe keeps the project's
+    assert resolve_config(['--preset', 'hmdb51']).model.prompt == 'a photo of {}.'

@@ -46,6 +46,7 @@ def data_root(tmp_path_factory):
     return root
 
 
+# the paper's fine-tuned path here; the default's frozen path: test_frozen_run_...
 TINY = dict(
     backbone='tiny-vit',
     short_side=64,
@@ -65,7 +66,7 @@ TINY = dict(
     heads=2,
     return_attention=False,
     freeze_visual=False,
-)  # the paper's fine-tuned path here; the default's frozen path: test_frozen_run_...
+)
 
 
 def tiny_cfg(data_root, runs, **kw) -> Config:
@@ -122,9 +123,8 @@ def test_tiny_run_writes_run_folder(data_root, tmp_path):
     ev = json.loads((tmp_path / 'ev.json').read_text())
     assert ev['test']['accuracy'] == saved['test']['accuracy'] and ev['test']['ci95'] == saved['test']['ci95']
     assert f"{saved['test']['accuracy']:.2f} ± {saved['test']['ci95']:.2f} %" in r.stdout
-    assert (
-        'only' in r.stdout and 'distinct videos' in r.stdout
-    )  # a small split: the interval's limits are stated
+    # a small split: the interval's limits are stated
+    assert 'only' in r.stdout and 'distinct videos' in r.stdout
 
 
 def test_kill_and_resume_gives_same_metrics(data_root, tmp_path):
@@ -251,9 +251,8 @@ def test_two_process_ddp_on_cpu(data_root, tmp_path):
         port = s.getsockname()[1]
     cfg = tiny_cfg(data_root, tmp_path / 'runs', train_episodes=8, accum=4, val_every=4, test_episodes=11)
     (tmp_path / 'runs' / cfg.run_name).mkdir(parents=True)
-    (tmp_path / 'runs' / cfg.run_name / 'metrics.json').write_text(
-        '{}'
-    )  # an earlier run: rank 0 picks a new folder
+    # an earlier run: rank 0 picks a new folder
+    (tmp_path / 'runs' / cfg.run_name / 'metrics.json').write_text('{}')
     mp.spawn(_ddp_worker, args=(2, port, config_to_dict(cfg), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in (0, 1))
     assert r0['folder'] == r1['folder'] and r0['folder'].endswith('-2'), (
@@ -396,9 +395,8 @@ def test_schedule_of_the_resumed_run_is_the_rest_of_the_whole_one():
     assert [t.done for t in whole] == list(range(1, 13))
     for start in range(13):
         assert train_schedule(start, 12, 3, val_every=6, checkpoint_every=2) == whole[start:], start
-    nan = train_schedule(
-        0, 10, 2, checkpoint_every=2
-    )  # the NaN run: the checkpoint at 4 is the last before episode 5
+    # the NaN run: the checkpoint at 4 is the last before episode 5
+    nan = train_schedule(0, 10, 2, checkpoint_every=2)
     assert [t.done for t in nan if t.checkpoint and t.episode < 5] == [2, 4]
 
 
@@ -412,9 +410,8 @@ def test_schedule_of_two_processes():
         == [((0, 4), 4, False, True, False), ((4, 8), 8, True, True, False)]
     )
     assert [t.done for t in ranks[0]] == [0, 4, 4, 8]  # episodes done count whole windows
-    ranks = [
-        train_schedule(0, 6, 3, r, 2, log_every=6, checkpoint_every=3) for r in (0, 1)
-    ]  # accum 3 over 2 processes
+    # accum 3 over 2 processes
+    ranks = [train_schedule(0, 6, 3, r, 2, log_every=6, checkpoint_every=3) for r in (0, 1)]
     assert [[t.episode for t in ts] for ts in ranks] == [[0, 2, 3, 5], [1, 4]]
     assert (
         _after_steps(ranks[0])

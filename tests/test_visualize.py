@@ -48,9 +48,8 @@ def test_shipped_examples_fit_the_shipped_backbone():
             f'{example_file(m)} was made over another tiny-pretrained backbone: train the default runs again and write '
             'it with `python -m mdmf.visualize --save-examples RUN ...` (see nbs/24_visualize.ipynb)'
         )
-        assert (
-            example_file(m).stat().st_size < 4e6
-        )  # shipped with the package: what training changed, float16 (~1.5M values)
+        # shipped with the package: what training changed, float16 (~1.5M values)
+        assert example_file(m).stat().st_size < 4e6
         assert ex['metrics']['test']['accuracy'] > 0 and any(e['kind'] == 'train' for e in ex['log'])
 
 
@@ -189,12 +188,10 @@ def test_run_label_names_the_ablations():
         run_label({'model': {'distill_condition': 'none', 'distill_direction': 'ltc_teaches_gtc'}})
         == 'T5 down->up no condition'
     )
-    assert (
-        run_label({'model': {'views': 'gtc', 'distill_lambda': 2.0}}) == 'GTC+PPS'
-    )  # lambda only matters with two views
-    assert (
-        run_label({'model': 'mdmf', 'mdmf': {'views': 'ntc', 'pps': False}}) == 'NTC'
-    )  # flat configs of earlier versions
+    # lambda only matters with two views
+    assert run_label({'model': {'views': 'gtc', 'distill_lambda': 2.0}}) == 'GTC+PPS'
+    # flat configs of earlier versions
+    assert run_label({'model': 'mdmf', 'mdmf': {'views': 'ntc', 'pps': False}}) == 'NTC'
 
 
 def test_explorer_redraws_what_is_on_screen(home):
@@ -211,17 +208,15 @@ def test_explorer_redraws_what_is_on_screen(home):
     ex.w_query.value = 4
     assert 'query 4' in ex.status.value and ex.images['attention'].value == ex.cache[('attention', 4, 'gtc')]
     bundle = ex._repr_mimebundle_()
-    assert (
-        'application/vnd.jupyter.widget-view+json' in bundle and 'image/png' in bundle
-    )  # a picture for pages without a kernel
+    # a picture for pages without a kernel
+    assert 'application/vnd.jupyter.widget-view+json' in bundle and 'image/png' in bundle
     assert bundle['text/plain'].startswith('EpisodeExplorer(CLIP-MDMF: test episode 0, seed 5, query 4')
 
 
 def test_cli_writes_pngs_and_the_table(home, tmp_path):
     run = home / 'examples' / 'synthetic-mdmf'
-    other = (
-        tmp_path / 'runs' / 'mdmf-lambda0.5'
-    )  # a lambda-sweep run beside a copy of the first: same weights
+    # a lambda-sweep run beside a copy of the first: same weights
+    other = tmp_path / 'runs' / 'mdmf-lambda0.5'
     first = tmp_path / 'runs' / 'mdmf'
     shutil.copytree(run, first)
     shutil.copytree(run, other)
@@ -267,9 +262,8 @@ def test_cli_writes_pngs_and_the_table(home, tmp_path):
     )
     for p in paths:
         w, h = Image.open(p).size
-        assert (
-            w <= 900 and w * h < 900 * 900 and p.stat().st_size < 300_000
-        )  # small, at most what a page shows unshrunk
+        # small, at most what a page shows unshrunk
+        assert w <= 900 and w * h < 900 * 900 and p.stat().st_size < 300_000
 
 
 @pytest.mark.parametrize(

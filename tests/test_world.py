@@ -65,9 +65,8 @@ def test_order_pairs_swap_the_same_two_steps():
     assert hop(a)[:6].any() and not hop(a)[-6:].any()  # hop first, then the spin
     assert hop(b)[-6:].any() and not hop(b)[:6].any()  # spin first, then the hop
     assert abs(a['cy'].min() - b['cy'].min()) < 0.02  # the same hop, at another time
-    assert np.isclose(a['cy'][0], b['cy'][0]) and np.isclose(
-        a['cy'][-1], b['cy'][-1]
-    )  # same start and end pose
+    # same start and end pose
+    assert np.isclose(a['cy'][0], b['cy'][0]) and np.isclose(a['cy'][-1], b['cy'][-1])
 
 
 def test_pace_pairs_run_the_same_path_at_two_speeds():
@@ -102,9 +101,8 @@ def test_leakage_rule_holds():
     captions = [' '.join(describe_clip(p, rng).lower().split()) for p in pool]
     assert not [c.name for c in WORLD_CLASSES if any(c.name in t for t in captions)]
     assert not {c.name for c in WORLD_CLASSES} & {c.name for c in CLASSES}
-    assert not {c.family for c in WORLD_CLASSES} & {
-        c.family for c in CLASSES
-    }  # no pool clip has a world motion
+    # no pool clip has a world motion
+    assert not {c.family for c in WORLD_CLASSES} & {c.family for c in CLASSES}
     frames = lambda clip: {hashlib.sha1(f.tobytes()).hexdigest() for f in clip}
     pool_frames = set().union(*(frames(render(p, 8, 64)) for p in pool[:60]))
     world_frames = set().union(*(frames(render_world(world_params(0, c.name, 0))) for c in WORLD_CLASSES))
@@ -165,35 +163,21 @@ def test_preset_and_missing_world(tmp_path):
     assert not (tmp_path / 'none').exists()
 
 
+SMALL_CLI = ['--videos-per-class', '1', '--video-frames', '4', '--video-size', '16', '--render-workers', '1']
+
+
+def world_cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    "`python -m mdmf.world ARGS` from the repository root, its output captured."
+    cmd = [sys.executable, '-m', 'mdmf.world', *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, **kw)
+
+
 def test_cli(tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            '-m',
-            'mdmf.world',
-            '--data-root',
-            str(tmp_path / 'cli'),
-            '--videos-per-class',
-            '1',
-            '--video-frames',
-            '4',
-            '--video-size',
-            '16',
-            '--render-workers',
-            '1',
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    out = world_cli('--data-root', str(tmp_path / 'cli'), *SMALL_CLI, check=True)
     assert 'dataset ready' in out.stdout and (tmp_path / 'cli' / '.complete').exists()
-    bad = subprocess.run(
-        [sys.executable, '-m', 'mdmf.world', '--video-size', 'big'], cwd=ROOT, capture_output=True, text=True
-    )
-    assert (
-        bad.returncode == 2 and '--video-size' in bad.stderr and 'Traceback' not in bad.stderr
-    )  # one line naming the flag
+    bad = world_cli('--video-size', 'big')
+    # one line naming the flag
+    assert bad.returncode == 2 and '--video-size' in bad.stderr and 'Traceback' not in bad.stderr
 
 
 def _tree(folder: Path) -> dict:
@@ -211,27 +195,7 @@ def test_cli_refuses_a_folder_of_other_videos(tmp_path):
     (root / 'videos' / 'waving' / 'clip1.mp4').write_bytes(b'not the world')
     (root / 'classes.json').write_text('{"generator": "someone else"}')
     before = _tree(root)
-    p = subprocess.run(
-        [
-            sys.executable,
-            '-m',
-            'mdmf.world',
-            '--data-root',
-            str(root),
-            '--videos-per-class',
-            '1',
-            '--video-frames',
-            '4',
-            '--video-size',
-            '16',
-            '--render-workers',
-            '1',
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    p = world_cli('--data-root', str(root), *SMALL_CLI, timeout=300)
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith('error: ') and str(root / 'videos') in lines[0], lines

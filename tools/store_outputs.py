@@ -33,9 +33,8 @@ sys.path.insert(0, str(ROOT / 'tests'))
 from test_notebooks import execute  # noqa: E402  the same kernel as the tests
 from test_outputs import NOTEBOOK_BUDGET, problems, stored_bytes  # noqa: E402  the same checks as the tests
 
-NATIVE_NOISE = re.compile(
-    r'^\[(?:mov,mp4|\d\d:\d\d:\d\d\] \S+\.cc:\d+)|^\[\w+ @ 0x[0-9a-f]+\]'
-)  # FFmpeg, decord
+# FFmpeg, decord
+NATIVE_NOISE = re.compile(r'^\[(?:mov,mp4|\d\d:\d\d:\d\d\] \S+\.cc:\d+)|^\[\w+ @ 0x[0-9a-f]+\]')
 _TMP = re.compile(re.escape(tempfile.gettempdir()) + r'/(?:tmp|pytest-of-)[\w.-]*(?:/|\b)')
 
 
