@@ -237,11 +237,14 @@ def run_all(driver, url: str, token: str, name: str, timeout: float = 420) -> di
     driver.execute_script(
         '''const app = window.jupyterapp;
       for (const x of app.shell.widgets('main')) if (x.context && x.context.path === arguments[0]) app.shell.activateById(x.id);
-      return app.commands.execute('notebook:run-all-cells');''',
+      // Not returned: WebDriver would wait on the promise, which settles only when every cell has run.
+      app.commands.execute('notebook:run-all-cells').catch(e => { window.__runAllError = String(e); });''',
         name,
     )
     idle_since = None
     while time.perf_counter() - t0 < timeout:
+        failed = driver.execute_script('return window.__runAllError || null')
+        assert failed is None, f'{name}: Run All failed in JupyterLab: {failed}'
         s = _state(driver, name)
         code = [c for c in s['cells'] if c['source'].strip()]
         errors = [o for c in code for o in c['outputs'] if o['output_type'] == 'error']
