@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = ['PAIRS', 'SINGLES', 'CLASSES', 'CLASS_BY_NAME', 'SHAPES', 'COLOURS', 'BACKGROUNDS', 'DATASET_VERSION', 'FPS',
            'ActionClass', 'assign_splits', 'ClipParams', 'sample_params', 'render_scene', 'render', 'video_rng',
-           'video_params', 'video_id', 'is_complete', 'make_synthetic', 'read_classes', 'SyntheticOptions', 'main']
+           'video_params', 'video_id', 'is_complete', 'write_dataset', 'make_synthetic', 'read_classes',
+           'SyntheticOptions', 'main']
 
 # %% ../nbs/04_synthetic.ipynb #6799be2b
 import json
@@ -15,7 +16,7 @@ import zlib
 from dataclasses import astuple, dataclass
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 from fastcore.imports import in_notebook
@@ -473,16 +474,59 @@ def is_complete(root: Union[str, Path], **params) -> bool:
     return marker is not None and marker.get('params') == dict(version=DATASET_VERSION, **params)
 
 
-def _clear(root: Path):
-    "Remove what a previous run of `make_synthetic` wrote to `root`, and nothing else."
-    ours = (_read_json(root / 'classes.json') or {}).get('generator') == 'mdmf.synthetic'
-    videos = root / 'videos'
-    if videos.exists() and any(videos.iterdir()) and not ours:
-        raise BadInput(f'{videos} exists and was not made by mdmf.synthetic: choose another --data-root')
-    for name in ('.complete', 'classes.json'):
-        (root / name).unlink(missing_ok=True)
-    for name in ('videos', 'splits'):
-        shutil.rmtree(root / name, ignore_errors=True)
+def write_dataset(
+    root: Path,
+    generator: str,  # the module that renders it; a videos/ folder made by anything else is refused
+    params: dict,  # what the pixels depend on, with seed, videos_per_class, frames and size
+    classes: list,  # class records: dicts with at least name and split
+    render_job: Callable,  # (root, name, index, seed, frames, size) -> path, at module level (workers pickle it)
+    video_id: Callable,  # (name, index) -> the video's file name without .mp4
+    workers: int = 2,
+    force: bool = False,
+    verbose: bool = False,
+) -> Path:
+    "Write a rendered dataset resumably: classes.json, the videos, the split lists, and the .complete marker last."
+    marker = _read_json(root / '.complete')
+    if not force and marker is not None and marker.get('params') == params:
+        return root
+    seed, n, frames, size = (params[k] for k in ('seed', 'videos_per_class', 'frames', 'size'))
+    if size % 2:
+        raise BadInput(f'the frame size (--video-size) must be even (yuv420p), got {size}')
+    if frames < 2 or n < 1:
+        raise BadInput('need --video-frames >= 2 and --videos-per-class >= 1')
+    info, videos = _read_json(root / 'classes.json') or {}, root / 'videos'
+    if videos.exists() and any(videos.iterdir()) and info.get('generator') != generator:
+        raise BadInput(f'{videos} exists and was not made by {generator}: choose another --data-root')
+    if force or info.get('params') != params:  # a different dataset: remove our own videos and lists only
+        for name in ('videos', 'splits'):
+            shutil.rmtree(root / name, ignore_errors=True)
+    start = time.time()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / '.complete').unlink(missing_ok=True)
+    record = dict(generator=generator, params=params, classes=classes)
+    atomic_write_text(root / 'classes.json', json.dumps(record, indent=1))
+    for c in classes:
+        (videos / c['name']).mkdir(parents=True, exist_ok=True)
+    jobs = [(str(root), c['name'], i, seed, frames, size) for c in classes for i in range(n)]
+    if workers > 1:
+        method = 'fork' if 'fork' in get_all_start_methods() else 'spawn'
+        with get_context(method).Pool(workers) as pool:
+            list(pool.imap_unordered(render_job, jobs, chunksize=16))
+    else:
+        for j in jobs:
+            render_job(j)
+    (root / 'splits').mkdir(exist_ok=True)
+    for s in ('train', 'val', 'test'):
+        lines = [
+            f"{c['name']}/{video_id(c['name'], i)}" for c in classes if c['split'] == s for i in range(n)
+        ]
+        atomic_write_text(root / 'splits' / f'{s}.txt', '\n'.join(lines) + '\n')
+    secs = round(time.time() - start, 2)
+    done = dict(params=params, videos=len(jobs), seconds=secs)
+    atomic_write_text(root / '.complete', json.dumps(done, indent=1))
+    if verbose:
+        print(f'wrote {len(jobs)} videos of {len(classes)} classes to {root} in {secs:.1f} s')
+    return root
 
 # %% ../nbs/04_synthetic.ipynb #c4a7e0b5
 def make_synthetic(
@@ -498,7 +542,6 @@ def make_synthetic(
     verbose: bool = False,
 ) -> Path:
     "Render the synthetic dataset into `root` (or return at once if it is already complete) and return `root`."
-    root = Path(root)
     params = dict(
         version=DATASET_VERSION,
         seed=seed,
@@ -508,19 +551,6 @@ def make_synthetic(
         val_classes=val_classes,
         test_classes=test_classes,
     )
-    if not force and is_complete(root, **{k: v for k, v in params.items() if k != 'version'}):
-        return root
-    if size % 2:
-        raise BadInput(f'the frame size (--video-size) must be even (yuv420p), got {size}')
-    if frames < 2 or videos_per_class < 1:
-        raise BadInput('need --video-frames >= 2 and --videos-per-class >= 1')
-    splits = assign_splits(val_classes, test_classes)
-    start = time.time()
-    info = _read_json(root / 'classes.json')
-    if force or (root / '.complete').exists() or (info or {}).get('params') != params:
-        _clear(root)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / '.complete').unlink(missing_ok=True)
     classes = [
         dict(
             name=c.name,
@@ -531,34 +561,12 @@ def make_synthetic(
             reverse=c.reverse,
             mirror=c.mirror,
         )
-        for s, cs in splits.items()
+        for s, cs in assign_splits(val_classes, test_classes).items()
         for c in cs
     ]
-    atomic_write_text(
-        root / 'classes.json',
-        json.dumps(dict(generator='mdmf.synthetic', params=params, classes=classes), indent=1),
+    return write_dataset(
+        Path(root), 'mdmf.synthetic', params, classes, _render_job, video_id, workers, force, verbose
     )
-    for c in classes:
-        (root / 'videos' / c['name']).mkdir(parents=True, exist_ok=True)
-    jobs = [(str(root), c['name'], i, seed, frames, size) for c in classes for i in range(videos_per_class)]
-    if workers > 1:
-        method = 'fork' if 'fork' in get_all_start_methods() else 'spawn'
-        with get_context(method).Pool(workers) as pool:
-            list(pool.imap_unordered(_render_job, jobs, chunksize=16))
-    else:
-        for j in jobs:
-            _render_job(j)
-    (root / 'splits').mkdir(exist_ok=True)
-    for s, cs in splits.items():
-        lines = [f'{c.name}/{video_id(c.name, i)}' for c in cs for i in range(videos_per_class)]
-        atomic_write_text(root / 'splits' / f'{s}.txt', '\n'.join(lines) + '\n')
-    secs = round(time.time() - start, 2)
-    atomic_write_text(
-        root / '.complete', json.dumps(dict(params=params, videos=len(jobs), seconds=secs), indent=1)
-    )
-    if verbose:
-        print(f'wrote {len(jobs)} videos of {len(classes)} classes to {root} in {secs:.1f} s')
-    return root
 
 
 def read_classes(root: Union[str, Path]) -> list:

@@ -8,19 +8,15 @@ __all__ = ['STEPS', 'PATHS', 'PACES', 'FAMILIES', 'WORLD_CLASSES', 'WORLD_BY_NAM
            'WorldOptions', 'main']
 
 # %% ../nbs/29_world.ipynb #983cd208
-import json
-import shutil
-import time
 import zlib
 from dataclasses import dataclass
-from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 from typing import Union
 
 import numpy as np
 from fastcore.imports import in_notebook
 
-from .core import BadInput, add_flags, atomic_write_text, cli, command_line, parse_command
+from .core import add_flags, cli, command_line, parse_command
 from .data import DataConfig
 from mdmf.synthetic import (
     BACKGROUNDS,
@@ -32,7 +28,7 @@ from mdmf.synthetic import (
     _distractor,
     _obj,
     _paint,
-    _read_json,
+    write_dataset,
 )
 from .video import write_mp4
 
@@ -256,7 +252,6 @@ def make_world(
     verbose: bool = False,
 ) -> Path:
     "Render the mechanism world into `root` (or return at once if it is already complete) and return `root`."
-    root = Path(root)
     params = dict(
         world='mech',
         version=WORLD_VERSION,
@@ -265,58 +260,13 @@ def make_world(
         frames=frames,
         size=size,
     )
-    marker = _read_json(root / '.complete')
-    if not force and marker is not None and marker.get('params') == params:
-        return root
-    if size % 2:
-        raise BadInput(f'the frame size (--video-size) must be even (yuv420p), got {size}')
-    if frames < 2 or videos_per_class < 1:
-        raise BadInput('need --video-frames >= 2 and --videos-per-class >= 1')
-    info, videos = _read_json(root / 'classes.json'), root / 'videos'
-    if videos.exists() and any(videos.iterdir()) and (info or {}).get('generator') != 'mdmf.world':
-        raise BadInput(f'{videos} exists and was not made by mdmf.world: choose another --data-root')
-    if force or (info or {}).get('params') != params:
-        for name in ('videos', 'splits'):
-            shutil.rmtree(root / name, ignore_errors=True)
-    start = time.time()
-    root.mkdir(parents=True, exist_ok=True)
-    (root / '.complete').unlink(missing_ok=True)
     classes = [
         dict(name=c.name, split=c.split, family=c.family, spec=c.spec, partner=c.partner)
         for c in WORLD_CLASSES
     ]
-    atomic_write_text(
-        root / 'classes.json',
-        json.dumps(dict(generator='mdmf.world', params=params, classes=classes), indent=1),
+    return write_dataset(
+        Path(root), 'mdmf.world', params, classes, _render_job, world_video_id, workers, force, verbose
     )
-    for c in WORLD_CLASSES:
-        (videos / c.name).mkdir(parents=True, exist_ok=True)
-    jobs = [
-        (str(root), c.name, i, seed, frames, size) for c in WORLD_CLASSES for i in range(videos_per_class)
-    ]
-    if workers > 1:
-        method = 'fork' if 'fork' in get_all_start_methods() else 'spawn'
-        with get_context(method).Pool(workers) as pool:
-            list(pool.imap_unordered(_render_job, jobs, chunksize=16))
-    else:
-        for j in jobs:
-            _render_job(j)
-    (root / 'splits').mkdir(exist_ok=True)
-    for s in ('train', 'val', 'test'):
-        lines = [
-            f'{c.name}/{world_video_id(c.name, i)}'
-            for c in WORLD_CLASSES
-            if c.split == s
-            for i in range(videos_per_class)
-        ]
-        atomic_write_text(root / 'splits' / f'{s}.txt', '\n'.join(lines) + '\n')
-    secs = round(time.time() - start, 2)
-    atomic_write_text(
-        root / '.complete', json.dumps(dict(params=params, videos=len(jobs), seconds=secs), indent=1)
-    )
-    if verbose:
-        print(f'wrote {len(jobs)} videos of {len(WORLD_CLASSES)} classes to {root} in {secs:.1f} s')
-    return root
 
 # %% ../nbs/29_world.ipynb #d686d78d
 @dataclass

@@ -20,6 +20,7 @@ from unittest import mock
 
 import pytest
 import torch
+from conftest import folder_run_config
 
 from mdmf.config import RunConfig, config_from_dict, config_to_dict, preset_config
 from mdmf.core import BadInput
@@ -28,53 +29,13 @@ from mdmf.runtime import Runtime
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope='module')
-def folder_videos(tmp_path_factory):
-    "Six classes of three 4-frame videos (32 px JPEG frame folders), dealt 2/2/2 into train/val/test classes."
-    from conftest import random_class_folders
-
-    return random_class_folders(tmp_path_factory.mktemp('videos'), per_class=3)
-
-
-def _cfg(folder_videos, runs, **kw):
-    # the encoder trains: its weights are in Adam's state
-    return preset_config('synthetic').replace(
-        **{
-            **dict(
-                dataset='folder',
-                data_root=str(folder_videos),
-                split_classes='2/2/2',
-                backbone='tiny-vit',
-                way=2,
-                shot=1,
-                train_query=1,
-                test_query=1,
-                frames=2,
-                train_episodes=4,
-                checkpoint_every=2,
-                val_every=0,
-                val_episodes=2,
-                test_episodes=2,
-                workers=0,
-                progress=False,
-                ffn_dim=32,
-                heads=2,
-                runs=str(runs),
-                name='run',
-                freeze_visual=False,
-            ),
-            **kw,
-        }
-    )
-
-
 # ---- 1. --resume on a GPU: the checkpoint is read on the CPU and each tensor placed like its parameter ------------
 def test_resume_reads_the_checkpoint_on_the_cpu(folder_videos, tmp_path):
     "Loading last.pt onto the run's device put the random states there; set_rng_state then called .numpy() on them."
     from mdmf.runs import load_checkpoint, set_rng_state
     from mdmf.train import Trainer, train
 
-    cfg = _cfg(folder_videos, tmp_path)
+    cfg = folder_run_config(folder_videos, tmp_path)
     train(cfg, quiet=True)
     last = tmp_path / 'run' / 'last.pt'
     with pytest.raises(
@@ -94,7 +55,7 @@ def test_resume_lays_adam_state_out_like_channels_last_weights(folder_videos, tm
     from mdmf.runs import load_checkpoint
     from mdmf.train import Trainer, train
 
-    cfg = _cfg(folder_videos, tmp_path, backbone='tiny-rn')
+    cfg = folder_run_config(folder_videos, tmp_path, backbone='tiny-rn')
     train(cfg, quiet=True)
     last = tmp_path / 'run' / 'last.pt'
     t = Trainer(config_from_dict(load_checkpoint(last)['config']), quiet=True, folder=tmp_path / 'again')
@@ -162,7 +123,7 @@ def test_feature_bank_precision_and_place(folder_videos, tmp_path):
         True,
     )
     assert bank_place(bank_bytes(67013), 'cpu') == (torch.device('cpu'), torch.float32, False)
-    cfg = _cfg(folder_videos, tmp_path, freeze_visual=True, train_draws=2)
+    cfg = folder_run_config(folder_videos, tmp_path, freeze_visual=True, train_draws=2)
     cfg = cfg.replace(data=freeze_split(cfg.data, tmp_path / 'splits'))
     split = load_data(cfg.data, 'train')
     torch.manual_seed(0)
@@ -430,7 +391,7 @@ def test_ddp_searches_for_unused_parameters_only_when_there_are_some(folder_vide
     from mdmf.model import build_model
     from mdmf.train import Trainer
 
-    cfg = _cfg(folder_videos, tmp_path)
+    cfg = folder_run_config(folder_videos, tmp_path)
     m = build_model(cfg.model)
     assert unused_parameters(m, m, cfg, Runtime()) == []
     m.spare = torch.nn.Parameter(torch.zeros(3))  # a parameter no forward uses
@@ -516,7 +477,9 @@ def test_two_process_resume_keeps_every_ranks_loss_sums_and_the_bar_counts_episo
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
     # accum 3 over 2 processes: rank 0 trains 2 episodes of each window, rank 1 one; a checkpoint at 3, one log at 6
-    cfg = _cfg(folder_videos, tmp_path / 'runs', train_episodes=6, accum=3, checkpoint_every=3, log_every=6)
+    cfg = folder_run_config(
+        folder_videos, tmp_path / 'runs', train_episodes=6, accum=3, checkpoint_every=3, log_every=6
+    )
     mp.spawn(_resume_worker, args=(2, port, config_to_dict(cfg), str(tmp_path)), nprocs=2, join=True)
     r = torch.load(tmp_path / 'rank0.pt', weights_only=False)
     assert r['bar'] == [3, 6], r['bar']  # whole windows, never more than the episodes done

@@ -13,6 +13,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import folder_run_config
 
 from mdmf.distill import view_posterior
 from mdmf.otam import frame_cost, otam_bidirectional, otam_distance
@@ -251,43 +252,12 @@ def test_rank_zero_downloads_clip_first_under_torchrun(tmp_path):
 
 
 # ---- item 9: resuming in float16 a run saved without a loss-scaler state ----------------------------------------
-@pytest.fixture(scope='module')
-def folder_videos(tmp_path_factory):
-    "Six classes of three 4-frame videos (32 px JPEG frame folders), dealt 2/2/2 into train/val/test classes."
-    from conftest import random_class_folders
-
-    return random_class_folders(tmp_path_factory.mktemp('videos'), per_class=3)
-
-
 def test_resume_in_float16_a_run_saved_without_scaler_state(folder_videos, tmp_path):
     "A float32 run (no GradScaler state in last.pt) continues in float16 (faked on the CPU: CPU autocast + CPU scaler)."
-    from mdmf.config import preset_config
     from mdmf.runs import load_checkpoint
     from mdmf.train import Trainer, train
 
-    cfg = preset_config('synthetic').replace(
-        dataset='folder',
-        data_root=str(folder_videos),
-        split_classes='2/2/2',
-        backbone='tiny-vit',
-        way=2,
-        shot=1,
-        train_query=1,
-        test_query=1,
-        frames=2,
-        train_episodes=2,
-        checkpoint_every=2,
-        val_every=0,
-        val_episodes=2,
-        test_episodes=2,
-        workers=0,
-        progress=False,
-        ffn_dim=32,
-        heads=2,
-        runs=str(tmp_path),
-        name='fp32',
-        freeze_visual=False,
-    )
+    cfg = folder_run_config(folder_videos, tmp_path, train_episodes=2, name='fp32')
     train(cfg, quiet=True)
     last = tmp_path / 'fp32' / 'last.pt'
     assert load_checkpoint(last)['scaler'] is None
@@ -377,7 +347,6 @@ def test_validation_does_not_run_beside_the_training_workers(folder_videos, tmp_
     "fit() ends the training loader's workers (and their episodes in shared memory) before a val round starts its own."
     import multiprocessing
 
-    from mdmf.config import preset_config
     from mdmf.train import Trainer, train
 
     alive, real = [], Trainer.validate
@@ -386,27 +355,7 @@ def test_validation_does_not_run_beside_the_training_workers(folder_videos, tmp_
         alive.append(len(multiprocessing.active_children()))
         return real(self)
 
-    cfg = preset_config('synthetic').replace(
-        dataset='folder',
-        data_root=str(folder_videos),
-        split_classes='2/2/2',
-        backbone='tiny-vit',
-        way=2,
-        shot=1,
-        train_query=1,
-        test_query=1,
-        frames=2,
-        train_episodes=4,
-        val_every=2,
-        val_episodes=2,
-        test_episodes=2,
-        workers=2,
-        progress=False,
-        ffn_dim=32,
-        heads=2,
-        runs=str(tmp_path),
-        freeze_visual=False,
-    )
+    cfg = folder_run_config(folder_videos, tmp_path, val_every=2, workers=2, name='')
     with mock.patch.object(Trainer, 'validate', validate):
         train(cfg, quiet=True)
     assert alive and max(alive) == 0, f'training workers alive during validation: {alive}'

@@ -779,27 +779,21 @@ def test_input_normalisation_off_feeds_unit_pixels():
     assert not torch.allclose(ours, clip_in)
 
 
+def _tiny_hmdb51(recipe: str):
+    "The hmdb51 preset under `recipe` with a tiny ResNet CLIP on the CPU."
+    from mdmf.config import resolve_config
+
+    return resolve_config(
+        f'--recipe {recipe} --preset hmdb51 --backbone tiny-rn --ffn-dim 32 --device cpu --no-amp'.split()
+    )
+
+
 @pytest.mark.parametrize('recipe,after', [('paper', False), ('released-mdmf', True)])
 def test_bn_mode_switches_after_the_first_val_round(tmp_path, recipe, after):
     "Released CLIP-MDMF: CLIP's load() returns the model in eval mode, model.train() comes after its first test."
-    from mdmf.config import resolve_config
     from mdmf.train import Trainer
 
-    cfg = resolve_config(
-        [
-            '--recipe',
-            recipe,
-            '--preset',
-            'hmdb51',
-            '--backbone',
-            'tiny-rn',
-            '--ffn-dim',
-            '32',
-            '--device',
-            'cpu',
-            '--no-amp',
-        ]
-    )
+    cfg = _tiny_hmdb51(recipe)
     t = Trainer(cfg, folder=tmp_path, quiet=True)
     bns = [
         m
@@ -814,25 +808,7 @@ def test_bn_mode_switches_after_the_first_val_round(tmp_path, recipe, after):
     t.model.eval()
     t.model.train()
     assert all(m.training == after for m in bns)
-    fsar = Trainer(
-        resolve_config(
-            [
-                '--recipe',
-                'released-fsar',
-                '--preset',
-                'hmdb51',
-                '--backbone',
-                'tiny-rn',
-                '--ffn-dim',
-                '32',
-                '--device',
-                'cpu',
-                '--no-amp',
-            ]
-        ),
-        folder=tmp_path / 'f',
-        quiet=True,
-    )
+    fsar = Trainer(_tiny_hmdb51('released-fsar'), folder=tmp_path / 'f', quiet=True)
     fsar.model.train()
     assert all(
         m.training

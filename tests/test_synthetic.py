@@ -33,20 +33,9 @@ SPLITS = ('train', 'val', 'test')
 
 
 def cli(root, *args):
-    cmd = [
-        sys.executable,
-        '-m',
-        'mdmf.synthetic',
-        '--data-root',
-        str(root),
-        '--videos-per-class',
-        '12',
-        '--video-frames',
-        '8',
-        '--video-size',
-        '32',
-        *args,
-    ]
+    "`python -m mdmf.synthetic` at the small dataset's sizes, then `args` (a flag given again wins); checked."
+    small = '--videos-per-class 12 --video-frames 8 --video-size 32'.split()
+    cmd = [sys.executable, '-m', 'mdmf.synthetic', '--data-root', str(root), *small, *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
 
 
@@ -248,29 +237,9 @@ def test_complete_marker(tmp_path):
     assert len(list((root / 'videos').rglob('*.mp4'))) == len(CLASSES)
     assert is_complete(root, **{**params, 'videos_per_class': 1}) and not is_complete(root, **params)
     # --force rewrites
-    cli_out = subprocess.run(
-        [
-            sys.executable,
-            '-m',
-            'mdmf.synthetic',
-            '--data-root',
-            str(root),
-            '--videos-per-class',
-            '1',
-            '--video-frames',
-            '4',
-            '--video-size',
-            '16',
-            '--render-workers',
-            '1',
-            '--force',
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    assert 'wrote' in cli_out
+    again = '--videos-per-class 1 --video-frames 4 --video-size 16 --render-workers 1 --force'.split()
+    forced = cli(root, *again)
+    assert 'wrote' in forced.stdout
 
 
 def test_refuses_foreign_folder_and_bad_sizes(tmp_path):
